@@ -1,0 +1,342 @@
+"""The route table and its thin handlers: validate, pick the model, call the relay.
+
+A model request reads top to bottom: body -> model -> ``supervisor.lease()`` ->
+``supervisor.ensure_ready()`` -> relay -> answer -> ``lease.release()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from . import images, validation
+from .catalog import CHAT_KINDS, Catalog, Model
+from .engine.supervisor import Lease, Supervisor
+from .errors import (
+    BodyTooLarge,
+    EngineUnavailable,
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    NotImplementedByGateway,
+    RouteNotFound,
+    UnsupportedForModel,
+)
+from .relay import ModelRename, Relay, error_event
+from .settings import Settings
+
+_log = logging.getLogger("gateway.api")
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+LOADING = b": loading\n\n"
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    path: str
+    kinds: frozenset[str]
+    validate: validation.Validator
+    streams: bool = True
+
+
+MODEL_ROUTES = (
+    ModelRoute("/v1/chat/completions", CHAT_KINDS, validation.chat),
+    ModelRoute("/v1/completions", CHAT_KINDS, validation.completion),
+    ModelRoute("/v1/responses", CHAT_KINDS, validation.responses),
+    ModelRoute("/v1/embeddings", frozenset({"embedding"}), validation.embedding, streams=False),
+    ModelRoute("/v1/images/generations", frozenset({"diffusion"}), validation.image, streams=False),
+    ModelRoute("/v1/audio/speech", frozenset({"speech"}), validation.speech, streams=False),
+)
+
+
+class _LeasedStream(StreamingResponse):
+    """A streaming answer that releases its lease however it ends, even if it never started."""
+
+    def __init__(self, content: AsyncIterator[bytes], lease: Lease, keep_alive: float | None) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self._lease = lease
+        self._keep_alive = keep_alive
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._lease.release(self._keep_alive)
+
+
+async def _until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+    """Run ``work`` unless the client goes away first; then cancel it (and with it the upstream call)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task})
+        return Response(status_code=499)
+    return task.result()
+
+
+class Api:
+    """Handlers bound to the gateway's parts."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        supervisor: Supervisor,
+        relay: Relay,
+        image_store: images.ImageStore,
+    ) -> None:
+        self._settings = settings
+        self._catalog = catalog
+        self._supervisor = supervisor
+        self._relay = relay
+        self._images = image_store
+        self._max_body = int(settings.max_body_mb * 1024 * 1024)
+        self._created = int(time.time())
+        self._draining = False
+
+    def routes(self) -> list[BaseRoute]:
+        routes: list[BaseRoute] = [Route(r.path, self._model_endpoint(r), methods=["POST"]) for r in MODEL_ROUTES]
+        routes += [
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
+            Route("/images/{name}", self.get_image, methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/status", self.status, methods=["GET"]),
+        ]
+        for prefix in ("/v1/moderations", "/v1/files"):
+            routes += [
+                Route(prefix, self.not_implemented, methods=ALL_METHODS),
+                Route(prefix + "/{rest:path}", self.not_implemented, methods=ALL_METHODS),
+            ]
+        return routes
+
+    def start_draining(self) -> None:
+        self._draining = True
+
+    # ------------------------------------------------------------------------------ model routes
+
+    def _model_endpoint(self, route: ModelRoute) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return await self._handle(request, route)
+
+        endpoint.__name__ = "relay_" + route.path.strip("/").replace("/", "_")
+        return endpoint
+
+    async def _read_body(self, request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self._max_body:
+            raise self._too_large()
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self._max_body:
+                raise self._too_large()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self) -> BodyTooLarge:
+        return BodyTooLarge(
+            f"The request body is larger than {self._settings.max_body_mb:g} MiB (GATEWAY_MAX_BODY_MB)."
+        )
+
+    def _pick_model(self, body: dict[str, Any], route: ModelRoute) -> Model:
+        name = body.get("model")
+        if name is None or name == "":
+            name = self._catalog.default_for(route.kinds)
+            if name is None:
+                raise ModelNotFound(
+                    f"No model was named and no model of kind {' or '.join(sorted(route.kinds))} is configured.",
+                    param="model",
+                )
+        if not isinstance(name, str):
+            raise InvalidRequest("Invalid type for 'model': expected a string.", param="model", code="invalid_type")
+        model = self._catalog.find(name)
+        if model is None:
+            raise ModelNotFound(
+                f"The model '{name}' does not exist. Available models: "
+                f"{', '.join(m.id for m in self._catalog.models)}.",
+                param="model",
+            )
+        if model.kind not in route.kinds:
+            raise UnsupportedForModel(
+                f"The model '{model.id}' is a {model.kind} model and cannot serve {route.path}.",
+                param="model",
+            )
+        return model
+
+    async def _handle(self, request: Request, route: ModelRoute) -> Response:
+        raw = await self._read_body(request)
+        body = validation.parse_json_body(raw, request.headers.get("content-type"))
+        route.validate(body)
+        model = self._pick_model(body, route)
+
+        keep_alive: float | None = None
+        edited = body.get("model") != model.engine_id
+        if "keep_alive" in body:
+            keep_alive = validation.parse_keep_alive(body.pop("keep_alive"), "keep_alive")
+            edited = True
+        header = request.headers.get("x-keep-alive")
+        if header is not None:
+            keep_alive = max(keep_alive or 0.0, validation.parse_keep_alive(header, "X-Keep-Alive"))
+        wanted_image = None
+        if route.path == "/v1/images/generations":
+            wanted_image = images.to_engine_request(body)
+            edited = True
+        body["model"] = model.engine_id
+        payload = json.dumps(body, separators=(",", ":")).encode() if edited else raw
+        rename = ModelRename.of(model.engine_id, model.id)
+
+        if self._draining:
+            raise EngineUnavailable("The gateway is shutting down.", retry_after=1)
+        lease = self._supervisor.lease()
+        if route.streams and body.get("stream") is True:
+            try:
+                return await self._stream(route.path, payload, rename, lease, keep_alive)
+            except BaseException:
+                lease.release(keep_alive)
+                raise
+        try:
+            return await _until_disconnect(request, self._forward(request, route.path, payload, rename, wanted_image))
+        finally:
+            lease.release(keep_alive)
+
+    async def _forward(
+        self, request: Request, path: str, payload: bytes, rename: ModelRename, wanted_image: str | None
+    ) -> Response:
+        base_url = await self._supervisor.ensure_ready()
+        reply = await self._relay.request(base_url, path, payload)
+        if wanted_image is not None:
+            answer = images.from_engine_reply(
+                json.loads(reply.content), wanted_image, self._images, str(request.base_url)
+            )
+            return Response(rename(json.dumps(answer).encode()), media_type="application/json")
+        return Response(rename(reply.content), status_code=reply.status, media_type=reply.content_type)
+
+    async def _stream(
+        self, path: str, payload: bytes, rename: ModelRename, lease: Lease, keep_alive: float | None
+    ) -> Response:
+        ready = asyncio.ensure_future(self._supervisor.ensure_ready())
+        # Errors that come at once (no engine installed, backoff) still get a proper status code; only a
+        # start that takes a while commits the answer to a 200 event stream with `: loading` comments.
+        done, _ = await asyncio.wait({ready}, timeout=min(1.0, self._settings.loading_interval))
+        if done:
+            upstream = await self._relay.open_stream(ready.result(), path, payload)
+            return _LeasedStream(self._relay.events(upstream, rename), lease, keep_alive)
+        return _LeasedStream(self._cold_stream(ready, path, payload, rename), lease, keep_alive)
+
+    async def _cold_stream(
+        self, ready: asyncio.Future[str], path: str, payload: bytes, rename: ModelRename
+    ) -> AsyncIterator[bytes]:
+        try:
+            yield LOADING
+            while not ready.done():
+                await asyncio.wait({ready}, timeout=self._settings.loading_interval)
+                if not ready.done():
+                    yield LOADING
+            try:
+                upstream = await self._relay.open_stream(ready.result(), path, payload)
+            except GatewayError as exc:
+                yield error_event(exc)
+                return
+            async for event in self._relay.events(upstream, rename):
+                yield event
+        finally:
+            if not ready.done():
+                ready.cancel()
+
+    # ------------------------------------------------------------------------------ other routes
+
+    def _model_card(self, model: Model, name: str) -> dict[str, Any]:
+        card: dict[str, Any] = {
+            "id": name,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "mistral-gateway",
+            "kind": model.kind,
+            "state": self._supervisor.state.value,
+        }
+        if name != model.id:
+            card["alias_of"] = model.id
+        else:
+            card["aliases"] = list(model.entry.aliases)
+        return card
+
+    async def list_models(self, request: Request) -> Response:
+        data = []
+        for model in self._catalog.models:
+            data.append(self._model_card(model, model.id))
+            data += [self._model_card(model, alias) for alias in model.entry.aliases]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def get_model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        model = self._catalog.find(name)
+        if model is None:
+            raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
+        return JSONResponse(self._model_card(model, name))
+
+    async def get_image(self, request: Request) -> Response:
+        path = self._images.path_of(request.path_params["name"])
+        if path is None:
+            raise RouteNotFound("No such image: it may have expired.", code="image_not_found")
+        return FileResponse(path, media_type="image/png")
+
+    async def not_implemented(self, request: Request) -> Response:
+        what = "/v1/" + request.url.path.split("/")[2]
+        raise NotImplementedByGateway(
+            f"{what} is not supported: the mistral.rs engine behind this gateway does not provide it."
+        )
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        status = self._supervisor.status()
+        if self._draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if status["state"] == "failed" and status["retry_in"]:
+            return JSONResponse({"status": "engine failing", "last_error": status["last_error"]}, status_code=503)
+        return JSONResponse({"status": "ready", "engine": status["state"]})
+
+    async def status(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "engine": self._supervisor.status(),
+                "models": [
+                    {
+                        "id": m.id,
+                        "kind": m.kind,
+                        "aliases": list(m.entry.aliases),
+                        "engine_id": m.engine_id,
+                        "source": m.source.model_id + (f"/{m.source.filename}" if m.source.filename else ""),
+                    }
+                    for m in self._catalog.models
+                ],
+                "default_model": self._catalog.default_model,
+                "default_embedding_model": self._catalog.default_embedding_model,
+                "models_file": self._catalog.origin,
+            }
+        )

@@ -1,0 +1,120 @@
+"""Wiring: build the gateway's parts from settings, hand them to each other, run their lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .api import Api
+from .catalog import Catalog, load_catalog
+from .engine.supervisor import Supervisor
+from .errors import GatewayError, MethodNotAllowed, RouteNotFound, error_body
+from .images import ImageStore
+from .relay import Relay
+from .settings import Settings
+
+_log = logging.getLogger("gateway")
+
+
+def create_app(
+    settings: Settings,
+    *,
+    catalog: Catalog | None = None,
+    supervisor: Supervisor | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Starlette:
+    """The ASGI app. Parts not passed in are built from ``settings``."""
+    if catalog is None:
+        catalog = load_catalog(
+            settings.resolved_models_file(),
+            model_dir=settings.model_dir,
+            default_model=settings.default_model,
+        )
+    owns_run_dir = settings.run_dir is None
+    run_dir = settings.run_dir or Path(tempfile.mkdtemp(prefix="mistral-gateway-"))
+    if supervisor is None:
+        supervisor = Supervisor(settings, catalog, run_dir=run_dir / "engine")
+    client = httpx.AsyncClient(
+        transport=transport,
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=60),
+        timeout=httpx.Timeout(10.0, read=settings.request_timeout),
+    )
+    relay = Relay(
+        client,
+        stall_timeout=settings.stall_timeout,
+        request_timeout=settings.request_timeout,
+        on_unreachable=supervisor.engine_unreachable,
+    )
+    api = Api(settings, catalog, supervisor, relay, ImageStore(run_dir / "images", ttl=settings.image_ttl))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        import asyncio
+
+        idle = asyncio.create_task(supervisor.run_idle_stopper(), name="idle-stopper")
+        try:
+            yield
+        finally:
+            api.start_draining()
+            idle.cancel()
+            await supervisor.aclose()
+            await client.aclose()
+            if owns_run_dir:
+                shutil.rmtree(run_dir, ignore_errors=True)
+
+    app = Starlette(
+        routes=api.routes(),
+        lifespan=lifespan,
+        exception_handlers={
+            GatewayError: _gateway_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+    )
+    app.state.supervisor = supervisor
+    app.state.catalog = catalog
+    return app
+
+
+def error_response(error: GatewayError) -> Response:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    if exc.status >= 500:
+        _log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(
+            RouteNotFound(f"Unknown request URL: {request.method} {request.url.path}. Please check the URL for typos.")
+        )
+    if exc.status_code == 405:
+        return error_response(
+            MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}.", headers=dict(exc.headers or {}))
+        )
+    return JSONResponse(
+        error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code, headers=exc.headers
+    )
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    _log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return JSONResponse(
+        error_body("The gateway failed unexpectedly; see its log.", "server_error", code="internal_error"),
+        status_code=500,
+    )

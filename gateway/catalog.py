@@ -1,0 +1,315 @@
+"""The models file (TOML): what models exist, where they come from, which one is the default.
+
+The schema is a contract with users: fields may be added, never changed. Everything about it is
+checked at start-up so that a broken file stops the gateway with one clear message, instead of an
+engine that fails minutes later on the first request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+ModelKind = Literal["plain", "gguf", "vision-plain", "diffusion", "embedding", "speech"]
+KINDS: tuple[str, ...] = ("plain", "gguf", "vision-plain", "diffusion", "embedding", "speech")
+CHAT_KINDS = frozenset({"plain", "gguf", "vision-plain"})
+
+
+class ModelOptions(BaseModel):
+    """Per-model engine options; each maps to one engine flag or multi-model config field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str | None = None
+    dtype: str | None = None
+    max_seq_len: int | None = Field(None, gt=0)
+    max_batch_size: int | None = Field(None, gt=0)
+    isq: str | None = None
+    from_uqff: str | None = None
+    max_num_images: int | None = Field(None, gt=0)
+    max_image_length: int | None = Field(None, gt=0)
+
+
+class ModelEntry(BaseModel):
+    """One ``[[models]]`` table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    kind: ModelKind
+    path: str | None = None
+    url: str | None = None
+    file: str | None = None
+    sha256: str | None = None
+    repo: str | None = None
+    revision: str | None = None
+    tokenizer: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    options: ModelOptions = Field(default_factory=ModelOptions)
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_not_blank(cls, value: list[str]) -> list[str]:
+        if any(not alias.strip() for alias in value):
+            raise ValueError("an alias is empty")
+        return value
+
+
+class ModelsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    default_model: str | None = None
+    default_embedding_model: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the engine loads a model from, in the engine's own terms.
+
+    ``model_id`` is a local folder or file, or a Hugging Face repository; for GGUF, ``filename`` is the
+    file inside it (the engine cannot take the path of a GGUF file as its model id).
+    """
+
+    model_id: str
+    filename: str | None
+    tokenizer: str | None
+    local: bool
+
+    @property
+    def engine_id(self) -> str:
+        """The id the engine answers to (its pipeline name): the tokenizer for GGUF when given."""
+        if self.filename is not None and self.tokenizer:
+            return self.tokenizer
+        return self.model_id
+
+
+@dataclass(frozen=True)
+class Model:
+    """A configured model, resolved against the model directory."""
+
+    entry: ModelEntry
+    source: ModelSource
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+    @property
+    def kind(self) -> str:
+        return self.entry.kind
+
+    @property
+    def engine_id(self) -> str:
+        return self.source.engine_id
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The resolved models file: lookups by id or alias, and the defaults."""
+
+    models: tuple[Model, ...]
+    default_model: str | None
+    default_embedding_model: str | None
+    origin: str
+
+    def find(self, name: str) -> Model | None:
+        for model in self.models:
+            if model.id == name or name in model.entry.aliases:
+                return model
+        return None
+
+    def by_engine_id(self) -> dict[str, Model]:
+        return {model.engine_id: model for model in self.models}
+
+    def default_for(self, kinds: Iterable[str]) -> str | None:
+        """The default model for a route that serves ``kinds``."""
+        wanted = set(kinds)
+        if wanted & CHAT_KINDS and self.default_model:
+            return self.default_model
+        if "embedding" in wanted and self.default_embedding_model:
+            return self.default_embedding_model
+        return next((m.id for m in self.models if m.kind in wanted), None)
+
+
+# The pair the origin 4D component shipped. The engine fetches both from Hugging Face itself.
+BUILTIN_MODELS = """
+default_model = "Qwen/Qwen3-1.7B"
+default_embedding_model = "Qwen/Qwen3-Embedding-0.6B"
+
+[[models]]
+id = "Qwen/Qwen3-1.7B"
+kind = "gguf"
+repo = "unsloth/Qwen3-1.7B-GGUF"
+file = "Qwen3-1.7B-Q5_K_M.gguf"
+tokenizer = "Qwen/Qwen3-1.7B"
+
+[[models]]
+id = "Qwen/Qwen3-Embedding-0.6B"
+kind = "embedding"
+[models.options]
+arch = "qwen3embedding"
+"""
+
+
+def load_catalog(path: Path | None, *, model_dir: Path, default_model: str | None = None) -> Catalog:
+    """Read and check the models file at ``path``, or the built-in default when ``path`` is None."""
+    if path is None:
+        text, origin = BUILTIN_MODELS, "the built-in default models"
+    else:
+        origin = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"{path}: cannot read the models file ({exc.strerror}). "
+                "Fix: point GATEWAY_MODELS_FILE at an existing TOML file."
+            ) from exc
+    return parse_catalog(text, origin=origin, model_dir=model_dir, default_model=default_model)
+
+
+def parse_catalog(text: str, *, origin: str, model_dir: Path, default_model: str | None = None) -> Catalog:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{origin}: not valid TOML: {exc}. Fix the syntax at that line.") from exc
+    try:
+        parsed = ModelsFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(origin, raw, exc)) from exc
+
+    models = tuple(Model(entry, _resolve_source(origin, entry, model_dir)) for entry in parsed.models)
+    _check_unique_names(origin, models)
+    default = default_model or parsed.default_model
+    catalog = Catalog(
+        models=models,
+        default_model=None,
+        default_embedding_model=None,
+        origin=origin,
+    )
+    chat = _check_default(origin, catalog, default, "default_model", CHAT_KINDS | {"diffusion", "speech"})
+    embed = _check_default(
+        origin, catalog, parsed.default_embedding_model, "default_embedding_model", frozenset({"embedding"})
+    )
+    return Catalog(
+        models=models,
+        default_model=chat or next((m.id for m in models if m.kind in CHAT_KINDS), None),
+        default_embedding_model=embed or next((m.id for m in models if m.kind == "embedding"), None),
+        origin=origin,
+    )
+
+
+def _entry_label(raw: dict[str, Any], index: int) -> str:
+    models = raw.get("models")
+    if isinstance(models, list) and index < len(models) and isinstance(models[index], dict):
+        model_id = models[index].get("id")
+        if isinstance(model_id, str):
+            return f"[[models]] #{index + 1} (id = {model_id!r})"
+    return f"[[models]] #{index + 1}"
+
+
+def _describe_validation_error(origin: str, raw: dict[str, Any], exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        where = "top level"
+        if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+            where = _entry_label(raw, loc[1])
+            loc = loc[2:]
+        field = ".".join(str(part) for part in loc) or "(entry)"
+        if err["type"] == "literal_error" and field == "kind":
+            fix = f"use one of: {', '.join(KINDS)}"
+            problems.append(f"{where}: unknown kind {err['input']!r}; {fix}")
+        elif err["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown key {field!r}; remove it or check its spelling")
+        elif err["type"] == "missing":
+            problems.append(f"{where}: {field!r} is required; add it")
+        else:
+            problems.append(f"{where}: {field}: {err['msg']}")
+    return f"{origin}: " + "; ".join(problems)
+
+
+def _resolve_source(origin: str, entry: ModelEntry, model_dir: Path) -> ModelSource:
+    where = f"{origin}: [[models]] id = {entry.id!r}"
+    sources = [name for name in ("path", "url", "repo") if getattr(entry, name)]
+    if len(sources) > 1:
+        raise ConfigError(f"{where}: give only one of path, url or repo (found {', '.join(sources)}).")
+    if entry.url and not entry.file:
+        raise ConfigError(f"{where}: `url` needs `file`, the name to save it under in the model dir.")
+
+    if entry.path or entry.url:
+        if entry.path:
+            path = Path(entry.path).expanduser()
+            if not path.is_absolute():
+                path = (Path(origin).parent if Path(origin).is_file() else Path.cwd()) / path
+        else:
+            path = model_dir / str(entry.file)
+        if entry.path and not path.exists():
+            raise ConfigError(f"{where}: path {str(path)!r} does not exist. Fix the path or download the model.")
+        if entry.kind == "gguf":
+            if path.is_dir():
+                if not entry.file:
+                    raise ConfigError(f"{where}: path is a folder; add `file`, the GGUF file inside it.")
+                folder, filename = path, str(entry.file)
+            else:
+                folder, filename = path.parent, path.name
+            return ModelSource(str(folder.resolve()), filename, entry.tokenizer, local=True)
+        if entry.kind == "embedding" and path.suffix == ".gguf":
+            raise ConfigError(
+                f"{where}: mistral.rs cannot embed with a GGUF model; use the safetensors form "
+                "(a folder with config.json and model.safetensors, e.g. Qwen/Qwen3-Embedding-0.6B)."
+            )
+        return ModelSource(str(path.resolve()), None, entry.tokenizer, local=True)
+
+    repo = entry.repo or entry.id
+    if entry.kind == "gguf":
+        if not entry.file:
+            raise ConfigError(f"{where}: a GGUF model from a repository needs `file`, the .gguf file in it.")
+        return ModelSource(repo, entry.file, entry.tokenizer, local=False)
+    if entry.kind == "embedding" and (entry.file or "").endswith(".gguf"):
+        raise ConfigError(f"{where}: mistral.rs cannot embed with a GGUF model; use the safetensors repo.")
+    return ModelSource(repo, None, entry.tokenizer, local=False)
+
+
+def _check_unique_names(origin: str, models: tuple[Model, ...]) -> None:
+    owner: dict[str, str] = {}
+    for model in models:
+        for name in (model.id, *model.entry.aliases):
+            if name in owner:
+                first = owner[name]
+                raise ConfigError(
+                    f"{origin}: [[models]] id = {model.id!r}: the name {name!r} is already used by "
+                    f"[[models]] id = {first!r}. Fix: give every model and alias a distinct name."
+                )
+            owner[name] = model.id
+    engine_owner: dict[str, str] = {}
+    for model in models:
+        if model.engine_id in engine_owner:
+            raise ConfigError(
+                f"{origin}: [[models]] id = {model.id!r} and id = {engine_owner[model.engine_id]!r} would load "
+                f"under the same engine id {model.engine_id!r}, which the engine refuses. Fix: give each GGUF "
+                "model its own `tokenizer`, or keep the files in separate folders."
+            )
+        engine_owner[model.engine_id] = model.id
+
+
+def _check_default(origin: str, catalog: Catalog, name: str | None, key: str, kinds: frozenset[str]) -> str | None:
+    if name is None:
+        return None
+    model = catalog.find(name)
+    if model is None:
+        known = ", ".join(m.id for m in catalog.models)
+        raise ConfigError(f"{origin}: {key} = {name!r} names no model. Fix: use one of: {known}.")
+    if model.kind not in kinds:
+        raise ConfigError(
+            f"{origin}: {key} = {name!r} is a {model.kind} model. Fix: name a model of kind "
+            f"{' or '.join(sorted(kinds))}."
+        )
+    return model.id

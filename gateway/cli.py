@@ -1,0 +1,110 @@
+"""The command line: parse flags into Settings, then delegate to a programmatic ``serve()``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .catalog import load_catalog
+from .errors import ConfigError, EngineNotInstalled
+from .settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mistral-gateway",
+        description="OpenAI-compatible gateway that starts the mistral.rs engine on demand. "
+        "Every option can also be set as a GATEWAY_* environment variable or in .env.",
+    )
+    parser.add_argument("--version", action="version", version=f"mistral-gateway {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the gateway (the default)")
+    check = sub.add_parser("check", help="check the configuration and print the engine command line")
+    for p in (parser, serve, check):
+        p.add_argument("--models-file", help="models file (TOML); env GATEWAY_MODELS_FILE")
+        p.add_argument("--engine-binary", help="mistralrs or mistralrs-server program; env GATEWAY_ENGINE_BINARY")
+    for p in (parser, serve):
+        p.add_argument("--host", help="listen address (default 127.0.0.1); env GATEWAY_HOST")
+        p.add_argument("--port", type=int, help="listen port (default 8080); env GATEWAY_PORT")
+        p.add_argument("--idle-timeout", type=float, help="seconds before an idle engine stops; 0 = never")
+        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for name in ("host", "port", "models_file", "engine_binary", "idle_timeout", "log_level"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return Settings(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        if args.command == "check":
+            return check(settings)
+        return serve(settings)
+    except ConfigError as exc:
+        print(f"mistral-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def check(settings: Settings) -> int:
+    """Print what the gateway would run; exit 1 when no engine is installed."""
+    from .engine.command import build_command
+    from .engine.discovery import find_engine
+
+    catalog = load_catalog(
+        settings.resolved_models_file(), model_dir=settings.model_dir, default_model=settings.default_model
+    )
+    print(f"models from {catalog.origin}:")
+    for model in catalog.models:
+        aliases = f" (aliases: {', '.join(model.entry.aliases)})" if model.entry.aliases else ""
+        print(f"  {model.id} [{model.kind}] -> engine id {model.engine_id}{aliases}")
+    print(f"default model: {catalog.default_model}; default embedding model: {catalog.default_embedding_model}")
+    if settings.engine_url:
+        print(f"engine: the one running at {settings.engine_url}")
+        return 0
+    try:
+        program = find_engine(choice=settings.engine, binary=settings.engine_binary)
+    except EngineNotInstalled as exc:
+        print(f"engine: {exc.message}")
+        return 1
+    command = build_command(program, catalog, port=settings.engine_port or 1234, run_dir="<run-dir>")
+    print(f"engine: {' '.join(command.argv)}")
+    for name, text in command.files.items():
+        print(f"--- <run-dir>/{name}\n{text}")
+    return 0
+
+
+def serve(settings: Settings) -> int:
+    """Run the gateway until SIGTERM or Ctrl+C; the engine never outlives it."""
+    import uvicorn
+
+    from .app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    supervisor = app.state.supervisor
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    finally:
+        # A second Ctrl+C skips the lifespan shutdown: the engine must still go.
+        supervisor.kill_now()
+    return 0 if server.started else 1

@@ -1,0 +1,1 @@
+"""Everything about the engine process: finding it, its command line, its lifecycle."""

@@ -1,0 +1,75 @@
+"""Finding the engine program to run, and which command-line dialect it speaks."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..errors import EngineNotInstalled
+
+Dialect = Literal["legacy", "serve"]
+
+INSTALL_HINT = (
+    "Install an engine: `pip install 'mistral-gateway[engine]'` (the CPU engine from PyPI), or put "
+    "`mistralrs` (mistral.rs 0.7+, e.g. `cargo install mistralrs-cli`) or `mistralrs-server` on PATH, "
+    "or set GATEWAY_ENGINE_BINARY to its path, or GATEWAY_ENGINE_URL to an engine that is already running."
+)
+
+
+@dataclass(frozen=True)
+class EngineProgram:
+    """How to invoke an engine: the program (and any fixed leading arguments) and its dialect.
+
+    ``legacy`` is ``mistralrs-server [GLOBAL FLAGS] <subcommand> ...``; ``serve`` is the newer
+    ``mistralrs serve ...`` / ``mistralrs from-config -f FILE``.
+    """
+
+    argv: tuple[str, ...]
+    dialect: Dialect
+    name: str
+
+
+def dialect_of(binary: str) -> Dialect:
+    """Tell the dialect from the program's name, the only thing both releases reliably differ in."""
+    stem = Path(binary).name
+    if stem.startswith("mistralrs-server"):
+        return "legacy"
+    return "serve"
+
+
+def find_engine(
+    *,
+    choice: str,
+    binary: str | None,
+    which: Callable[[str], str | None] = shutil.which,
+) -> EngineProgram:
+    """Pick the engine: GATEWAY_ENGINE_BINARY, then `mistralrs`, then `mistralrs-server` on PATH.
+
+    ``choice`` (GATEWAY_ENGINE) forces one kind. Raises :class:`EngineNotInstalled` with what to
+    install when nothing fits.
+    """
+    if binary and choice in ("auto", "mistralrs", "mistralrs-server"):
+        found = which(binary) or (binary if Path(binary).is_file() else None)
+        if found is None:
+            raise EngineNotInstalled(f"GATEWAY_ENGINE_BINARY={binary!r} is not an executable program. {INSTALL_HINT}")
+        dialect: Dialect = (
+            "legacy" if choice == "mistralrs-server" else "serve" if choice == "mistralrs" else dialect_of(found)
+        )
+        return EngineProgram((found,), dialect, Path(found).name)
+    candidates: list[tuple[str, Dialect]] = []
+    if choice in ("auto", "mistralrs"):
+        candidates.append(("mistralrs", "serve"))
+    if choice in ("auto", "mistralrs-server"):
+        candidates.append(("mistralrs-server", "legacy"))
+    for name, dialect in candidates:
+        found = which(name)
+        if found:
+            return EngineProgram((found,), dialect, name)
+    if choice == "bundled":
+        raise EngineNotInstalled(
+            f"GATEWAY_ENGINE=bundled, but the bundled engine server is not available. {INSTALL_HINT}"
+        )
+    raise EngineNotInstalled(f"No mistral.rs engine found. {INSTALL_HINT}")

@@ -1,0 +1,462 @@
+"""The engine supervisor: start on demand, one start for any number of waiters, idle stop, crashes.
+
+A request goes ``lease()`` -> ``ensure_ready()`` -> relay -> ``lease.release()``. The lease is what
+keeps the idle stopper away: the engine stops only when no lease is held and nothing has been sent to
+a client for ``idle_timeout`` seconds (or longer, when a request asked for a longer keep-alive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tenacity import RetryCallState, wait_exponential
+
+from ..catalog import Catalog
+from ..errors import EngineStartFailed, EngineUnavailable, GatewayError
+from ..settings import Settings
+from .command import build_command
+from .discovery import EngineProgram, find_engine
+from .process import EngineProcess, ProcessSpawner, SubprocessSpawner
+from .state import EngineState, StateMachine
+
+Clock = Callable[[], float]
+ProgramFinder = Callable[[], EngineProgram]
+
+_logger = logging.getLogger("gateway.engine")
+
+
+class Lease:
+    """One request's hold on the engine; released once, when its last byte has been sent."""
+
+    __slots__ = ("_released", "_supervisor")
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+        self._released = False
+
+    def release(self, keep_alive: float | None = None) -> None:
+        if not self._released:
+            self._released = True
+            self._supervisor._release(keep_alive)
+
+
+class Supervisor:
+    """Owns the engine process and its state machine."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        *,
+        run_dir: Path,
+        spawner: ProcessSpawner | None = None,
+        clock: Clock = time.monotonic,
+        find_program: ProgramFinder | None = None,
+        probe_transport: httpx.AsyncBaseTransport | None = None,
+        logger: logging.Logger = _logger,
+    ) -> None:
+        self._settings = settings
+        self._catalog = catalog
+        self._run_dir = run_dir
+        self._spawner = spawner or SubprocessSpawner(logger)
+        self._clock = clock
+        self._find_program = find_program or (
+            lambda: find_engine(choice=settings.engine, binary=settings.engine_binary)
+        )
+        self._probe = httpx.AsyncClient(transport=probe_transport, timeout=httpx.Timeout(2.0))
+        self._log = logger
+        self._activity = asyncio.Event()
+        self._sm = StateMachine(on_change=self._on_state_change)
+        self._backoff = wait_exponential(multiplier=1, min=1, max=settings.backoff_max)
+
+        self._proc: EngineProcess | None = None
+        self._base_url: str | None = None
+        self._port: int | None = None
+        self._external = False
+        self._start_task: asyncio.Task[str] | None = None
+        self._stop_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+
+        self._in_flight = 0
+        self._last_activity = clock()
+        self._keep_until = 0.0
+        self._ready_since: float | None = None
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_error: str | None = None
+        self.starts = 0
+        self.crashes = 0
+        self.last_start_seconds: float | None = None
+
+    # ------------------------------------------------------------------------------------- public
+
+    @property
+    def state(self) -> EngineState:
+        return self._sm.state
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def lease(self) -> Lease:
+        self._in_flight += 1
+        self._activity.set()
+        return Lease(self)
+
+    def keep_alive(self, seconds: float) -> None:
+        """Keep the engine up at least ``seconds`` from now (a request's ``keep_alive``)."""
+        self._keep_until = max(self._keep_until, self._clock() + seconds)
+        self._activity.set()
+
+    async def ensure_ready(self) -> str:
+        """The engine's base URL once it is ready; starts it if needed. Raises :class:`EngineUnavailable`."""
+        while True:
+            state = self._sm.state
+            if state is EngineState.READY and self._base_url is not None:
+                return self._base_url
+            if state is EngineState.STARTING and self._start_task is not None:
+                await self._await_start(self._start_task)
+                continue
+            if state is EngineState.STOPPING and self._stop_task is not None:
+                await asyncio.wait({self._stop_task})
+                continue
+            if state is EngineState.FAILED:
+                wait = self._retry_at - self._clock()
+                if wait > 0:
+                    raise EngineStartFailed(f"The engine failed to start: {self._last_error}", retry_after=wait)
+            # The transition happens here, synchronously, so that every later caller sees STARTING
+            # and joins this start instead of creating its own.
+            self._sm.transition(frozenset({EngineState.STOPPED, EngineState.FAILED}), EngineState.STARTING)
+            self._start_task = asyncio.create_task(self._start(), name="engine-start")
+            await self._await_start(self._start_task)
+
+    async def stop(self, reason: str = "requested") -> None:
+        """Stop the engine (never an adopted one's process) and wait until it is gone."""
+        if self._stop_task is not None and not self._stop_task.done():
+            await asyncio.wait({self._stop_task})
+            return
+        state = self._sm.state
+        if state is EngineState.FAILED:
+            self._sm.transition(EngineState.FAILED, EngineState.STOPPED)
+            return
+        if state not in (EngineState.READY, EngineState.STARTING):
+            return
+        self._sm.transition(state, EngineState.STOPPING)
+        self._stop_task = asyncio.create_task(self._stop(reason), name="engine-stop")
+        await asyncio.wait({self._stop_task})
+
+    async def run_idle_stopper(self) -> None:
+        """Background task: stop the engine once it has been idle long enough."""
+        while True:
+            self._activity.clear()
+            delay = self.seconds_until_idle_stop()
+            if delay is not None and delay <= 0:
+                self._log.info("engine idle for %.0f s: stopping it", self._settings.idle_timeout)
+                await self.stop("idle")
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._activity.wait(), delay)
+
+    def seconds_until_idle_stop(self) -> float | None:
+        """None while nothing would stop the engine: not ready, adopted, busy, or idle stop disabled."""
+        if (
+            self._settings.idle_timeout <= 0
+            or self._sm.state is not EngineState.READY
+            or self._external
+            or self._in_flight > 0
+        ):
+            return None
+        deadline = max(self._last_activity + self._settings.idle_timeout, self._keep_until)
+        return deadline - self._clock()
+
+    def status(self) -> dict[str, Any]:
+        now = self._clock()
+        until_idle = self.seconds_until_idle_stop()
+        return {
+            "state": self._sm.state.value,
+            "pid": self.pid,
+            "port": self._port,
+            "url": self._base_url,
+            "adopted": self._external,
+            "uptime": round(now - self._ready_since, 3) if self._ready_since is not None else None,
+            "idle_timeout": self._settings.idle_timeout,
+            "seconds_until_idle_stop": round(until_idle, 3) if until_idle is not None else None,
+            "keep_alive_until": round(self._keep_until - now, 3) if self._keep_until > now else None,
+            "in_flight": self._in_flight,
+            "starts": self.starts,
+            "crashes": self.crashes,
+            "consecutive_start_failures": self._failures,
+            "retry_in": round(self._retry_at - now, 3) if self._retry_at > now else None,
+            "last_error": self._last_error,
+            "last_start_seconds": self.last_start_seconds,
+        }
+
+    async def aclose(self) -> None:
+        """Stop the engine and release resources; called at gateway shutdown."""
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+            await asyncio.wait({self._start_task})
+        await self.stop("gateway shutdown")
+        await self._probe.aclose()
+
+    def kill_now(self) -> None:
+        """Last-resort synchronous cleanup (a second Ctrl+C skips the async shutdown)."""
+        proc = self._proc
+        if proc is not None and not self._external and proc.returncode is None:
+            proc.signal_group(signal.SIGKILL)
+
+    def engine_unreachable(self) -> None:
+        """The relay could not connect: an adopted engine went away (a spawned one is watched directly)."""
+        if self._external and self._sm.state is EngineState.READY:
+            self._last_error = f"The engine at {self._base_url} stopped answering."
+            self._base_url, self._ready_since = None, None
+            self._sm.transition(EngineState.READY, EngineState.FAILED)
+
+    # ----------------------------------------------------------------------------------- leasing
+
+    def _release(self, keep_alive: float | None) -> None:
+        self._in_flight -= 1
+        self._last_activity = self._clock()
+        if keep_alive is not None:
+            self.keep_alive(keep_alive)
+        self._activity.set()
+
+    def _on_state_change(self, previous: EngineState, current: EngineState) -> None:
+        self._log.info("engine %s -> %s", previous.value, current.value)
+        self._activity.set()
+
+    # ---------------------------------------------------------------------------------- starting
+
+    async def _await_start(self, task: asyncio.Task[str]) -> None:
+        # asyncio.wait, not await: one waiter going away must not cancel the start shared by all.
+        await asyncio.wait({task})
+        if task.cancelled():
+            raise EngineUnavailable("The engine was stopped while it was starting.", retry_after=1)
+        exc = task.exception()
+        if isinstance(exc, EngineUnavailable):
+            # A fresh exception per waiter: the same instance raised in many tasks tangles tracebacks.
+            raise type(exc)(exc.message, retry_after=max(0.0, self._retry_at - self._clock()))
+        if isinstance(exc, GatewayError):
+            raise exc
+        if exc is not None:
+            raise EngineStartFailed(f"The engine failed to start: {exc}", retry_after=1) from exc
+
+    async def _start(self) -> str:
+        began = self._clock()
+        try:
+            base_url = await self._launch()
+        except asyncio.CancelledError:
+            await self._discard_process()
+            raise
+        except Exception as exc:
+            await self._discard_process()
+            self._fail_start(exc)
+            raise
+        self.last_start_seconds = round(self._clock() - began, 3)
+        self._base_url = base_url
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_error = None
+        self._ready_since = self._last_activity = self._clock()
+        self._sm.transition(EngineState.STARTING, EngineState.READY)
+        self._log.info("engine ready at %s after %.2f s", base_url, self.last_start_seconds)
+        return base_url
+
+    def _fail_start(self, exc: BaseException) -> None:
+        self._failures += 1
+        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = self._failures
+        delay = self._backoff(state)
+        self._retry_at = self._clock() + delay
+        self._last_error = exc.message if isinstance(exc, GatewayError) else str(exc)
+        self._log.error(
+            "engine start failed (%d in a row; next try in %.0f s): %s",
+            self._failures,
+            delay,
+            self._last_error,
+        )
+        if self._sm.state is EngineState.STARTING:
+            self._sm.transition(EngineState.STARTING, EngineState.FAILED)
+
+    async def _launch(self) -> str:
+        settings = self._settings
+        deadline = self._clock() + settings.startup_timeout
+        if settings.engine_url:
+            url = settings.engine_url.rstrip("/")
+            if not await self._answers_as_engine(url):
+                raise EngineUnavailable(f"The engine at GATEWAY_ENGINE_URL={url} does not answer.")
+            self._external, self._port = True, None
+            return url
+        fixed = settings.engine_port
+        if fixed:
+            url = f"http://127.0.0.1:{fixed}"
+            if await self._answers_as_engine(url):
+                self._log.info("a mistral.rs engine already serves port %d: using it, not starting another", fixed)
+                self._external, self._port = True, fixed
+                return url
+            if not _port_is_free(fixed):
+                raise EngineStartFailed(
+                    f"GATEWAY_ENGINE_PORT={fixed} is taken by a program that is not a mistral.rs engine. "
+                    "Free the port, or set GATEWAY_ENGINE_PORT=0 to pick a free one."
+                )
+        program = self._find_program()
+        self._check_model_files()
+        port = fixed or _free_port()
+        command = build_command(
+            program,
+            self._catalog,
+            port=port,
+            run_dir=str(self._run_dir),
+            extra_args=_split(settings.engine_args),
+        )
+        self._run_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in command.files.items():
+            (self._run_dir / name).write_text(text, encoding="utf-8")
+        env = {**os.environ, **settings.engine_env}
+        self._log.info("starting engine: %s", " ".join(command.argv))
+        self._external, self._port = False, port
+        self.starts += 1
+        proc = await self._spawner.spawn(command.argv, env=env, cwd=self._run_dir)
+        self._proc = proc
+        url = f"http://127.0.0.1:{port}"
+        await self._wait_ready(proc, url, deadline)
+        self._watch_task = asyncio.create_task(self._watch(proc), name=f"engine-watch-{proc.pid}")
+        return url
+
+    def _check_model_files(self) -> None:
+        for model in self._catalog.models:
+            if not model.source.local:
+                continue
+            path = Path(model.source.model_id)
+            if model.source.filename:
+                path = path / model.source.filename
+            if not path.exists():
+                origin = f" from {model.entry.url}" if model.entry.url else ""
+                raise EngineStartFailed(
+                    f"Model {model.id!r}: its file {str(path)!r} is missing. Download it{origin} to that path."
+                )
+
+    async def _wait_ready(self, proc: EngineProcess, url: str, deadline: float) -> None:
+        """Poll ``/health`` until it answers 200, racing the process's exit and the deadline."""
+        exited = asyncio.ensure_future(proc.wait())
+        delay = 0.02
+        try:
+            while True:
+                if exited.done():
+                    tail = "\n".join(proc.output_tail()[-15:]) or "(no output)"
+                    raise EngineStartFailed(
+                        f"The engine exited with code {exited.result()} while starting. Its last output:\n{tail}"
+                    )
+                if await self._healthy(url):
+                    return
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    raise EngineStartFailed(
+                        f"The engine did not become ready within GATEWAY_STARTUP_TIMEOUT="
+                        f"{self._settings.startup_timeout:g} s. Raise it for large models or slow downloads."
+                    )
+                await asyncio.wait({exited}, timeout=min(delay, remaining))
+                delay = min(delay * 1.5, 0.5)
+        finally:
+            if not exited.done():
+                exited.cancel()
+
+    async def _healthy(self, url: str) -> bool:
+        try:
+            response = await self._probe.get(f"{url}/health")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def _answers_as_engine(self, url: str) -> bool:
+        if not await self._healthy(url):
+            return False
+        try:
+            response = await self._probe.get(f"{url}/v1/models")
+            return response.status_code == 200 and response.json().get("object") == "list"
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False
+
+    # ------------------------------------------------------------------------- crash and stop
+
+    async def _watch(self, proc: EngineProcess) -> None:
+        code = await proc.wait()
+        if self._proc is not proc or self._sm.state is not EngineState.READY:
+            return  # a stop we asked for
+        tail = "\n".join(proc.output_tail()[-10:]) or "(no output)"
+        self.crashes += 1
+        self._last_error = f"The engine exited unexpectedly with code {code}. Its last output:\n{tail}"
+        self._log.error("%s", self._last_error)
+        self._proc, self._base_url, self._ready_since = None, None, None
+        self._retry_at = 0.0  # a crash after serving is not a failing start: restart at the next request
+        self._sm.transition(EngineState.READY, EngineState.FAILED)
+
+    async def _stop(self, reason: str) -> None:
+        proc, external = self._proc, self._external
+        self._log.info("stopping engine (%s)", reason)
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+            await asyncio.wait({self._start_task})
+        if proc is not None and not external:
+            await self._terminate(proc)
+        self._proc, self._base_url, self._ready_since, self._external = None, None, None, False
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            self._watch_task = None
+        self._keep_until = 0.0
+        self._sm.transition(EngineState.STOPPING, EngineState.STOPPED)
+
+    async def _terminate(self, proc: EngineProcess) -> None:
+        """SIGTERM to the process group, a grace period, SIGKILL, reap."""
+        proc.signal_group(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), self._settings.stop_timeout)
+        except asyncio.TimeoutError:
+            self._log.warning("engine ignored SIGTERM for %.0f s: killing it", self._settings.stop_timeout)
+            proc.signal_group(signal.SIGKILL)
+            await proc.wait()
+        else:
+            proc.signal_group(signal.SIGKILL)  # anything it forked that outlived it
+
+    async def _discard_process(self) -> None:
+        """After a failed or interrupted start: make sure the half-started process is gone."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            await self._terminate(proc)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _split(args: str) -> list[str]:
+    import shlex
+
+    return shlex.split(args)

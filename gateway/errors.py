@@ -1,0 +1,156 @@
+"""The gateway's one error tree, and the OpenAI error body every failure is rendered as.
+
+::
+
+    GatewayError                      every error a client can see; carries status, type, code
+      InvalidRequest                  400 - the request itself is wrong
+        BodyTooLarge                  413
+        UnsupportedMediaType          415
+        UnsupportedForModel           400 - e.g. embeddings asked of a chat model
+      ModelNotFound                   404 - code model_not_found
+      RouteNotFound                   404 - code unknown_url
+      MethodNotAllowed                405
+      NotImplementedByGateway         501 - /v1/moderations, /v1/files; never retried by SDKs
+      EngineError                     the engine answered with an error (status kept, body translated)
+      EngineUnavailable               503 - no engine to talk to, with Retry-After
+        EngineNotInstalled            503 - no engine program found
+        EngineStartFailed             503 - it exited or timed out while starting
+      EngineCrashed                   502 - it died or broke the connection mid-request
+      EngineStalled                   504 - no byte from the engine for too long
+    ConfigError                       start-up configuration is broken (never reaches a client)
+
+Foreign errors (httpx, OS) are translated into this tree at exactly one boundary each: the relay for
+HTTP, the supervisor for processes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def error_body(message: str, type_: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The body OpenAI's API and SDKs use for every error."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class GatewayError(Exception):
+    """An error with everything needed to answer a client in OpenAI's shape."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, param=self.param, code=self.code)
+
+    def body_bytes(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class BodyTooLarge(InvalidRequest):
+    status = 413
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class UnsupportedForModel(InvalidRequest):
+    code = "model_not_supported"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class RouteNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "unknown_url"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class NotImplementedByGateway(GatewayError):
+    """A route OpenAI has and the engine does not; the SDKs must not retry it."""
+
+    status = 501
+    type = "invalid_request_error"
+    code = "not_implemented"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("x-should-retry", "false")
+
+
+class EngineError(GatewayError):
+    """The engine refused or failed a request; ``status`` is the engine's own status."""
+
+    code = "engine_error"
+
+
+class EngineUnavailable(GatewayError):
+    """There is no engine to relay to right now; the client may retry after ``retry_after`` seconds."""
+
+    status = 503
+    code = "engine_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+        if retry_after is not None:
+            self.headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+
+
+class EngineNotInstalled(EngineUnavailable):
+    code = "engine_not_installed"
+
+
+class EngineStartFailed(EngineUnavailable):
+    code = "engine_start_failed"
+
+
+class EngineCrashed(GatewayError):
+    status = 502
+    code = "engine_crashed"
+
+
+class EngineStalled(GatewayError):
+    status = 504
+    code = "engine_stalled"
+
+
+class ConfigError(Exception):
+    """The gateway's configuration is broken; the message says which file, which entry and the fix."""

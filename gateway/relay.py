@@ -1,0 +1,201 @@
+"""Forwarding requests to the engine, and the one place where engine and httpx errors become ours.
+
+Bodies pass through as bytes. The only edit made to an answer is renaming the engine's model id to the
+configured id the client asked for, done as a byte replacement on the serialised ``"model":"..."``
+pair so that streams are not decoded chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from .errors import EngineCrashed, EngineError, EngineStalled, GatewayError, error_body
+
+DONE = b"[DONE]"
+
+
+@dataclass(frozen=True)
+class ModelRename:
+    """Rewrites the engine's id of a model into the configured one, in serialised JSON."""
+
+    pairs: tuple[tuple[bytes, bytes], ...]
+
+    @classmethod
+    def of(cls, engine_id: str, client_id: str) -> ModelRename:
+        if engine_id == client_id:
+            return cls(())
+        old, new = json.dumps(engine_id).encode(), json.dumps(client_id).encode()
+        # serde_json writes no space after the colon; Python's json module does.
+        return cls(((b'"model":' + old, b'"model":' + new), (b'"model": ' + old, b'"model": ' + new)))
+
+    def __call__(self, data: bytes) -> bytes:
+        for old, new in self.pairs:
+            if old in data:
+                data = data.replace(old, new)
+        return data
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    content: bytes
+    content_type: str
+
+
+def engine_error(status: int, content: bytes) -> EngineError:
+    """Turn an engine error answer (``{"message"}``, OpenAI-shaped, or plain text) into ours."""
+    text = content.decode("utf-8", "replace").strip()
+    message = text
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        inner = parsed.get("error")
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            message = inner["message"]
+        elif isinstance(parsed.get("message"), str):
+            message = parsed["message"]
+        elif isinstance(inner, str):
+            message = inner
+    message = message or f"The engine answered HTTP {status} with no explanation."
+    if "incompatible for this model's category" in message:
+        status = 400
+    error = EngineError(message, status=status)
+    if 400 <= status < 500:
+        error.type = "invalid_request_error"
+    return error
+
+
+def error_event(error: GatewayError) -> bytes:
+    """The final SSE event that carries an error once a stream has begun."""
+    return b"data: " + error.body_bytes() + b"\n\n"
+
+
+class Relay:
+    """Sends requests to the engine over one shared, pooled HTTP client."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        stall_timeout: float,
+        request_timeout: float,
+        on_unreachable: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._client = client
+        self._stream_timeout = httpx.Timeout(10.0, read=stall_timeout)
+        self._request_timeout = httpx.Timeout(10.0, read=request_timeout)
+        self._stall_timeout = stall_timeout
+        self._on_unreachable = on_unreachable
+
+    async def request(self, base_url: str, path: str, body: bytes) -> Reply:
+        """One non-streaming call; raises :class:`GatewayError` for any failure."""
+        try:
+            response = await self._client.post(
+                base_url + path,
+                content=body,
+                headers={"content-type": "application/json"},
+                timeout=self._request_timeout,
+            )
+        except httpx.HTTPError as exc:
+            raise self._translate(exc) from exc
+        if response.status_code >= 400:
+            raise engine_error(response.status_code, response.content)
+        return Reply(response.status_code, response.content, response.headers.get("content-type", "application/json"))
+
+    async def open_stream(self, base_url: str, path: str, body: bytes) -> httpx.Response:
+        """Send a streaming call and wait for its headers; an error status raises before any byte is relayed."""
+        request = self._client.build_request(
+            "POST",
+            base_url + path,
+            content=body,
+            headers={"content-type": "application/json", "accept": "text/event-stream"},
+            timeout=self._stream_timeout,
+        )
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise self._translate(exc) from exc
+        if response.status_code >= 400:
+            try:
+                content = await response.aread()
+            except httpx.HTTPError:
+                content = b""
+            finally:
+                await response.aclose()
+            raise engine_error(response.status_code, content)
+        return response
+
+    async def events(self, response: httpx.Response, rename: ModelRename) -> AsyncIterator[bytes]:
+        """Relay SSE events as they arrive, whole events at a time.
+
+        A plain-text ``data:`` event is how the engine reports an error mid-stream; it and any transport
+        failure become one final OpenAI error event, and the stream ends.
+        """
+        buffer = b""
+        try:
+            async for chunk in response.aiter_raw():
+                buffer += chunk
+                end = buffer.rfind(b"\n\n")
+                if end < 0:
+                    continue
+                ready, buffer = buffer[: end + 2], buffer[end + 2 :]
+                out, error = _check_events(ready)
+                if out:
+                    yield rename(out)
+                if error is not None:
+                    yield error_event(error)
+                    return
+        except httpx.HTTPError as exc:
+            yield error_event(self._translate(exc))
+            return
+        finally:
+            await response.aclose()
+        if buffer.strip():
+            out, error = _check_events(buffer + b"\n\n")
+            if out:
+                yield rename(out)
+            if error is not None:
+                yield error_event(error)
+
+    def _translate(self, exc: httpx.HTTPError) -> GatewayError:
+        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+            return EngineStalled(
+                f"The engine sent nothing for {self._stall_timeout:g} s (GATEWAY_STALL_TIMEOUT); the request "
+                "was abandoned."
+            )
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            self._on_unreachable()
+            return EngineCrashed("The engine could not be reached; it may have crashed. Retry the request.")
+        return EngineCrashed(
+            "The engine closed the connection in the middle of the response (it crashed or was killed). "
+            "Retry the request."
+        )
+
+
+def _check_events(block: bytes) -> tuple[bytes, GatewayError | None]:
+    """Split off the first plain-text error event in ``block`` (whole events ending in a blank line)."""
+    if b"data:" not in block:
+        return block, None
+    start = 0
+    while start < len(block):
+        end = block.find(b"\n\n", start)
+        if end < 0:
+            end = len(block)
+        event = block[start:end]
+        for line in event.split(b"\n"):
+            if line.startswith(b"data:"):
+                payload = line[5:].strip()
+                if payload and payload[:1] not in (b"{", b"[") and payload != DONE:
+                    message = payload.decode("utf-8", "replace")
+                    return block[:start], EngineError(message, status=500)
+        start = end + 2
+    return block, None
+
+
+__all__ = ["DONE", "ModelRename", "Relay", "Reply", "engine_error", "error_body", "error_event"]

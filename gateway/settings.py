@@ -1,0 +1,86 @@
+"""Gateway settings: environment variables prefixed ``GATEWAY_``, or a ``.env`` file.
+
+Built once at start-up (by the CLI, or by a test with ``Settings(_env_file=None, ...)``) and passed
+down; nothing reads the environment after that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EngineChoice = Literal["auto", "bundled", "mistralrs", "mistralrs-server"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the gateway. ``.env.example`` documents each one for operators."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port the gateway listens on.")
+
+    engine: EngineChoice = Field(
+        "auto",
+        description="Which engine to run: auto picks GATEWAY_ENGINE_BINARY, then `mistralrs` on PATH, "
+        "then `mistralrs-server` on PATH, then the bundled engine server.",
+    )
+    engine_binary: str | None = Field(
+        None, description="Path or name of the `mistralrs-server` or `mistralrs` program."
+    )
+    engine_port: int = Field(0, ge=0, le=65535, description="Engine port on 127.0.0.1; 0 picks a free one.")
+    engine_url: str | None = Field(
+        None, description="Use the engine already running at this URL: never spawn it, never stop it."
+    )
+    engine_args: str = Field("", description="Extra arguments put before the engine's subcommand (shell-quoted).")
+    engine_env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment for the engine process (JSON object)."
+    )
+
+    models_file: Path | None = Field(
+        None, description="The models file (TOML). Default: models.toml in the working directory."
+    )
+    model_dir: Path = Field(Path("~/.mistral-rs"), description="Where model files are kept.")
+    default_model: str | None = Field(None, description="Overrides default_model of the models file.")
+
+    idle_timeout: float = Field(300, ge=0, description="Stop the engine after this many idle seconds; 0 = never.")
+    startup_timeout: float = Field(600, gt=0, description="Seconds the engine may take to become ready.")
+    stop_timeout: float = Field(10, ge=0, description="Seconds between SIGTERM and SIGKILL when stopping it.")
+    stall_timeout: float = Field(
+        300, gt=0, description="A stream with no byte from the engine for this long ends with an error."
+    )
+    request_timeout: float = Field(1800, gt=0, description="Longest wait for a non-streaming answer from the engine.")
+    loading_interval: float = Field(
+        5, gt=0, description="Seconds between `: loading` comments sent to streams waiting for a cold engine."
+    )
+    shutdown_timeout: float = Field(
+        30, ge=0, description="On SIGTERM, seconds in-flight requests get to finish before everything stops."
+    )
+    max_body_mb: float = Field(64, gt=0, description="Largest request body accepted, in MiB.")
+    image_ttl: float = Field(3600, gt=0, description="Seconds an image served by URL stays available.")
+    backoff_max: float = Field(60, gt=0, description="Longest wait between two failed engine starts.")
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    run_dir: Path | None = Field(
+        None, description="Scratch folder for engine configs and generated images. Default: a temp dir."
+    )
+
+    @field_validator("model_dir", mode="after")
+    @classmethod
+    def _expand_model_dir(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("engine_url", "engine_binary", mode="after")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    def resolved_models_file(self) -> Path | None:
+        """The models file to read: the configured one, or ``models.toml`` here when present."""
+        if self.models_file is not None:
+            return self.models_file.expanduser()
+        default = Path("models.toml")
+        return default if default.is_file() else None

@@ -1,0 +1,207 @@
+"""The supervisor with a fake spawner, a fake clock and a mock transport: no process, no socket."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.catalog import load_catalog
+from gateway.engine.discovery import EngineProgram
+from gateway.engine.state import EngineState
+from gateway.engine.supervisor import Supervisor
+from gateway.errors import EngineNotInstalled, EngineStartFailed
+from gateway.settings import Settings
+
+
+class FakeProcess:
+    def __init__(self, pid: int, port: int, *, exit_code: int | None, ignore_term: bool) -> None:
+        self.pid = pid
+        self.port = port
+        self.returncode: int | None = None
+        self.signals: list[int] = []
+        self.ready = exit_code is None
+        self._ignore_term = ignore_term
+        self._exited = asyncio.Event()
+        if exit_code is not None:
+            self.exit(exit_code)
+
+    def exit(self, code: int) -> None:
+        self.returncode = code
+        self.ready = False
+        self._exited.set()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def signal_group(self, sig: int) -> None:
+        self.signals.append(sig)
+        if self.returncode is None and (sig == signal.SIGKILL or not self._ignore_term):
+            self.exit(-sig)
+
+    def output_tail(self) -> list[str]:
+        return ["loading", "Error: out of memory"]
+
+
+class FakeSpawner:
+    def __init__(self) -> None:
+        self.procs: list[FakeProcess] = []
+        self.exit_codes: list[int | None] = []
+        self.ignore_term = False
+
+    async def spawn(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path) -> FakeProcess:
+        port = int(argv[argv.index("--port") + 1])
+        code = self.exit_codes.pop(0) if self.exit_codes else None
+        proc = FakeProcess(1000 + len(self.procs), port, exit_code=code, ignore_term=self.ignore_term)
+        self.procs.append(proc)
+        return proc
+
+    def transport(self) -> httpx.MockTransport:
+        def handler(request: httpx.Request) -> httpx.Response:
+            port = request.url.port
+            if any(p.port == port and p.ready for p in self.procs):
+                return httpx.Response(200, json={"object": "list", "data": []})
+            raise httpx.ConnectError("refused", request=request)
+
+        return httpx.MockTransport(handler)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(tmp_path: Path, spawner: FakeSpawner, clock: Clock, **settings: object) -> Supervisor:
+    config = Settings(_env_file=None, **settings)  # type: ignore[call-arg]
+    catalog = load_catalog(None, model_dir=tmp_path)
+    return Supervisor(
+        config, catalog, run_dir=tmp_path / "run", spawner=spawner, clock=clock,
+        find_program=lambda: EngineProgram(("mistralrs-server",), "legacy", "mistralrs-server"),
+        probe_transport=spawner.transport(),
+    )
+
+
+async def test_many_cold_requests_share_one_spawn(tmp_path: Path) -> None:
+    spawner, clock = FakeSpawner(), Clock()
+    sup = make(tmp_path, spawner, clock)
+    urls = await asyncio.gather(*(sup.ensure_ready() for _ in range(50)))
+    assert len(spawner.procs) == 1 and len(set(urls)) == 1
+    assert sup.state is EngineState.READY and sup.starts == 1
+    await sup.aclose()
+    assert spawner.procs[0].signals[0] == signal.SIGTERM
+    assert sup.state is EngineState.STOPPED
+
+
+async def test_start_failure_backs_off_then_retries(tmp_path: Path) -> None:
+    spawner, clock = FakeSpawner(), Clock()
+    spawner.exit_codes = [1, 1, None]
+    sup = make(tmp_path, spawner, clock)
+    with pytest.raises(EngineStartFailed) as info:
+        await sup.ensure_ready()
+    assert "exited with code 1" in info.value.message and "out of memory" in info.value.message
+    assert sup.state is EngineState.FAILED
+    first_wait = float(info.value.headers["Retry-After"])
+    # Within the backoff window: no new spawn, a fast 503 with Retry-After.
+    with pytest.raises(EngineStartFailed) as again:
+        await sup.ensure_ready()
+    assert len(spawner.procs) == 1 and "Retry-After" in again.value.headers
+    clock.now += first_wait + 0.1
+    with pytest.raises(EngineStartFailed) as second:
+        await sup.ensure_ready()
+    assert float(second.value.headers["Retry-After"]) > first_wait  # the backoff grows
+    clock.now += 1000
+    assert await sup.ensure_ready()
+    assert len(spawner.procs) == 3 and sup.status()["consecutive_start_failures"] == 0
+    await sup.aclose()
+
+
+async def test_startup_timeout_kills_the_process(tmp_path: Path) -> None:
+    spawner, clock = FakeSpawner(), Clock()
+    sup = make(tmp_path, spawner, clock, startup_timeout=5)
+    original = spawner.spawn
+
+    async def never_ready(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path) -> FakeProcess:
+        proc = await original(argv, env=env, cwd=cwd)
+        proc.ready = False
+        clock.now += 10  # the deadline passes while it loads
+        return proc
+
+    spawner.spawn = never_ready  # type: ignore[method-assign]
+    with pytest.raises(EngineStartFailed, match="GATEWAY_STARTUP_TIMEOUT=5"):
+        await sup.ensure_ready()
+    assert spawner.procs[0].returncode is not None
+
+
+async def test_idle_deadline_counts_from_last_release_and_keep_alive(tmp_path: Path) -> None:
+    spawner, clock = FakeSpawner(), Clock()
+    sup = make(tmp_path, spawner, clock, idle_timeout=60)
+    lease = sup.lease()
+    await sup.ensure_ready()
+    clock.now += 100
+    assert sup.seconds_until_idle_stop() is None  # busy: never stops
+    lease.release()
+    assert sup.seconds_until_idle_stop() == 60
+    clock.now += 30
+    assert sup.seconds_until_idle_stop() == 30
+    sup.lease().release(keep_alive=600)
+    assert sup.seconds_until_idle_stop() == 600
+    assert sup.status()["keep_alive_until"] == 600
+    await sup.aclose()
+
+
+async def test_idle_stopper_stops_the_engine(tmp_path: Path) -> None:
+    spawner, clock = FakeSpawner(), Clock()
+    sup = make(tmp_path, spawner, clock, idle_timeout=60)
+    sup.lease().release()
+    await sup.ensure_ready()
+    stopper = asyncio.create_task(sup.run_idle_stopper())
+    clock.now += 61
+    sup.keep_alive(0)  # any activity wakes the stopper to re-check
+    await asyncio.wait_for(spawner.procs[0].wait(), 5)
+    await asyncio.wait_for(_until(lambda: sup.state is EngineState.STOPPED), 5)
+    stopper.cancel()
+
+
+async def test_crash_is_noticed_and_next_request_restarts_at_once(tmp_path: Path) -> None:
+    spawner, clock = FakeSpawner(), Clock()
+    sup = make(tmp_path, spawner, clock)
+    await sup.ensure_ready()
+    spawner.procs[0].exit(137)
+    await asyncio.wait_for(_until(lambda: sup.state is EngineState.FAILED), 5)
+    assert sup.crashes == 1 and "code 137" in (sup.status()["last_error"] or "")
+    await sup.ensure_ready()
+    assert len(spawner.procs) == 2 and sup.state is EngineState.READY
+    await sup.aclose()
+
+
+async def test_sigterm_then_sigkill_when_ignored(tmp_path: Path) -> None:
+    spawner, clock = FakeSpawner(), Clock()
+    spawner.ignore_term = True
+    sup = make(tmp_path, spawner, clock, stop_timeout=0.05)
+    await sup.ensure_ready()
+    await sup.stop()
+    assert spawner.procs[0].signals[:2] == [signal.SIGTERM, signal.SIGKILL]
+    assert sup.state is EngineState.STOPPED
+
+
+async def test_no_engine_installed_is_a_503_that_says_what_to_install(tmp_path: Path) -> None:
+    config = Settings(_env_file=None, engine_binary="/nonexistent/mistralrs-server")  # type: ignore[call-arg]
+    sup = Supervisor(config, load_catalog(None, model_dir=tmp_path), run_dir=tmp_path, spawner=FakeSpawner())
+    with pytest.raises(EngineNotInstalled) as info:
+        await sup.ensure_ready()
+    assert info.value.status == 503 and "pip install 'mistral-gateway[engine]'" in info.value.message
+    await sup.aclose()
+
+
+async def _until(condition: object) -> None:
+    while not condition():  # type: ignore[operator]
+        await asyncio.sleep(0.001)
