@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from . import images, validation
 from .catalog import CHAT_KINDS, Catalog, Model
-from .engine.supervisor import Lease, Supervisor
+from .engine.supervisor import Endpoint, Lease, Supervisor
 from .errors import (
     BodyTooLarge,
     EngineUnavailable,
@@ -39,6 +39,7 @@ _log = logging.getLogger("gateway.api")
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 LOADING = b": loading\n\n"
+_Encoder = Callable[[Endpoint], tuple[bytes, ModelRename]]
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
@@ -194,7 +195,7 @@ class Api:
         model = self._pick_model(body, route)
 
         keep_alive: float | None = None
-        edited = body.get("model") != model.engine_id
+        edited = False
         if "keep_alive" in body:
             keep_alive = validation.parse_keep_alive(body.pop("keep_alive"), "keep_alive")
             edited = True
@@ -205,29 +206,33 @@ class Api:
         if route.path == "/v1/images/generations":
             wanted_image = images.to_engine_request(body)
             edited = True
-        body["model"] = model.engine_id
-        payload = json.dumps(body, separators=(",", ":")).encode() if edited else raw
-        rename = ModelRename.of(model.engine_id, model.id)
+
+        def encode(endpoint: Endpoint) -> tuple[bytes, ModelRename]:
+            # The body passes through untouched unless something in it must change.
+            engine_id = endpoint.engine_ids.get(model.id, model.id)
+            if edited or body.get("model") != engine_id:
+                body["model"] = engine_id
+                return json.dumps(body, separators=(",", ":")).encode(), ModelRename.of(engine_id, model.id)
+            return raw, ModelRename.of(engine_id, model.id)
 
         if self._draining:
             raise EngineUnavailable("The gateway is shutting down.", retry_after=1)
         lease = self._supervisor.lease()
         if route.streams and body.get("stream") is True:
             try:
-                return await self._stream(route.path, payload, rename, lease, keep_alive)
+                return await self._stream(route.path, encode, lease, keep_alive)
             except BaseException:
                 lease.release(keep_alive)
                 raise
         try:
-            return await _until_disconnect(request, self._forward(request, route.path, payload, rename, wanted_image))
+            return await _until_disconnect(request, self._forward(request, route.path, encode, wanted_image))
         finally:
             lease.release(keep_alive)
 
-    async def _forward(
-        self, request: Request, path: str, payload: bytes, rename: ModelRename, wanted_image: str | None
-    ) -> Response:
-        base_url = await self._supervisor.ensure_ready()
-        reply = await self._relay.request(base_url, path, payload)
+    async def _forward(self, request: Request, path: str, encode: _Encoder, wanted_image: str | None) -> Response:
+        endpoint = await self._supervisor.ensure_ready()
+        payload, rename = encode(endpoint)
+        reply = await self._relay.request(endpoint.base_url, path, payload)
         if wanted_image is not None:
             answer = images.from_engine_reply(
                 json.loads(reply.content), wanted_image, self._images, str(request.base_url)
@@ -235,21 +240,19 @@ class Api:
             return Response(rename(json.dumps(answer).encode()), media_type="application/json")
         return Response(rename(reply.content), status_code=reply.status, media_type=reply.content_type)
 
-    async def _stream(
-        self, path: str, payload: bytes, rename: ModelRename, lease: Lease, keep_alive: float | None
-    ) -> Response:
+    async def _stream(self, path: str, encode: _Encoder, lease: Lease, keep_alive: float | None) -> Response:
         ready = asyncio.ensure_future(self._supervisor.ensure_ready())
         # Errors that come at once (no engine installed, backoff) still get a proper status code; only a
         # start that takes a while commits the answer to a 200 event stream with `: loading` comments.
         done, _ = await asyncio.wait({ready}, timeout=min(1.0, self._settings.loading_interval))
         if done:
-            upstream = await self._relay.open_stream(ready.result(), path, payload)
+            endpoint = ready.result()
+            payload, rename = encode(endpoint)
+            upstream = await self._relay.open_stream(endpoint.base_url, path, payload)
             return _LeasedStream(self._relay.events(upstream, rename), lease, keep_alive)
-        return _LeasedStream(self._cold_stream(ready, path, payload, rename), lease, keep_alive)
+        return _LeasedStream(self._cold_stream(ready, path, encode), lease, keep_alive)
 
-    async def _cold_stream(
-        self, ready: asyncio.Future[str], path: str, payload: bytes, rename: ModelRename
-    ) -> AsyncIterator[bytes]:
+    async def _cold_stream(self, ready: asyncio.Future[Endpoint], path: str, encode: _Encoder) -> AsyncIterator[bytes]:
         try:
             yield LOADING
             while not ready.done():
@@ -257,7 +260,9 @@ class Api:
                 if not ready.done():
                     yield LOADING
             try:
-                upstream = await self._relay.open_stream(ready.result(), path, payload)
+                endpoint = ready.result()
+                payload, rename = encode(endpoint)
+                upstream = await self._relay.open_stream(endpoint.base_url, path, payload)
             except GatewayError as exc:
                 yield error_event(exc)
                 return

@@ -126,9 +126,6 @@ class Catalog:
                 return model
         return None
 
-    def by_engine_id(self) -> dict[str, Model]:
-        return {model.engine_id: model for model in self.models}
-
     def default_for(self, kinds: Iterable[str]) -> str | None:
         """The default model for a route that serves ``kinds``."""
         wanted = set(kinds)
@@ -289,15 +286,6 @@ def _check_unique_names(origin: str, models: tuple[Model, ...]) -> None:
                     f"[[models]] id = {first!r}. Fix: give every model and alias a distinct name."
                 )
             owner[name] = model.id
-    engine_owner: dict[str, str] = {}
-    for model in models:
-        if model.engine_id in engine_owner:
-            raise ConfigError(
-                f"{origin}: [[models]] id = {model.id!r} and id = {engine_owner[model.engine_id]!r} would load "
-                f"under the same engine id {model.engine_id!r}, which the engine refuses. Fix: give each GGUF "
-                "model its own `tokenizer`, or keep the files in separate folders."
-            )
-        engine_owner[model.engine_id] = model.id
 
 
 def _check_default(origin: str, catalog: Catalog, name: str | None, key: str, kinds: frozenset[str]) -> str | None:

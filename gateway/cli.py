@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def check(settings: Settings) -> int:
     """Print what the gateway would run; exit 1 when no engine is installed."""
-    from .engine.command import build_command
+    from .engine.command import CommandError, build_command
     from .engine.discovery import find_engine
 
     catalog = load_catalog(
@@ -67,7 +67,8 @@ def check(settings: Settings) -> int:
     print(f"models from {catalog.origin}:")
     for model in catalog.models:
         aliases = f" (aliases: {', '.join(model.entry.aliases)})" if model.entry.aliases else ""
-        print(f"  {model.id} [{model.kind}] -> engine id {model.engine_id}{aliases}")
+        source = model.source.model_id + (f"/{model.source.filename}" if model.source.filename else "")
+        print(f"  {model.id} [{model.kind}] from {source}{aliases}")
     print(f"default model: {catalog.default_model}; default embedding model: {catalog.default_embedding_model}")
     if settings.engine_url:
         print(f"engine: the one running at {settings.engine_url}")
@@ -77,8 +78,13 @@ def check(settings: Settings) -> int:
     except EngineNotInstalled as exc:
         print(f"engine: {exc.message}")
         return 1
-    command = build_command(program, catalog, port=settings.engine_port or 1234, run_dir="<run-dir>")
-    print(f"engine: {' '.join(command.argv)}")
+    try:
+        command = build_command(program, catalog, port=settings.engine_port or 1234, run_dir="<run-dir>")
+    except CommandError as exc:
+        print(f"engine: {program.argv[0]}: {exc}")
+        return 1
+    version = ".".join(map(str, program.version)) if program.version else "unknown version"
+    print(f"engine: {program.name} ({version}): {' '.join(command.argv)}")
     for name, text in command.files.items():
         print(f"--- <run-dir>/{name}\n{text}")
     return 0
@@ -91,6 +97,8 @@ def serve(settings: Settings) -> int:
     from .app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per upstream call is noise next to uvicorn's access log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(settings)
     supervisor = app.state.supervisor
     config = uvicorn.Config(

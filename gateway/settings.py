@@ -73,10 +73,11 @@ class Settings(BaseSettings):
     def _expand_model_dir(cls, value: Path) -> Path:
         return value.expanduser()
 
-    @field_validator("engine_url", "engine_binary", mode="after")
+    @field_validator("engine_url", "engine_binary", "models_file", "default_model", "run_dir", mode="before")
     @classmethod
-    def _blank_is_none(cls, value: str | None) -> str | None:
-        return value or None
+    def _blank_is_none(cls, value: object) -> object:
+        # An empty line in .env (GATEWAY_ENGINE_URL=) means "not set", as it reads.
+        return None if isinstance(value, str) and not value.strip() else value
 
     def resolved_models_file(self) -> Path | None:
         """The models file to read: the configured one, or ``models.toml`` here when present."""

@@ -1,8 +1,16 @@
 """Pure builders of the engine's command line, for both of its dialects.
 
-Nothing here touches the disk or the network: a builder returns the argument vector plus the
-contents of any config file it refers to, and the supervisor writes those files. That keeps every
-flag testable against mistral.rs's own argument definitions (see tests/unit/test_command.py).
+Nothing here touches the disk or the network: a builder returns the argument vector, the contents of
+any config file it refers to, and which ids the engine will answer to for each configured model. Every
+flag and config field was checked against mistral.rs's own argument definitions; the table in
+tests/unit/test_command.py records the versions.
+
+- ``legacy``: ``mistralrs-server`` 0.7 - 0.8.4 (and the bundled engine server, which speaks it). Global
+  flags come before the subcommand. Several models go through ``multi-model`` with a JSON config in
+  which every entry carries ``alias = <configured id>``, so the engine answers to our ids exactly.
+- ``serve``: ``mistralrs`` 0.7+. One model: ``mistralrs serve [server flags] TYPE [model flags]``;
+  several: ``mistralrs from-config --file X.toml``. This dialect has no aliases, so the engine's ids
+  are predicted (they changed for GGUF in 0.9.1) and confirmed from its ``/v1/models`` once it is up.
 """
 
 from __future__ import annotations
@@ -15,34 +23,20 @@ from typing import Any
 from ..catalog import Catalog, Model
 from .discovery import EngineProgram
 
-# Subcommand of the legacy CLI, variant of its multi-model JSON config, and model type of `mistralrs serve`,
-# for each kind of the models file.
-LEGACY_SUBCOMMAND = {
-    "plain": "plain",
-    "gguf": "gguf",
-    "vision-plain": "vision-plain",
-    "diffusion": "diffusion",
-    "embedding": "embedding",
-    "speech": "speech",
+# The variant key of the legacy multi-model JSON and the serde fields it requires (no serde default):
+# a missing one aborts the engine's start-up with "missing field".
+_DEFAULTS = {"dtype": "auto", "max_seq_len": 4096, "max_batch_size": 1, "max_num_images": 1, "max_image_length": 1024}
+_REQUIRED_JSON_FIELDS = {
+    "plain": (),
+    "embedding": (),
+    "gguf": ("dtype", "max_seq_len", "max_batch_size"),
+    "vision-plain": ("dtype", "max_seq_len", "max_batch_size", "max_num_images", "max_image_length"),
+    "diffusion": ("dtype",),
+    "speech": ("dtype",),
 }
-MULTI_MODEL_VARIANT = {
-    "plain": "Plain",
-    "gguf": "GGUF",
-    "vision-plain": "VisionPlain",
-    "diffusion": "DiffusionPlain",
-    "embedding": "Embedding",
-    "speech": "Speech",
-}
-SERVE_TYPE = {
-    "plain": "text",
-    "gguf": "text",
-    "vision-plain": "multimodal",
-    "diffusion": "diffusion",
-    "embedding": "embedding",
-    "speech": "speech",
-}
-# Kinds whose engine pipeline cannot be built without an architecture.
-ARCH_REQUIRED = frozenset({"diffusion", "speech"})
+# Kinds that take --max-seq-len / --max-batch-size (embedding, diffusion and speech refuse them).
+_SEQ_KINDS = frozenset({"plain", "gguf", "vision-plain"})
+_UQFF_KINDS = frozenset({"plain", "vision-plain", "embedding"})
 
 MULTI_MODEL_CONFIG = "multi-model.json"
 FROM_CONFIG_FILE = "mistralrs.toml"
@@ -50,10 +44,19 @@ FROM_CONFIG_FILE = "mistralrs.toml"
 
 @dataclass(frozen=True)
 class EngineCommand:
-    """An engine invocation: its argv, and the files (name -> text) it expects in its run folder."""
+    """An engine invocation.
+
+    ``files`` maps file names in the run folder to their text. ``engine_ids`` maps each configured model
+    id to the ids the engine may answer to for it, the likeliest first.
+    """
 
     argv: list[str]
     files: dict[str, str] = field(default_factory=dict)
+    engine_ids: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+class CommandError(ValueError):
+    """The models cannot be expressed on this engine's command line; the message says why and what to do."""
 
 
 def build_command(
@@ -70,12 +73,16 @@ def build_command(
     return _serve(program, catalog, port=port, run_dir=run_dir, extra_args=extra_args)
 
 
-def default_engine_id(catalog: Catalog) -> str:
-    """The engine id of the model the engine should use when a request names none."""
+def _before(program: EngineProgram, version: tuple[int, int, int]) -> bool:
+    """True when the program is known to be older than ``version`` (unknown: assume the newest)."""
+    return program.version is not None and program.version < version
+
+
+def _default_model(catalog: Catalog) -> Model:
     name = catalog.default_model or catalog.default_embedding_model or catalog.models[0].id
     model = catalog.find(name)
     assert model is not None  # the catalog checked its defaults
-    return model.engine_id
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- legacy
@@ -85,36 +92,48 @@ def _legacy(
     program: EngineProgram, catalog: Catalog, *, port: int, run_dir: str, extra_args: Sequence[str]
 ) -> EngineCommand:
     argv = [*program.argv, "--serve-ip", "127.0.0.1", "--port", str(port), *extra_args]
+    vision_name = "vision-plain" if _before(program, (0, 8, 0)) else "multimodal-plain"
     if len(catalog.models) == 1:
         model = catalog.models[0]
         if model.entry.options.isq:
             argv += ["--isq", model.entry.options.isq]
-        return EngineCommand([*argv, *_legacy_model_args(model)])
-    config = {_label(i, m): _multi_model_entry(m) for i, m in enumerate(catalog.models)}
+        # Single-model mode sets no alias: the engine answers to its pipeline name.
+        return EngineCommand(
+            [*argv, *_legacy_model_args(model, vision_name)], engine_ids={model.id: (model.source.engine_id,)}
+        )
+    variant = "VisionPlain" if _before(program, (0, 8, 0)) else "MultimodalPlain"
+    config = {f"model-{i}": _multi_model_entry(m, variant) for i, m in enumerate(catalog.models)}
     path = f"{run_dir}/{MULTI_MODEL_CONFIG}"
-    argv += ["multi-model", "--config", path, "--default-model-id", default_engine_id(catalog)]
-    return EngineCommand(argv, {MULTI_MODEL_CONFIG: json.dumps(config, indent=2)})
+    argv += ["multi-model", "--config", path, "--default-model-id", _default_model(catalog).id]
+    return EngineCommand(
+        argv,
+        {MULTI_MODEL_CONFIG: json.dumps(config, indent=2)},
+        engine_ids={m.id: (m.id,) for m in catalog.models},
+    )
 
 
-def _legacy_model_args(model: Model) -> list[str]:
+def _legacy_model_args(model: Model, vision_name: str) -> list[str]:
     opts = model.entry.options
     src = model.source
-    args = [LEGACY_SUBCOMMAND[model.kind], "--model-id", src.model_id]
-    if model.kind == "gguf":
-        args += ["--quantized-filename", str(src.filename)]
+    kind = model.kind
+    if kind == "gguf":
+        args = ["gguf", "--quantized-model-id", src.model_id, "--quantized-filename", str(src.filename)]
         if src.tokenizer:
             args += ["--tok-model-id", src.tokenizer]
-    if opts.arch:
+    else:
+        args = [vision_name if kind == "vision-plain" else kind, "--model-id", src.model_id]
+    if opts.arch and kind != "gguf":
         args += ["--arch", opts.arch]
-    if opts.dtype and model.kind != "embedding":
+    if opts.dtype:
         args += ["--dtype", opts.dtype]
-    if opts.max_seq_len and model.kind in ("plain", "gguf", "vision-plain"):
-        args += ["--max-seq-len", str(opts.max_seq_len)]
-    if opts.max_batch_size and model.kind in ("plain", "gguf", "vision-plain"):
-        args += ["--max-batch-size", str(opts.max_batch_size)]
-    if opts.from_uqff and model.kind in ("plain", "vision-plain"):
+    if kind in _SEQ_KINDS:
+        if opts.max_seq_len:
+            args += ["--max-seq-len", str(opts.max_seq_len)]
+        if opts.max_batch_size:
+            args += ["--max-batch-size", str(opts.max_batch_size)]
+    if opts.from_uqff and kind in _UQFF_KINDS:
         args += ["--from-uqff", opts.from_uqff]
-    if model.kind == "vision-plain":
+    if kind == "vision-plain":
         if opts.max_num_images:
             args += ["--max-num-images", str(opts.max_num_images)]
         if opts.max_image_length:
@@ -122,37 +141,39 @@ def _legacy_model_args(model: Model) -> list[str]:
     return args
 
 
-def _label(index: int, model: Model) -> str:
-    return f"model-{index}"
-
-
-def _multi_model_entry(model: Model) -> dict[str, Any]:
+def _multi_model_entry(model: Model, vision_variant: str) -> dict[str, Any]:
     opts = model.entry.options
     src = model.source
+    kind = model.kind
     fields: dict[str, Any]
-    if model.kind == "gguf":
+    if kind == "gguf":
         fields = {"quantized_model_id": src.model_id, "quantized_filename": src.filename}
         if src.tokenizer:
             fields["tok_model_id"] = src.tokenizer
     else:
         fields = {"model_id": src.model_id}
-    if opts.arch:
-        fields["arch"] = opts.arch
-    if opts.dtype and model.kind != "embedding":
-        fields["dtype"] = opts.dtype
-    if model.kind in ("plain", "gguf", "vision-plain"):
-        if opts.max_seq_len:
-            fields["max_seq_len"] = opts.max_seq_len
-        if opts.max_batch_size:
-            fields["max_batch_size"] = opts.max_batch_size
-    if opts.from_uqff and model.kind in ("plain", "vision-plain"):
-        fields["from_uqff"] = opts.from_uqff
-    if model.kind == "vision-plain":
-        if opts.max_num_images:
-            fields["max_num_images"] = opts.max_num_images
-        if opts.max_image_length:
-            fields["max_image_length"] = opts.max_image_length
-    entry: dict[str, Any] = {MULTI_MODEL_VARIANT[model.kind]: fields}
+        if opts.arch:
+            fields["arch"] = opts.arch
+    given = {
+        "dtype": opts.dtype,
+        "max_seq_len": opts.max_seq_len if kind in _SEQ_KINDS else None,
+        "max_batch_size": opts.max_batch_size if kind in _SEQ_KINDS else None,
+        "max_num_images": opts.max_num_images if kind == "vision-plain" else None,
+        "max_image_length": opts.max_image_length if kind == "vision-plain" else None,
+        "from_uqff": opts.from_uqff if kind in _UQFF_KINDS else None,
+    }
+    fields.update({k: v for k, v in given.items() if v is not None})
+    for name in _REQUIRED_JSON_FIELDS[kind]:
+        fields.setdefault(name, _DEFAULTS[name])
+    variant = {
+        "plain": "Plain",
+        "gguf": "GGUF",
+        "vision-plain": vision_variant,
+        "diffusion": "DiffusionPlain",
+        "embedding": "Embedding",
+        "speech": "Speech",
+    }[kind]
+    entry: dict[str, Any] = {variant: fields, "alias": model.id}
     if opts.isq:
         entry["in_situ_quant"] = opts.isq
     return entry
@@ -161,38 +182,71 @@ def _multi_model_entry(model: Model) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- serve
 
 
+def _serve_type(program: EngineProgram, kind: str) -> str:
+    if kind == "vision-plain":
+        return "vision" if _before(program, (0, 8, 0)) else "multimodal"
+    return {"plain": "text", "gguf": "text"}.get(kind, kind)
+
+
+def _serve_ids(program: EngineProgram, model: Model) -> tuple[str, ...]:
+    """What ``mistralrs`` answers to: its pipeline name. For GGUF that became the -m value in 0.9.1."""
+    src = model.source
+    if model.kind == "gguf" and src.tokenizer:
+        newest_first = (src.model_id, src.tokenizer)
+        return newest_first[::-1] if _before(program, (0, 9, 1)) else newest_first
+    return (src.model_id,)
+
+
 def _serve(
     program: EngineProgram, catalog: Catalog, *, port: int, run_dir: str, extra_args: Sequence[str]
 ) -> EngineCommand:
+    ids = {m.id: _serve_ids(program, m) for m in catalog.models}
+    owner: dict[str, str] = {}
+    for model_id, candidates in ids.items():
+        for candidate in candidates:
+            if candidate in owner:
+                raise CommandError(
+                    f"Models {owner[candidate]!r} and {model_id!r} would both load under the engine id {candidate!r}, "
+                    "which `mistralrs` refuses (it has no aliases). Keep each GGUF file in a folder of its own."
+                )
+        owner.update(dict.fromkeys(candidates, model_id))
     if len(catalog.models) == 1:
         model = catalog.models[0]
         argv = [*program.argv, "serve", "--port", str(port), "--host", "127.0.0.1", *extra_args]
-        return EngineCommand([*argv, *_serve_model_args(model)])
+        return EngineCommand([*argv, *_serve_model_args(program, model)], engine_ids=ids)
     path = f"{run_dir}/{FROM_CONFIG_FILE}"
     argv = [*program.argv, "from-config", "--file", path, *extra_args]
-    return EngineCommand(argv, {FROM_CONFIG_FILE: _from_config_toml(catalog, port)})
+    return EngineCommand(argv, {FROM_CONFIG_FILE: _from_config_toml(program, catalog, port)}, engine_ids=ids)
 
 
-def _serve_model_args(model: Model) -> list[str]:
+def _serve_model_args(program: EngineProgram, model: Model) -> list[str]:
     opts = model.entry.options
     src = model.source
-    args = [SERVE_TYPE[model.kind], "--model-id", src.model_id]
+    args = [_serve_type(program, model.kind), "--model-id", src.model_id]
     if model.kind == "gguf":
+        # Without --format, releases before 0.9.1 silently ignore the file and load the folder as plain.
         args += ["--format", "gguf", "--quantized-file", str(src.filename)]
         if src.tokenizer:
             args += ["--tok-model-id", src.tokenizer]
-    if opts.arch:
+    # -a only takes text architectures here; embedding, multimodal, diffusion and speech detect their own.
+    if opts.arch and model.kind == "plain":
         args += ["--arch", opts.arch]
     if opts.dtype:
         args += ["--dtype", opts.dtype]
-    if opts.isq:
-        args += ["--isq", opts.isq]
-    if opts.from_uqff:
-        args += ["--from-uqff", opts.from_uqff]
+    if model.kind not in ("diffusion", "speech"):
+        if opts.isq:
+            args += ["--isq", opts.isq]
+        if opts.from_uqff:
+            args += ["--from-uqff", opts.from_uqff]
     if opts.max_seq_len:
         args += ["--max-seq-len", str(opts.max_seq_len)]
     if opts.max_batch_size:
         args += ["--max-batch-size", str(opts.max_batch_size)]
+    if model.kind == "vision-plain":
+        if opts.max_num_images:
+            args += ["--max-num-images", str(opts.max_num_images)]
+        if opts.max_image_length:
+            args += ["--max-image-length", str(opts.max_image_length)]
     return args
 
 
@@ -204,41 +258,40 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
-def _from_config_toml(catalog: Catalog, port: int) -> str:
-    lines = [
-        'command = "serve"',
-        f"default_model_id = {_toml_value(default_engine_id(catalog))}",
-        "",
-        "[server]",
-        f"port = {port}",
-        'host = "127.0.0.1"',
-    ]
-    for model in catalog.models:
+def _table(name: str, values: dict[str, Any]) -> list[str]:
+    present = {k: v for k, v in values.items() if v is not None}
+    if not present:
+        return []
+    return [f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in present.items())]
+
+
+def _from_config_toml(program: EngineProgram, catalog: Catalog, port: int) -> str:
+    # No default_model_id: up to 0.9.0 it is checked against model_id but registered under tok_model_id for
+    # GGUF, which fails after loading. The first [[models]] entry is the default instead, so it goes first.
+    default = _default_model(catalog)
+    ordered = [default, *(m for m in catalog.models if m is not default)]
+    lines = ['command = "serve"', "", "[server]", f"port = {port}", 'host = "127.0.0.1"']
+    for model in ordered:
         opts = model.entry.options
         src = model.source
         lines += [
             "",
             "[[models]]",
-            f"kind = {_toml_value(SERVE_TYPE[model.kind])}",
+            f"kind = {_toml_value(_serve_type(program, model.kind))}",
             f"model_id = {_toml_value(src.model_id)}",
         ]
+        if opts.arch and model.kind == "plain":
+            lines.append(f"arch = {_toml_value(opts.arch)}")
+        if opts.dtype:
+            lines.append(f"dtype = {_toml_value(opts.dtype)}")
         if model.kind == "gguf":
-            lines += ["[models.format]", 'format = "gguf"', f"quantized_file = {_toml_value(src.filename)}"]
-            if src.tokenizer:
-                lines.append(f"tok_model_id = {_toml_value(src.tokenizer)}")
-        if opts.isq or opts.from_uqff:
-            lines.append("[models.quantization]")
-            if opts.isq:
-                lines.append(f"in_situ_quant = {_toml_value(opts.isq)}")
-            if opts.from_uqff:
-                lines.append(f"from_uqff = {_toml_value(opts.from_uqff)}")
-        model_opts = {
-            "arch": opts.arch,
-            "dtype": opts.dtype,
-            "max_seq_len": opts.max_seq_len,
-            "max_batch_size": opts.max_batch_size,
-        }
-        if any(v is not None for v in model_opts.values()):
-            lines.append("[models.model]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in model_opts.items() if v is not None]
+            lines += _table(
+                "models.format", {"format": "gguf", "quantized_file": src.filename, "tok_model_id": src.tokenizer}
+            )
+        lines += _table("models.quantization", {"in_situ_quant": opts.isq, "from_uqff": opts.from_uqff})
+        lines += _table("models.device", {"max_seq_len": opts.max_seq_len, "max_batch_size": opts.max_batch_size})
+        if model.kind == "vision-plain":
+            lines += _table(
+                "models.multimodal", {"max_num_images": opts.max_num_images, "max_image_length": opts.max_image_length}
+            )
     return "\n".join(lines) + "\n"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,21 @@ class EngineProgram:
     argv: tuple[str, ...]
     dialect: Dialect
     name: str
+    version: tuple[int, int, int] | None = None
+
+
+def probe_version(argv: tuple[str, ...]) -> tuple[int, int, int] | None:
+    """The engine's version from ``--version``; None when it does not say (then the newest is assumed).
+
+    Spellings changed between releases (``vision-plain`` became ``multimodal-plain`` in 0.8, GGUF ids
+    changed in 0.9.1), so the command line depends on it.
+    """
+    try:
+        done = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"(\d+)\.(\d+)\.(\d+)", done.stdout) if done.returncode == 0 else None
+    return (int(match.group(1)), int(match.group(2)), int(match.group(3))) if match else None
 
 
 def dialect_of(binary: str) -> Dialect:
@@ -58,7 +75,7 @@ def find_engine(
         dialect: Dialect = (
             "legacy" if choice == "mistralrs-server" else "serve" if choice == "mistralrs" else dialect_of(found)
         )
-        return EngineProgram((found,), dialect, Path(found).name)
+        return EngineProgram((found,), dialect, Path(found).name, probe_version((found,)))
     candidates: list[tuple[str, Dialect]] = []
     if choice in ("auto", "mistralrs"):
         candidates.append(("mistralrs", "serve"))
@@ -67,7 +84,7 @@ def find_engine(
     for name, dialect in candidates:
         found = which(name)
         if found:
-            return EngineProgram((found,), dialect, name)
+            return EngineProgram((found,), dialect, name, probe_version((found,)))
     if choice == "bundled":
         raise EngineNotInstalled(
             f"GATEWAY_ENGINE=bundled, but the bundled engine server is not available. {INSTALL_HINT}"

@@ -14,7 +14,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from tenacity import RetryCallState, wait_exponential
 from ..catalog import Catalog
 from ..errors import EngineStartFailed, EngineUnavailable, GatewayError
 from ..settings import Settings
-from .command import build_command
+from .command import EngineCommand, build_command
 from .discovery import EngineProgram, find_engine
 from .process import EngineProcess, ProcessSpawner, SubprocessSpawner
 from .state import EngineState, StateMachine
@@ -33,6 +34,14 @@ Clock = Callable[[], float]
 ProgramFinder = Callable[[], EngineProgram]
 
 _logger = logging.getLogger("gateway.engine")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A ready engine: where it listens, and the id it answers to for each configured model."""
+
+    base_url: str
+    engine_ids: Mapping[str, str]
 
 
 class Lease:
@@ -80,10 +89,10 @@ class Supervisor:
         self._backoff = wait_exponential(multiplier=1, min=1, max=settings.backoff_max)
 
         self._proc: EngineProcess | None = None
-        self._base_url: str | None = None
+        self._endpoint: Endpoint | None = None
         self._port: int | None = None
         self._external = False
-        self._start_task: asyncio.Task[str] | None = None
+        self._start_task: asyncio.Task[Endpoint] | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
 
@@ -122,12 +131,12 @@ class Supervisor:
         self._keep_until = max(self._keep_until, self._clock() + seconds)
         self._activity.set()
 
-    async def ensure_ready(self) -> str:
-        """The engine's base URL once it is ready; starts it if needed. Raises :class:`EngineUnavailable`."""
+    async def ensure_ready(self) -> Endpoint:
+        """The engine once it is ready; starts it if needed. Raises :class:`EngineUnavailable`."""
         while True:
             state = self._sm.state
-            if state is EngineState.READY and self._base_url is not None:
-                return self._base_url
+            if state is EngineState.READY and self._endpoint is not None:
+                return self._endpoint
             if state is EngineState.STARTING and self._start_task is not None:
                 await self._await_start(self._start_task)
                 continue
@@ -190,7 +199,7 @@ class Supervisor:
             "state": self._sm.state.value,
             "pid": self.pid,
             "port": self._port,
-            "url": self._base_url,
+            "url": self._endpoint.base_url if self._endpoint else None,
             "adopted": self._external,
             "uptime": round(now - self._ready_since, 3) if self._ready_since is not None else None,
             "idle_timeout": self._settings.idle_timeout,
@@ -222,8 +231,8 @@ class Supervisor:
     def engine_unreachable(self) -> None:
         """The relay could not connect: an adopted engine went away (a spawned one is watched directly)."""
         if self._external and self._sm.state is EngineState.READY:
-            self._last_error = f"The engine at {self._base_url} stopped answering."
-            self._base_url, self._ready_since = None, None
+            self._last_error = f"The engine at {self._settings.engine_url} stopped answering."
+            self._endpoint, self._ready_since = None, None
             self._sm.transition(EngineState.READY, EngineState.FAILED)
 
     # ----------------------------------------------------------------------------------- leasing
@@ -241,7 +250,7 @@ class Supervisor:
 
     # ---------------------------------------------------------------------------------- starting
 
-    async def _await_start(self, task: asyncio.Task[str]) -> None:
+    async def _await_start(self, task: asyncio.Task[Endpoint]) -> None:
         # asyncio.wait, not await: one waiter going away must not cancel the start shared by all.
         await asyncio.wait({task})
         if task.cancelled():
@@ -255,10 +264,10 @@ class Supervisor:
         if exc is not None:
             raise EngineStartFailed(f"The engine failed to start: {exc}", retry_after=1) from exc
 
-    async def _start(self) -> str:
+    async def _start(self) -> Endpoint:
         began = self._clock()
         try:
-            base_url = await self._launch()
+            endpoint = await self._launch()
         except asyncio.CancelledError:
             await self._discard_process()
             raise
@@ -267,14 +276,14 @@ class Supervisor:
             self._fail_start(exc)
             raise
         self.last_start_seconds = round(self._clock() - began, 3)
-        self._base_url = base_url
+        self._endpoint = endpoint
         self._failures = 0
         self._retry_at = 0.0
         self._last_error = None
         self._ready_since = self._last_activity = self._clock()
         self._sm.transition(EngineState.STARTING, EngineState.READY)
-        self._log.info("engine ready at %s after %.2f s", base_url, self.last_start_seconds)
-        return base_url
+        self._log.info("engine ready at %s after %.2f s", endpoint.base_url, self.last_start_seconds)
+        return endpoint
 
     def _fail_start(self, exc: BaseException) -> None:
         self._failures += 1
@@ -292,22 +301,24 @@ class Supervisor:
         if self._sm.state is EngineState.STARTING:
             self._sm.transition(EngineState.STARTING, EngineState.FAILED)
 
-    async def _launch(self) -> str:
+    async def _launch(self) -> Endpoint:
         settings = self._settings
         deadline = self._clock() + settings.startup_timeout
         if settings.engine_url:
             url = settings.engine_url.rstrip("/")
-            if not await self._answers_as_engine(url):
+            served = await self._served_ids(url)
+            if served is None:
                 raise EngineUnavailable(f"The engine at GATEWAY_ENGINE_URL={url} does not answer.")
             self._external, self._port = True, None
-            return url
+            return self._adopted(url, served)
         fixed = settings.engine_port
         if fixed:
             url = f"http://127.0.0.1:{fixed}"
-            if await self._answers_as_engine(url):
+            served = await self._served_ids(url)
+            if served is not None:
                 self._log.info("a mistral.rs engine already serves port %d: using it, not starting another", fixed)
                 self._external, self._port = True, fixed
-                return url
+                return self._adopted(url, served)
             if not _port_is_free(fixed):
                 raise EngineStartFailed(
                     f"GATEWAY_ENGINE_PORT={fixed} is taken by a program that is not a mistral.rs engine. "
@@ -335,7 +346,31 @@ class Supervisor:
         url = f"http://127.0.0.1:{port}"
         await self._wait_ready(proc, url, deadline)
         self._watch_task = asyncio.create_task(self._watch(proc), name=f"engine-watch-{proc.pid}")
-        return url
+        return Endpoint(url, self._match_ids(command, await self._served_ids(url) or set()))
+
+    def _match_ids(self, command: EngineCommand, served: set[str]) -> dict[str, str]:
+        """For each model, the first predicted engine id that the engine actually serves."""
+        ids = {}
+        for model_id, candidates in command.engine_ids.items():
+            found = next((c for c in candidates if c in served), None)
+            if found is None:
+                self._log.warning(
+                    "the engine does not list model %r under any of %s (it lists %s); sending %r anyway",
+                    model_id,
+                    list(candidates),
+                    sorted(served),
+                    candidates[0],
+                )
+            ids[model_id] = found or candidates[0]
+        return ids
+
+    def _adopted(self, url: str, served: set[str]) -> Endpoint:
+        """An engine we did not start: match our models to what it serves, by id or by its source."""
+        ids = {}
+        for model in self._catalog.models:
+            candidates = [model.id, model.source.engine_id, model.source.model_id]
+            ids[model.id] = next((c for c in candidates if c in served), model.id)
+        return Endpoint(url, ids)
 
     def _check_model_files(self) -> None:
         for model in self._catalog.models:
@@ -382,14 +417,18 @@ class Supervisor:
             return False
         return response.status_code == 200
 
-    async def _answers_as_engine(self, url: str) -> bool:
+    async def _served_ids(self, url: str) -> set[str] | None:
+        """The model ids a mistral.rs engine at ``url`` lists; None when nothing answers like one there."""
         if not await self._healthy(url):
-            return False
+            return None
         try:
             response = await self._probe.get(f"{url}/v1/models")
-            return response.status_code == 200 and response.json().get("object") == "list"
-        except (httpx.HTTPError, ValueError, AttributeError):
-            return False
+            listing = response.json()
+            if response.status_code != 200 or listing.get("object") != "list":
+                return None
+            return {str(item["id"]) for item in listing.get("data", []) if isinstance(item, dict) and "id" in item}
+        except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+            return None
 
     # ------------------------------------------------------------------------- crash and stop
 
@@ -401,7 +440,7 @@ class Supervisor:
         self.crashes += 1
         self._last_error = f"The engine exited unexpectedly with code {code}. Its last output:\n{tail}"
         self._log.error("%s", self._last_error)
-        self._proc, self._base_url, self._ready_since = None, None, None
+        self._proc, self._endpoint, self._ready_since = None, None, None
         self._retry_at = 0.0  # a crash after serving is not a failing start: restart at the next request
         self._sm.transition(EngineState.READY, EngineState.FAILED)
 
@@ -413,7 +452,7 @@ class Supervisor:
             await asyncio.wait({self._start_task})
         if proc is not None and not external:
             await self._terminate(proc)
-        self._proc, self._base_url, self._ready_since, self._external = None, None, None, False
+        self._proc, self._endpoint, self._ready_since, self._external = None, None, None, False
         if self._watch_task is not None:
             self._watch_task.cancel()
             self._watch_task = None

@@ -76,23 +76,6 @@ def test_broken_files_name_file_entry_and_fix(text: str, needles: list[str], tmp
         assert needle in message
 
 
-def test_two_gguf_files_in_one_folder_without_tokenizer_collide(tmp_path: Path) -> None:
-    for name in ("a.gguf", "b.gguf"):
-        (tmp_path / name).write_bytes(b"GGUF")
-    text = f"""
-[[models]]
-id = "a"
-kind = "gguf"
-path = "{tmp_path / "a.gguf"}"
-[[models]]
-id = "b"
-kind = "gguf"
-path = "{tmp_path / "b.gguf"}"
-"""
-    with pytest.raises(ConfigError, match="same engine id"):
-        parse(text, tmp_path)
-
-
 def test_gateway_default_model_overrides_the_file(tmp_path: Path) -> None:
     text = '[[models]]\nid = "a"\nkind = "plain"\n[[models]]\nid = "b"\nkind = "plain"\n'
     assert parse(text, tmp_path, default_model="b").default_model == "b"  # type: ignore[attr-defined]

@@ -18,12 +18,28 @@ def relay_for(handler: httpx.MockTransport, **kw: float) -> Relay:
     ("status", "content", "message", "type_", "out_status"),
     [
         (500, b'{"message": "boom", "partial_response": {}}', "boom", "server_error", 500),
-        (422, b'{"message": "dimensions is not supported"}', "dimensions is not supported", "invalid_request_error", 422),
-        (400, b"Failed to parse the request body as JSON: eof", "Failed to parse the request body as JSON: eof",
-         "invalid_request_error", 400),
+        (
+            422,
+            b'{"message": "dimensions is not supported"}',
+            "dimensions is not supported",
+            "invalid_request_error",
+            422,
+        ),
+        (
+            400,
+            b"Failed to parse the request body as JSON: eof",
+            "Failed to parse the request body as JSON: eof",
+            "invalid_request_error",
+            400,
+        ),
         (500, b'{"error": {"message": "shaped", "type": "x"}}', "shaped", "server_error", 500),
-        (500, b'{"message": "Received a request incompatible for this model\'s category"}',
-         "Received a request incompatible for this model's category", "invalid_request_error", 400),
+        (
+            500,
+            b'{"message": "Received a request incompatible for this model\'s category"}',
+            "Received a request incompatible for this model's category",
+            "invalid_request_error",
+            400,
+        ),
         (503, b"", "The engine answered HTTP 503 with no explanation.", "server_error", 503),
     ],
 )

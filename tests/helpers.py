@@ -1,0 +1,164 @@
+"""Shared test helpers: waiting on conditions with deadlines, free ports, running the gateway for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_ENGINE = ROOT / "tests" / "fakes" / "fake_engine.py"
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def write_fake_engine_bin(folder: Path) -> Path:
+    """Wrapper programs named like the real engines, running the fake engine."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("mistralrs-server", "mistralrs"):
+        script = folder / name
+        script.write_text(
+            f"#!{sys.executable}\nimport runpy, sys\nsys.argv[0] = {str(folder / name)!r}\n"
+            f"runpy.run_path({str(FAKE_ENGINE)!r}, run_name='__main__')\n"
+        )
+        script.chmod(0o755)
+    return folder
+
+
+@dataclass
+class Gateway:
+    """A gateway running as a real process (python -m gateway)."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    spawn_log: Path
+    request_log: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def spawns(self) -> list[dict[str, Any]]:
+        if not self.spawn_log.exists():
+            return []
+        return [json.loads(line) for line in self.spawn_log.read_text().splitlines() if line.strip()]
+
+    def upstream_requests(self) -> list[dict[str, Any]]:
+        """What reached the fake engine: one {"method", "path", "body"} per /v1 request."""
+        if not self.request_log.exists():
+            return []
+        return [json.loads(line) for line in self.request_log.read_text().splitlines() if line.strip()]
+
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(self.url + "/status", timeout=5).json()
+        return data
+
+    def engine(self) -> dict[str, Any]:
+        engine: dict[str, Any] = self.status()["engine"]
+        return engine
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+def start_gateway(
+    tmp_path: Path,
+    models_toml: str | None,
+    *,
+    env: dict[str, str] | None = None,
+    fake_env: dict[str, str] | None = None,
+    engine: str = "mistralrs-server",
+    name: str = "gw",
+) -> Gateway:
+    """Start ``python -m gateway`` on a free port with the fake engine, and wait until it serves."""
+    work = tmp_path / name
+    work.mkdir(parents=True, exist_ok=True)
+    bin_dir = write_fake_engine_bin(tmp_path / "bin")
+    port = free_port()
+    spawn_log, request_log = work / "spawns.jsonl", work / "requests.jsonl"
+    full_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "FAKE_ENGINE_"))},
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_ENGINE_BINARY": str(bin_dir / engine),
+        "GATEWAY_MODEL_DIR": str(work / "models"),
+        "GATEWAY_RUN_DIR": str(work / "run"),
+        "GATEWAY_STOP_TIMEOUT": "5",
+        "FAKE_ENGINE_SPAWN_LOG": str(spawn_log),
+        "FAKE_ENGINE_REQUEST_LOG": str(request_log),
+        "PYTHONUNBUFFERED": "1",
+        # The gateway writes every field the real engine's serde structs require: hold it to that.
+        "FAKE_ENGINE_STRICT_SERDE": "1",
+        **(fake_env or {}),
+        **(env or {}),
+    }
+    if models_toml is not None:
+        models_file = work / "models.toml"
+        models_file.write_text(models_toml)
+        full_env.setdefault("GATEWAY_MODELS_FILE", str(models_file))
+    log_path = work / "gateway.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway"], cwd=work, env=full_env, stdout=log, stderr=subprocess.STDOUT
+        )
+    gateway = Gateway(f"http://127.0.0.1:{port}", proc, log_path, spawn_log, request_log, full_env)
+
+    def serving() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"gateway exited with {proc.returncode}:\n{gateway.log()}")
+        try:
+            return httpx.get(gateway.url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(serving, 20, "the gateway to serve")
+    return gateway

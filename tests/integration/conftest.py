@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import Gateway, start_gateway
+
+
+def models_toml(root: Path) -> str:
+    """Models of every kind, their local folders made so the config checks pass."""
+    for name in ("chat", "embed"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    gguf = root / "gguf" / "tiny-q8.gguf"
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    gguf.write_bytes(b"GGUF")
+    return f"""
+default_model = "tiny-chat"
+
+[[models]]
+id = "tiny-chat"
+kind = "plain"
+path = "{root / "chat"}"
+aliases = ["gpt-4o-mini"]
+[models.options]
+arch = "qwen3"
+
+[[models]]
+id = "tiny-gguf"
+kind = "gguf"
+path = "{gguf}"
+tokenizer = "Qwen/Qwen3-0.6B"
+
+[[models]]
+id = "tiny-embed"
+kind = "embedding"
+path = "{root / "embed"}"
+[models.options]
+arch = "qwen3embedding"
+
+[[models]]
+id = "tiny-flux"
+kind = "diffusion"
+repo = "black-forest-labs/FLUX.1-schnell"
+[models.options]
+arch = "flux"
+
+[[models]]
+id = "tiny-speech"
+kind = "speech"
+repo = "nari-labs/Dia-1.6B"
+[models.options]
+arch = "dia"
+"""
+
+
+@pytest.fixture
+def gateways(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    """Start gateways with the fake engine; every one is stopped (and checked for orphans) at the end."""
+    started: list[Gateway] = []
+
+    def start(toml: str | None = "default", **kwargs: Any) -> Gateway:
+        text = models_toml(tmp_path / "models") if toml == "default" else toml
+        gateway = start_gateway(tmp_path, text, name=f"gw{len(started)}", **kwargs)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()

@@ -1,0 +1,236 @@
+"""Command lines for both engine dialects.
+
+Every flag and config field below was checked against mistral.rs's own argument definitions
+(github EricLBuehler/mistral.rs), at these versions:
+
+| what                                   | checked against (tag, commit)                  | source                                      |
+|----------------------------------------|------------------------------------------------|---------------------------------------------|
+| legacy global flags, subcommands       | v0.8.4 6f753eba, v0.7.0 b5af2605               | mistralrs-server/src/main.rs, model_selected.rs |
+| multi-model JSON (variants, required)  | v0.8.4 6f753eba, v0.7.0 b5af2605               | mistralrs-server/src/main.rs ModelConfigParsed  |
+| `mistralrs serve` flag placement       | v0.9.2 d184053f, v0.8.0 962112d1, v0.7.0       | mistralrs-cli/src/args/*.rs                     |
+| `mistralrs from-config` TOML schema    | v0.9.2 d184053f, v0.8.4                        | mistralrs-cli/src/config/mod.rs                 |
+| served model ids (pipeline names)      | v0.8.4, v0.9.0, v0.9.1 1fdb4515 (GGUF change)  | mistralrs-core/src/pipeline/gguf.rs             |
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from gateway.catalog import Catalog, parse_catalog
+from gateway.engine.command import CommandError, build_command
+from gateway.engine.discovery import EngineProgram
+
+LEGACY = EngineProgram(("mistralrs-server",), "legacy", "mistralrs-server", (0, 8, 4))
+LEGACY_07 = EngineProgram(("mistralrs-server",), "legacy", "mistralrs-server", (0, 7, 0))
+SERVE = EngineProgram(("mistralrs",), "serve", "mistralrs", (0, 9, 2))
+SERVE_090 = EngineProgram(("mistralrs",), "serve", "mistralrs", (0, 9, 0))
+
+
+def catalog(text: str, tmp_path: Path) -> Catalog:
+    return parse_catalog(text, origin="models.toml", model_dir=tmp_path)
+
+
+def gguf_file(tmp_path: Path, name: str = "q.gguf", folder: str = "g") -> Path:
+    path = tmp_path / folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"GGUF")
+    return path
+
+
+def test_legacy_single_gguf(tmp_path: Path) -> None:
+    path = gguf_file(tmp_path)
+    cat = catalog(
+        f'[[models]]\nid = "chat"\nkind = "gguf"\npath = "{path}"\ntokenizer = "Qwen/Qwen3-1.7B"\n'
+        '[models.options]\nmax_seq_len = 2048\nisq = "Q4K"\ndtype = "f32"\n',
+        tmp_path,
+    )
+    cmd = build_command(LEGACY, cat, port=4321, run_dir="/run")
+    assert cmd.argv == [
+        "mistralrs-server", "--serve-ip", "127.0.0.1", "--port", "4321", "--isq", "Q4K",
+        "gguf", "--quantized-model-id", str(path.parent), "--quantized-filename", "q.gguf",
+        "--tok-model-id", "Qwen/Qwen3-1.7B", "--dtype", "f32", "--max-seq-len", "2048",
+    ]  # fmt: skip
+    assert cmd.files == {}
+    assert cmd.engine_ids == {"chat": ("Qwen/Qwen3-1.7B",)}
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "expected"),
+    [
+        (
+            "plain",
+            'arch = "qwen3"\nmax_batch_size = 4',
+            ["plain", "--model-id", "X", "--arch", "qwen3", "--max-batch-size", "4"],
+        ),
+        # embedding refuses --max-seq-len/--max-batch-size: they are left out.
+        (
+            "embedding",
+            'arch = "qwen3embedding"\nmax_seq_len = 512',
+            ["embedding", "--model-id", "X", "--arch", "qwen3embedding"],
+        ),
+        ("diffusion", 'arch = "flux"', ["diffusion", "--model-id", "X", "--arch", "flux"]),
+        ("speech", 'arch = "dia"', ["speech", "--model-id", "X", "--arch", "dia"]),
+        ("vision-plain", "max_num_images = 2", ["multimodal-plain", "--model-id", "X", "--max-num-images", "2"]),
+    ],
+)
+def test_legacy_single_model_kinds(kind: str, options: str, expected: list[str], tmp_path: Path) -> None:
+    cat = catalog(f'[[models]]\nid = "m"\nkind = "{kind}"\nrepo = "X"\n[models.options]\n{options}\n', tmp_path)
+    cmd = build_command(LEGACY, cat, port=1, run_dir="/run")
+    assert cmd.argv[5:] == expected
+    assert cmd.engine_ids == {"m": ("X",)}
+
+
+def test_legacy_before_08_says_vision_plain(tmp_path: Path) -> None:
+    cat = catalog('[[models]]\nid = "m"\nkind = "vision-plain"\nrepo = "X"\n', tmp_path)
+    assert build_command(LEGACY_07, cat, port=1, run_dir="/r").argv[5] == "vision-plain"
+
+
+def test_legacy_multi_model_json_has_every_required_field_and_aliases(tmp_path: Path) -> None:
+    path = gguf_file(tmp_path)
+    cat = catalog(
+        f"""
+default_model = "chat"
+[[models]]
+id = "emb"
+kind = "embedding"
+repo = "Qwen/Qwen3-Embedding-0.6B"
+[models.options]
+arch = "qwen3embedding"
+[[models]]
+id = "chat"
+kind = "gguf"
+path = "{path}"
+[models.options]
+isq = "Q8_0"
+[[models]]
+id = "see"
+kind = "vision-plain"
+repo = "google/gemma-3-4b-it"
+[[models]]
+id = "img"
+kind = "diffusion"
+repo = "black-forest-labs/FLUX.1-schnell"
+[models.options]
+arch = "flux"
+""",
+        tmp_path,
+    )
+    cmd = build_command(LEGACY, cat, port=9, run_dir="/run")
+    assert cmd.argv == [
+        "mistralrs-server", "--serve-ip", "127.0.0.1", "--port", "9",
+        "multi-model", "--config", "/run/multi-model.json", "--default-model-id", "chat",
+    ]  # fmt: skip
+    config = json.loads(cmd.files["multi-model.json"])
+    by_alias = {entry["alias"]: entry for entry in config.values()}
+    assert by_alias["chat"] == {
+        "GGUF": {
+            "quantized_model_id": str(path.parent),
+            "quantized_filename": "q.gguf",
+            "dtype": "auto",
+            "max_seq_len": 4096,
+            "max_batch_size": 1,
+        },
+        "alias": "chat",
+        "in_situ_quant": "Q8_0",
+    }
+    assert by_alias["emb"]["Embedding"] == {"model_id": "Qwen/Qwen3-Embedding-0.6B", "arch": "qwen3embedding"}
+    assert by_alias["see"]["MultimodalPlain"] == {
+        "model_id": "google/gemma-3-4b-it",
+        "dtype": "auto",
+        "max_seq_len": 4096,
+        "max_batch_size": 1,
+        "max_num_images": 1,
+        "max_image_length": 1024,
+    }
+    assert by_alias["img"]["DiffusionPlain"] == {
+        "model_id": "black-forest-labs/FLUX.1-schnell",
+        "arch": "flux",
+        "dtype": "auto",
+    }
+    # With aliases the engine answers to the configured ids exactly.
+    assert cmd.engine_ids == {"emb": ("emb",), "chat": ("chat",), "see": ("see",), "img": ("img",)}
+
+
+def test_serve_single_gguf_puts_server_flags_before_the_type(tmp_path: Path) -> None:
+    path = gguf_file(tmp_path)
+    cat = catalog(f'[[models]]\nid = "c"\nkind = "gguf"\npath = "{path}"\ntokenizer = "Qwen/Qwen3-1.7B"\n', tmp_path)
+    cmd = build_command(SERVE, cat, port=7, run_dir="/run", extra_args=["--max-seqs", "1"])
+    assert cmd.argv == [
+        "mistralrs", "serve", "--port", "7", "--host", "127.0.0.1", "--max-seqs", "1",
+        "text", "--model-id", str(path.parent), "--format", "gguf", "--quantized-file", "q.gguf",
+        "--tok-model-id", "Qwen/Qwen3-1.7B",
+    ]  # fmt: skip
+    # 0.9.1 changed a GGUF pipeline's name from the tokenizer id to the -m value.
+    assert cmd.engine_ids == {"c": (str(path.parent), "Qwen/Qwen3-1.7B")}
+    assert build_command(SERVE_090, cat, port=7, run_dir="/r").engine_ids == {
+        "c": ("Qwen/Qwen3-1.7B", str(path.parent))
+    }
+
+
+def test_serve_embedding_leaves_out_arch_which_it_would_reject(tmp_path: Path) -> None:
+    cat = catalog(
+        '[[models]]\nid = "e"\nkind = "embedding"\nrepo = "E"\n[models.options]\narch = "qwen3embedding"\n', tmp_path
+    )
+    assert build_command(SERVE, cat, port=7, run_dir="/r").argv[6:] == ["embedding", "--model-id", "E"]
+
+
+def test_from_config_toml(tmp_path: Path) -> None:
+    path = gguf_file(tmp_path)
+    cat = catalog(
+        f"""
+default_model = "chat"
+[[models]]
+id = "emb"
+kind = "embedding"
+repo = "Qwen/Qwen3-Embedding-0.6B"
+[[models]]
+id = "chat"
+kind = "gguf"
+path = "{path}"
+tokenizer = "Qwen/Qwen3-1.7B"
+[models.options]
+isq = "Q4K"
+max_seq_len = 1024
+""",
+        tmp_path,
+    )
+    cmd = build_command(SERVE, cat, port=5, run_dir="/run")
+    assert cmd.argv == ["mistralrs", "from-config", "--file", "/run/mistralrs.toml"]
+    config = tomllib.loads(cmd.files["mistralrs.toml"])
+    assert config["command"] == "serve" and config["server"] == {"port": 5, "host": "127.0.0.1"}
+    assert "default_model_id" not in config  # the first entry is the default instead (see command.py)
+    first, second = config["models"]
+    assert first == {
+        "kind": "text", "model_id": str(path.parent),
+        "format": {"format": "gguf", "quantized_file": "q.gguf", "tok_model_id": "Qwen/Qwen3-1.7B"},
+        "quantization": {"in_situ_quant": "Q4K"}, "device": {"max_seq_len": 1024},
+    }  # fmt: skip
+    assert second == {"kind": "embedding", "model_id": "Qwen/Qwen3-Embedding-0.6B"}
+
+
+def test_serve_refuses_two_models_that_would_share_an_engine_id(tmp_path: Path) -> None:
+    a, b = gguf_file(tmp_path, "a.gguf"), gguf_file(tmp_path, "b.gguf")
+    cat = catalog(
+        f'[[models]]\nid = "a"\nkind = "gguf"\npath = "{a}"\n[[models]]\nid = "b"\nkind = "gguf"\npath = "{b}"\n',
+        tmp_path,
+    )
+    with pytest.raises(CommandError, match="folder of its own"):
+        build_command(SERVE, cat, port=1, run_dir="/r")
+    # The legacy dialect gives each an alias, so the same pair is fine there.
+    assert build_command(LEGACY, cat, port=1, run_dir="/r").engine_ids == {"a": ("a",), "b": ("b",)}
+
+
+def test_builtin_default_command(tmp_path: Path) -> None:
+    from gateway.catalog import load_catalog
+
+    cmd = build_command(LEGACY, load_catalog(None, model_dir=tmp_path), port=3, run_dir="/run")
+    config = json.loads(cmd.files["multi-model.json"])
+    gguf = next(e for e in config.values() if "GGUF" in e)["GGUF"]
+    assert gguf["quantized_model_id"] == "unsloth/Qwen3-1.7B-GGUF"
+    assert gguf["quantized_filename"] == "Qwen3-1.7B-Q5_K_M.gguf"
+    assert gguf["tok_model_id"] == "Qwen/Qwen3-1.7B"
+    assert cmd.argv[-1] == "Qwen/Qwen3-1.7B"

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_env_example_lists_every_setting_with_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (ROOT / ".env.example").read_text()
+    names = re.findall(r"^GATEWAY_([A-Z_]+)=", text, flags=re.M)
+    assert sorted(n.lower() for n in names) == sorted(Settings.model_fields)
+    for line in text.splitlines():
+        if line.startswith("GATEWAY_"):
+            key, value = line.split("=", 1)
+            monkeypatch.setenv(key, value)
+    from_example = Settings(_env_file=None)  # type: ignore[call-arg]
+    defaults = Settings.model_construct()
+    for name in Settings.model_fields:
+        if name == "model_dir":
+            assert from_example.model_dir == Path("~/.mistral-rs").expanduser()
+            continue
+        assert getattr(from_example, name) == getattr(defaults, name), name
+
+
+def test_defaults_serve_on_loopback_8080() -> None:
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert (settings.host, settings.port, settings.idle_timeout, settings.startup_timeout) == (
+        "127.0.0.1",
+        8080,
+        300,
+        600,
+    )
+    assert settings.engine_url is None and settings.engine_port == 0
+
+
+def test_dotenv_file_is_read(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("GATEWAY_PORT=9999\nGATEWAY_IDLE_TIMEOUT=0\nGATEWAY_ENGINE_URL=\n")
+    settings = Settings(_env_file=env)  # type: ignore[call-arg]
+    assert settings.port == 9999 and settings.idle_timeout == 0 and settings.engine_url is None
+
+
+def test_models_file_defaults_to_models_toml_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.resolved_models_file() is None
+    (tmp_path / "models.toml").write_text("")
+    assert settings.resolved_models_file() == Path("models.toml")
