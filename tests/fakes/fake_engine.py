@@ -203,9 +203,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, allow_abbrev=False)
 
 
-def _subparser(
-    group: argparse._SubParsersAction[argparse.ArgumentParser], name: str
-) -> argparse.ArgumentParser:
+def _subparser(group: argparse._SubParsersAction[argparse.ArgumentParser], name: str) -> argparse.ArgumentParser:
     return group.add_parser(name, allow_abbrev=False)
 
 
@@ -221,9 +219,7 @@ def _opt(
     if flag:
         p.add_argument(*flags, action=_FlagOnce, required=required, default=default or False)
     else:
-        p.add_argument(
-            *flags, action=_Once, type=convert, required=required, choices=choices, default=default
-        )
+        p.add_argument(*flags, action=_Once, type=convert, required=required, choices=choices, default=default)
 
 
 def _thinking(p: argparse.ArgumentParser) -> None:
@@ -530,9 +526,7 @@ _LEGACY_CATEGORIES: dict[str, str | None] = {
 }
 
 
-def _spec_from_legacy(
-    p: argparse.ArgumentParser, ns: argparse.Namespace, *, strict_serde: bool
-) -> EngineSpec:
+def _spec_from_legacy(p: argparse.ArgumentParser, ns: argparse.Namespace, *, strict_serde: bool) -> EngineSpec:
     if ns.port is None:
         # The real engine bails only after loading ("expected port to be specified"); failing here,
         # with a usage message, catches a forgotten flag without waiting for a load.
@@ -913,9 +907,7 @@ def png_bytes(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
 def _wav_silence(seconds: float = 0.1, rate: int = 24000) -> bytes:
     data = bytes(2 * int(seconds * rate))  # 16-bit mono zeros
     fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * 2, 2, 16)
-    body = (
-        b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
-    )
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
     return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
@@ -943,9 +935,7 @@ def _message(status: int, message: str, **extra: Any) -> Abort:
 
 def _deserialize_error(detail: str) -> Abort:
     # What axum's Json extractor answers when serde rejects the body's shape.
-    return Abort(
-        PlainTextResponse(f"Failed to deserialize the JSON body into the target type: {detail}", 422)
-    )
+    return Abort(PlainTextResponse(f"Failed to deserialize the JSON body into the target type: {detail}", 422))
 
 
 def _json_kind(value: Any) -> str:
@@ -1007,11 +997,7 @@ def _last_user_text(messages: list[Any]) -> str:
 def _count_words(messages: list[Any] | str) -> int:
     if isinstance(messages, str):
         return len(messages.split())
-    return sum(
-        len(_message_text(message.get("content")).split())
-        for message in messages
-        if isinstance(message, dict)
-    )
+    return sum(len(_message_text(message.get("content")).split()) for message in messages if isinstance(message, dict))
 
 
 class FakeEngine:
@@ -1053,9 +1039,7 @@ class FakeEngine:
 
     def _log(self, request: Request, body: Any) -> None:
         if self._request_log is not None:
-            _append_line(
-                self._request_log, {"method": request.method, "path": request.url.path, "body": body}
-            )
+            _append_line(self._request_log, {"method": request.method, "path": request.url.path, "body": body})
 
     async def _body(self, request: Request, struct_name: str, required: tuple[str, ...]) -> dict[str, Any]:
         """Read the body the way axum's `Json<T>` extractor does, with its plain-text errors."""
@@ -1074,19 +1058,13 @@ class FakeEngine:
             position = ""
             if isinstance(syntax_error, json.JSONDecodeError):
                 position = f" at line {syntax_error.lineno} column {syntax_error.colno}"
-            raise Abort(
-                PlainTextResponse(
-                    f"Failed to parse the request body as JSON: {detail.lower()}{position}", 400
-                )
-            )
+            raise Abort(PlainTextResponse(f"Failed to parse the request body as JSON: {detail.lower()}{position}", 400))
         if not isinstance(body, dict):
             raise _deserialize_error(f"invalid type: {_json_kind(body)}, expected struct {struct_name}")
         for name in required:
             if name not in body:
                 lines = raw.decode(errors="replace").rstrip().split("\n")
-                raise _deserialize_error(
-                    f"missing field `{name}` at line {len(lines)} column {len(lines[-1])}"
-                )
+                raise _deserialize_error(f"missing field `{name}` at line {len(lines)} column {len(lines[-1])}")
         return body
 
     def _model(self, body: Mapping[str, Any], *, unknown_status: int) -> FakeModel:
@@ -1137,9 +1115,7 @@ class FakeEngine:
 
     @staticmethod
     def _sse(events: AsyncIterator[bytes]) -> StreamingResponse:
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers={"cache-control": "no-cache"}
-        )
+        return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
     async def _settle(self, plan: Plan, partial: Callable[[], dict[str, Any]]) -> None:
         """Play a non-streaming scenario before the answer is sent."""
@@ -1282,9 +1258,7 @@ class FakeEngine:
         items = _embedding_inputs(body["input"])
         encoding = body.get("encoding_format")
         if encoding not in (None, "float", "base64"):
-            raise _deserialize_error(
-                f"encoding_format: unknown variant `{encoding}`, expected `float` or `base64`"
-            )
+            raise _deserialize_error(f"encoding_format: unknown variant `{encoding}`, expected `float` or `base64`")
         # The order of checks follows mistral.rs: model (422 here), dimensions, empty input, category.
         model = self._model(body, unknown_status=422)
         dimensions = body.get("dimensions")
@@ -1327,9 +1301,7 @@ class FakeEngine:
         model = self._model(body, unknown_status=500)
         self._require_category(model, (DIFFUSION,))
         digest = hashlib.sha256((prompt or "").encode()).digest()
-        png = png_bytes(
-            min(width, MAX_IMAGE_SIDE), min(height, MAX_IMAGE_SIDE), (digest[0], digest[1], digest[2])
-        )
+        png = png_bytes(min(width, MAX_IMAGE_SIDE), min(height, MAX_IMAGE_SIDE), (digest[0], digest[1], digest[2]))
         data = []
         for _ in range(count):
             if response_format == "Url":
@@ -1354,9 +1326,7 @@ class FakeEngine:
         body = await self._body(request, "ResponsesCreateRequest", ("input",))
         given = body["input"]
         if not isinstance(given, (str, list)):
-            raise _deserialize_error(
-                f"input: invalid type: {_json_kind(given)}, expected a string or a sequence"
-            )
+            raise _deserialize_error(f"input: invalid type: {_json_kind(given)}, expected a string or a sequence")
         max_tokens = _uint_field(body, "max_output_tokens")
         model = self._model(body, unknown_status=500)
         self._require_category(model, (TEXT, MULTIMODAL))
@@ -1390,9 +1360,7 @@ class FakeEngine:
             }
 
         await self._settle(plan, lambda: response(plan.text, "failed"))
-        return JSONResponse(
-            response(plan.text, "completed" if plan.finish_reason == "stop" else "incomplete")
-        )
+        return JSONResponse(response(plan.text, "completed" if plan.finish_reason == "stop" else "incomplete"))
 
 
 def _embedding_inputs(value: Any) -> list[str | list[int]]:
