@@ -3,22 +3,23 @@
 Every flag and config field below was checked against mistral.rs's own argument definitions
 (github EricLBuehler/mistral.rs), at these versions:
 
-| what                                   | checked against (tag, commit)                  | source                                      |
-|----------------------------------------|------------------------------------------------|---------------------------------------------|
-| legacy global flags, subcommands       | v0.8.4 6f753eba, v0.7.0 b5af2605               | mistralrs-server/src/main.rs, model_selected.rs |
-| multi-model JSON (variants, required)  | v0.8.4 6f753eba, v0.7.0 b5af2605               | mistralrs-server/src/main.rs ModelConfigParsed  |
-| `mistralrs serve` flag placement       | v0.9.2 d184053f, v0.8.0 962112d1, v0.7.0       | mistralrs-cli/src/args/*.rs                     |
-| `mistralrs from-config` TOML schema    | v0.9.2 d184053f, v0.8.4                        | mistralrs-cli/src/config/mod.rs                 |
-| served model ids (pipeline names)      | v0.8.4, v0.9.0, v0.9.1 1fdb4515 (GGUF change)  | mistralrs-core/src/pipeline/gguf.rs             |
+| what                                  | tags (commits)                          | source                          |
+|---------------------------------------|-----------------------------------------|---------------------------------|
+| legacy global flags and subcommands   | v0.8.4 (6f753eba), v0.7.0 (b5af2605)    | mistralrs-server/src/main.rs    |
+| legacy subcommand flags               | v0.8.4, v0.7.0                          | mistralrs-core model_selected.rs|
+| multi-model JSON, required fields     | v0.8.4, v0.7.0                          | main.rs ModelConfigParsed       |
+| `mistralrs serve` flag placement      | v0.9.2 (d184053f), v0.8.0, v0.7.0       | mistralrs-cli/src/args/         |
+| `mistralrs from-config` TOML schema   | v0.9.2, v0.8.4                          | mistralrs-cli/src/config/mod.rs |
+| served ids (pipeline names)           | v0.8.4, v0.9.0, v0.9.1 (1fdb4515)       | mistralrs-core pipeline/gguf.rs |
 """
 
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from gateway.catalog import Catalog, parse_catalog
 from gateway.engine.command import CommandError, build_command
