@@ -202,6 +202,12 @@ class Api:
         header = request.headers.get("x-keep-alive")
         if header is not None:
             keep_alive = max(keep_alive or 0.0, validation.parse_keep_alive(header, "X-Keep-Alive"))
+        thinking = self._catalog.engine.enable_thinking
+        if thinking is not None and route.path == "/v1/chat/completions" and "enable_thinking" not in body:
+            # [engine] enable_thinking, applied per request: the HTTP servers of both engine CLIs ignore the
+            # command-line flag (it only reaches their interactive mode), but honour the request field.
+            body["enable_thinking"] = thinking
+            edited = True
         wanted_image = None
         if route.path == "/v1/images/generations":
             wanted_image = images.to_engine_request(body)

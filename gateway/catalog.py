@@ -7,8 +7,9 @@ engine that fails minutes later on the first request.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,26 @@ class ModelOptions(BaseModel):
     from_uqff: str | None = None
     max_num_images: int | None = Field(None, gt=0)
     max_image_length: int | None = Field(None, gt=0)
+
+
+class EngineOptions(BaseModel):
+    """The ``[engine]`` table: options for the whole engine process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_seqs: int | None = Field(None, gt=0)
+    paged_attn: bool | None = None
+    cpu: bool = False
+    enable_thinking: bool | None = None
+    token_source: str | None = None
+    mcp_config: str | None = None
+
+    @field_validator("token_source")
+    @classmethod
+    def _token_source_form(cls, value: str | None) -> str | None:
+        if value is not None and value not in ("cache", "none") and not value.startswith(("literal:", "env:", "path:")):
+            raise ValueError("use cache, none, env:VAR, path:FILE or literal:TOKEN")
+        return value
 
 
 class ModelEntry(BaseModel):
@@ -67,6 +88,7 @@ class ModelsFile(BaseModel):
 
     default_model: str | None = None
     default_embedding_model: str | None = None
+    engine: EngineOptions = Field(default_factory=EngineOptions)
     models: list[ModelEntry] = Field(min_length=1)
 
 
@@ -110,6 +132,20 @@ class Model:
     def engine_id(self) -> str:
         return self.source.engine_id
 
+    @property
+    def quantized(self) -> bool:
+        """Quantized weights: batched prefill of such models fails in mistral.rs ("not contiguous")."""
+        opts = self.entry.options
+        if opts.isq or opts.from_uqff:
+            return True
+        if self.kind == "gguf":
+            stem = (self.source.filename or "").rsplit(".", 1)[0]
+            return not _UNQUANTIZED_GGUF.search(stem)
+        return False
+
+
+_UNQUANTIZED_GGUF = re.compile(r"(?i)(^|[-_.])(f32|f16|bf16)([-_.]|$)")
+
 
 @dataclass(frozen=True)
 class Catalog:
@@ -119,6 +155,7 @@ class Catalog:
     default_model: str | None
     default_embedding_model: str | None
     origin: str
+    engine: EngineOptions = field(default_factory=EngineOptions)
 
     def find(self, name: str) -> Model | None:
         for model in self.models:
@@ -195,11 +232,29 @@ def parse_catalog(text: str, *, origin: str, model_dir: Path, default_model: str
     embed = _check_default(
         origin, catalog, parsed.default_embedding_model, "default_embedding_model", frozenset({"embedding"})
     )
+    engine = parsed.engine
+    if engine.paged_attn and engine.cpu:
+        raise ConfigError(f"{origin}: [engine]: paged_attn = true cannot be used with cpu = true; drop one.")
+    if engine.mcp_config is not None:
+        mcp = Path(engine.mcp_config).expanduser()
+        if not mcp.is_absolute() and Path(origin).is_file():
+            mcp = Path(origin).parent / mcp
+        if not mcp.is_file():
+            raise ConfigError(f"{origin}: [engine]: mcp_config {str(mcp)!r} does not exist. Fix the path.")
+        engine = engine.model_copy(update={"mcp_config": str(mcp.resolve())})
+    for model in models:
+        if model.kind in ("diffusion", "speech") and not model.entry.options.arch:
+            example = "flux" if model.kind == "diffusion" else "dia"
+            raise ConfigError(
+                f"{origin}: [[models]] id = {model.id!r}: a {model.kind} model needs its architecture; "
+                f'add [models.options] arch = "{example}".'
+            )
     return Catalog(
         models=models,
         default_model=chat or next((m.id for m in models if m.kind in CHAT_KINDS), None),
         default_embedding_model=embed or next((m.id for m in models if m.kind == "embedding"), None),
         origin=origin,
+        engine=engine,
     )
 
 
@@ -220,6 +275,9 @@ def _describe_validation_error(origin: str, raw: dict[str, Any], exc: Validation
         if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
             where = _entry_label(raw, loc[1])
             loc = loc[2:]
+        elif loc and loc[0] == "engine":
+            where = "[engine]"
+            loc = loc[1:]
         field = ".".join(str(part) for part in loc) or "(entry)"
         if err["type"] == "literal_error" and field == "kind":
             fix = f"use one of: {', '.join(KINDS)}"

@@ -78,6 +78,37 @@ def _before(program: EngineProgram, version: tuple[int, int, int]) -> bool:
     return program.version is not None and program.version < version
 
 
+def effective_max_seqs(program: EngineProgram, catalog: Catalog) -> int | None:
+    """``[engine] max_seqs``, or 1 for an engine binary serving quantized weights.
+
+    Batched prefill of quantized weights fails in mistral.rs ("input tensor is not contiguous"); the
+    bundled engine avoids it by letting one request at a time prefill, but a binary can only be told to
+    run one sequence at a time. An explicit ``max_seqs`` is the operator's choice and is kept.
+    """
+    if catalog.engine.max_seqs is not None:
+        return catalog.engine.max_seqs
+    if program.name != "bundled" and any(m.quantized for m in catalog.models):
+        return 1
+    return None
+
+
+def _legacy_engine_flags(program: EngineProgram, catalog: Catalog) -> list[str]:
+    opts = catalog.engine
+    flags: list[str] = []
+    max_seqs = effective_max_seqs(program, catalog)
+    if max_seqs is not None:
+        flags += ["--max-seqs", str(max_seqs)]
+    if opts.paged_attn is not None:
+        flags.append("--paged-attn" if opts.paged_attn else "--no-paged-attn")
+    if opts.cpu:
+        flags.append("--cpu")
+    if opts.token_source:
+        flags += ["--token-source", opts.token_source]
+    if opts.mcp_config:
+        flags += ["--mcp-config", opts.mcp_config]
+    return flags
+
+
 def _default_model(catalog: Catalog) -> Model:
     name = catalog.default_model or catalog.default_embedding_model or catalog.models[0].id
     model = catalog.find(name)
@@ -91,7 +122,8 @@ def _default_model(catalog: Catalog) -> Model:
 def _legacy(
     program: EngineProgram, catalog: Catalog, *, port: int, run_dir: str, extra_args: Sequence[str]
 ) -> EngineCommand:
-    argv = [*program.argv, "--serve-ip", "127.0.0.1", "--port", str(port), *extra_args]
+    argv = [*program.argv, "--serve-ip", "127.0.0.1", "--port", str(port), *_legacy_engine_flags(program, catalog),
+            *extra_args]  # fmt: skip
     vision_name = "vision-plain" if _before(program, (0, 8, 0)) else "multimodal-plain"
     if len(catalog.models) == 1:
         model = catalog.models[0]
@@ -210,10 +242,24 @@ def _serve(
                     "which `mistralrs` refuses (it has no aliases). Keep each GGUF file in a folder of its own."
                 )
         owner.update(dict.fromkeys(candidates, model_id))
+    opts = catalog.engine
     if len(catalog.models) == 1:
         model = catalog.models[0]
-        argv = [*program.argv, "serve", "--port", str(port), "--host", "127.0.0.1", *extra_args]
-        return EngineCommand([*argv, *_serve_model_args(program, model)], engine_ids=ids)
+        argv = [*program.argv, "serve", "--port", str(port), "--host", "127.0.0.1"]
+        max_seqs = effective_max_seqs(program, catalog)
+        if max_seqs is not None:
+            argv += ["--max-seqs", str(max_seqs)]
+        if opts.token_source:
+            argv += ["--token-source", opts.token_source]
+        if opts.mcp_config:
+            argv += ["--mcp-config", opts.mcp_config]
+        argv += extra_args
+        model_args = _serve_model_args(program, model)
+        if opts.cpu:
+            model_args.append("--cpu")
+        if opts.paged_attn is not None and model.kind not in ("diffusion", "speech"):
+            model_args += ["--paged-attn", "on" if opts.paged_attn else "off"]
+        return EngineCommand([*argv, *model_args], engine_ids=ids)
     path = f"{run_dir}/{FROM_CONFIG_FILE}"
     argv = [*program.argv, "from-config", "--file", path, *extra_args]
     return EngineCommand(argv, {FROM_CONFIG_FILE: _from_config_toml(program, catalog, port)}, engine_ids=ids)
@@ -270,9 +316,17 @@ def _from_config_toml(program: EngineProgram, catalog: Catalog, port: int) -> st
     # GGUF, which fails after loading. The first [[models]] entry is the default instead, so it goes first.
     default = _default_model(catalog)
     ordered = [default, *(m for m in catalog.models if m is not default)]
-    lines = ['command = "serve"', "", "[server]", f"port = {port}", 'host = "127.0.0.1"']
+    opts = catalog.engine
+    max_seqs = effective_max_seqs(program, catalog)
+    lines = ['command = "serve"', ""]
+    lines += _table("global", {"token_source": opts.token_source})
+    # mcp_config moved from [server] to [runtime] in 0.8.2; unknown keys are ignored, so both are safe.
+    lines += _table("runtime", {"max_seqs": max_seqs, "mcp_config": opts.mcp_config})
+    lines += _table("server", {"port": port, "host": "127.0.0.1", "mcp_config": opts.mcp_config})
+    if opts.paged_attn is not None:
+        lines += _table("paged_attn", {"mode": "on" if opts.paged_attn else "off"})
     for model in ordered:
-        opts = model.entry.options
+        model_opts = model.entry.options
         src = model.source
         lines += [
             "",
@@ -280,18 +334,19 @@ def _from_config_toml(program: EngineProgram, catalog: Catalog, port: int) -> st
             f"kind = {_toml_value(_serve_type(program, model.kind))}",
             f"model_id = {_toml_value(src.model_id)}",
         ]
-        if opts.arch and model.kind == "plain":
-            lines.append(f"arch = {_toml_value(opts.arch)}")
-        if opts.dtype:
-            lines.append(f"dtype = {_toml_value(opts.dtype)}")
+        if model_opts.arch and model.kind == "plain":
+            lines.append(f"arch = {_toml_value(model_opts.arch)}")
+        if model_opts.dtype:
+            lines.append(f"dtype = {_toml_value(model_opts.dtype)}")
         if model.kind == "gguf":
             lines += _table(
                 "models.format", {"format": "gguf", "quantized_file": src.filename, "tok_model_id": src.tokenizer}
             )
-        lines += _table("models.quantization", {"in_situ_quant": opts.isq, "from_uqff": opts.from_uqff})
-        lines += _table("models.device", {"max_seq_len": opts.max_seq_len, "max_batch_size": opts.max_batch_size})
+        lines += _table("models.quantization", {"in_situ_quant": model_opts.isq, "from_uqff": model_opts.from_uqff})
+        device = {"cpu": True if opts.cpu else None, "max_seq_len": model_opts.max_seq_len,
+                  "max_batch_size": model_opts.max_batch_size}  # fmt: skip
+        lines += _table("models.device", device)
         if model.kind == "vision-plain":
-            lines += _table(
-                "models.multimodal", {"max_num_images": opts.max_num_images, "max_image_length": opts.max_image_length}
-            )
+            multimodal = {"max_num_images": model_opts.max_num_images, "max_image_length": model_opts.max_image_length}
+            lines += _table("models.multimodal", multimodal)
     return "\n".join(lines) + "\n"

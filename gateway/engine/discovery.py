@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,17 +59,33 @@ def dialect_of(binary: str) -> Dialect:
     return "serve"
 
 
+def bundled_available() -> bool:
+    """Whether the `mistralrs` package (the engine from PyPI) can be imported here."""
+    return importlib.util.find_spec("mistralrs") is not None
+
+
+BUNDLED = EngineProgram((sys.executable, "-m", "gateway.engine.bundled"), "legacy", "bundled")
+
+
 def find_engine(
     *,
     choice: str,
     binary: str | None,
     which: Callable[[str], str | None] = shutil.which,
+    has_bundled: Callable[[], bool] = bundled_available,
 ) -> EngineProgram:
-    """Pick the engine: GATEWAY_ENGINE_BINARY, then `mistralrs`, then `mistralrs-server` on PATH.
+    """Pick the engine: GATEWAY_ENGINE_BINARY, then `mistralrs`, then `mistralrs-server` on PATH, then the
+    bundled engine server (the `mistralrs` package from PyPI driven by gateway.engine.bundled).
 
     ``choice`` (GATEWAY_ENGINE) forces one kind. Raises :class:`EngineNotInstalled` with what to
     install when nothing fits.
     """
+    if choice == "bundled":
+        if has_bundled():
+            return BUNDLED
+        raise EngineNotInstalled(
+            f"GATEWAY_ENGINE=bundled, but the `mistralrs` package is not installed. {INSTALL_HINT}"
+        )
     if binary and choice in ("auto", "mistralrs", "mistralrs-server"):
         found = which(binary) or (binary if Path(binary).is_file() else None)
         if found is None:
@@ -85,8 +103,6 @@ def find_engine(
         found = which(name)
         if found:
             return EngineProgram((found,), dialect, name, probe_version((found,)))
-    if choice == "bundled":
-        raise EngineNotInstalled(
-            f"GATEWAY_ENGINE=bundled, but the bundled engine server is not available. {INSTALL_HINT}"
-        )
+    if choice == "auto" and has_bundled():
+        return BUNDLED
     raise EngineNotInstalled(f"No mistral.rs engine found. {INSTALL_HINT}")

@@ -338,7 +338,7 @@ class Supervisor:
         for name, text in command.files.items():
             (self._run_dir / name).write_text(text, encoding="utf-8")
         env = {**os.environ, **settings.engine_env}
-        self._log.info("starting engine: %s", " ".join(command.argv))
+        self._log.info("starting engine: %s", " ".join(_redact(a) for a in command.argv))
         self._external, self._port = False, port
         self.starts += 1
         proc = await self._spawner.spawn(command.argv, env=env, cwd=self._run_dir)
@@ -476,6 +476,11 @@ class Supervisor:
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
             await self._terminate(proc)
+
+
+def _redact(arg: str) -> str:
+    """Keep a literal Hugging Face token (--token-source literal:...) out of the log."""
+    return "literal:<redacted>" if arg.startswith("literal:") else arg
 
 
 def _free_port() -> int:

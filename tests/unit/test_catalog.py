@@ -65,6 +65,11 @@ kind = "plain"
         ('[[models]]\nid = "a"\nkind = "embedding"\nrepo = "x"\nfile = "e.gguf"\n', ["cannot embed with a GGUF"]),
         ('[[models]]\nid = "a"\nkind = "plain"\nurl = "http://x/y"\n', ["`url` needs `file`"]),
         ("models = []\n", ["models"]),
+        ('[engine]\nturbo = 1\n[[models]]\nid = "a"\nkind = "plain"\n', ["[engine]", "unknown key 'turbo'"]),
+        ('[engine]\ntoken_source = "hf_abc"\n[[models]]\nid = "a"\nkind = "plain"\n', ["[engine]", "env:VAR"]),
+        ('[engine]\npaged_attn = true\ncpu = true\n[[models]]\nid = "a"\nkind = "plain"\n', ["cannot be used"]),
+        ('[engine]\nmcp_config = "/no/mcp.json"\n[[models]]\nid = "a"\nkind = "plain"\n', ["mcp_config"]),
+        ('[[models]]\nid = "a"\nkind = "diffusion"\n', ['arch = "flux"']),
     ],
 )
 def test_broken_files_name_file_entry_and_fix(text: str, needles: list[str], tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ def test_legacy_single_gguf(tmp_path: Path) -> None:
     )
     cmd = build_command(LEGACY, cat, port=4321, run_dir="/run")
     assert cmd.argv == [
-        "mistralrs-server", "--serve-ip", "127.0.0.1", "--port", "4321", "--isq", "Q4K",
+        "mistralrs-server", "--serve-ip", "127.0.0.1", "--port", "4321", "--max-seqs", "1", "--isq", "Q4K",
         "gguf", "--quantized-model-id", str(path.parent), "--quantized-filename", "q.gguf",
         "--tok-model-id", "Qwen/Qwen3-1.7B", "--dtype", "f32", "--max-seq-len", "2048",
     ]  # fmt: skip
@@ -122,7 +122,7 @@ arch = "flux"
     )
     cmd = build_command(LEGACY, cat, port=9, run_dir="/run")
     assert cmd.argv == [
-        "mistralrs-server", "--serve-ip", "127.0.0.1", "--port", "9",
+        "mistralrs-server", "--serve-ip", "127.0.0.1", "--port", "9", "--max-seqs", "1",
         "multi-model", "--config", "/run/multi-model.json", "--default-model-id", "chat",
     ]  # fmt: skip
     config = json.loads(cmd.files["multi-model.json"])
@@ -159,9 +159,9 @@ arch = "flux"
 def test_serve_single_gguf_puts_server_flags_before_the_type(tmp_path: Path) -> None:
     path = gguf_file(tmp_path)
     cat = catalog(f'[[models]]\nid = "c"\nkind = "gguf"\npath = "{path}"\ntokenizer = "Qwen/Qwen3-1.7B"\n', tmp_path)
-    cmd = build_command(SERVE, cat, port=7, run_dir="/run", extra_args=["--max-seqs", "1"])
+    cmd = build_command(SERVE, cat, port=7, run_dir="/run", extra_args=["--no-ui"])
     assert cmd.argv == [
-        "mistralrs", "serve", "--port", "7", "--host", "127.0.0.1", "--max-seqs", "1",
+        "mistralrs", "serve", "--port", "7", "--host", "127.0.0.1", "--max-seqs", "1", "--no-ui",
         "text", "--model-id", str(path.parent), "--format", "gguf", "--quantized-file", "q.gguf",
         "--tok-model-id", "Qwen/Qwen3-1.7B",
     ]  # fmt: skip
@@ -235,3 +235,56 @@ def test_builtin_default_command(tmp_path: Path) -> None:
     assert gguf["quantized_filename"] == "Qwen3-1.7B-Q5_K_M.gguf"
     assert gguf["tok_model_id"] == "Qwen/Qwen3-1.7B"
     assert cmd.argv[-1] == "Qwen/Qwen3-1.7B"
+
+
+SERVE_FLAGS = {"--port", "--host", "--max-seqs", "--token-source", "--mcp-config", "--no-ui"}
+
+
+def test_engine_table_in_both_dialects(tmp_path: Path) -> None:
+    mcp = tmp_path / "mcp.json"
+    mcp.write_text('{"servers": []}')
+    one = f"""
+[engine]
+max_seqs = 8
+paged_attn = false
+cpu = true
+token_source = "env:HF_TOKEN"
+mcp_config = "{mcp}"
+[[models]]
+id = "m"
+kind = "plain"
+repo = "Qwen/Qwen3-0.6B"
+"""
+    cat = catalog(one, tmp_path)
+    legacy = build_command(LEGACY, cat, port=1, run_dir="/r").argv
+    assert legacy[5:16] == ["--max-seqs", "8", "--no-paged-attn", "--cpu", "--token-source", "env:HF_TOKEN",
+                            "--mcp-config", str(mcp), "plain", "--model-id", "Qwen/Qwen3-0.6B"]  # fmt: skip
+    serve = build_command(SERVE, cat, port=1, run_dir="/r").argv
+    split = serve.index("text")
+    # Server-level flags before the model type, model-level ones after it.
+    assert {a for a in serve[2:split] if a.startswith("--")} <= SERVE_FLAGS
+    assert serve[split:] == ["text", "--model-id", "Qwen/Qwen3-0.6B", "--cpu", "--paged-attn", "off"]
+    two = one + '[[models]]\nid = "e"\nkind = "embedding"\nrepo = "E"\n'
+    config = tomllib.loads(build_command(SERVE, catalog(two, tmp_path), port=1, run_dir="/r").files["mistralrs.toml"])
+    assert config["global"] == {"token_source": "env:HF_TOKEN"}
+    assert config["runtime"] == {"max_seqs": 8, "mcp_config": str(mcp)}
+    assert config["paged_attn"] == {"mode": "off"}
+    assert all(m["device"] == {"cpu": True} for m in config["models"])
+
+
+def test_quantized_models_run_one_sequence_at_a_time_on_binaries_only(tmp_path: Path) -> None:
+    from gateway.engine.discovery import BUNDLED
+
+    q8 = gguf_file(tmp_path, "tiny-Q8_0.gguf", "q")
+    f32 = gguf_file(tmp_path, "tiny-F32.gguf", "f")
+    quant = catalog(f'[[models]]\nid = "q"\nkind = "gguf"\npath = "{q8}"\n', tmp_path)
+    plain = catalog(f'[[models]]\nid = "f"\nkind = "gguf"\npath = "{f32}"\n', tmp_path)
+    assert "--max-seqs" in build_command(LEGACY, quant, port=1, run_dir="/r").argv
+    assert "--max-seqs" not in build_command(LEGACY, plain, port=1, run_dir="/r").argv
+    # The bundled engine lets one request at a time prefill instead, and keeps decoding batched.
+    assert "--max-seqs" not in build_command(BUNDLED, quant, port=1, run_dir="/r").argv
+    isq = catalog('[[models]]\nid = "p"\nkind = "plain"\nrepo = "X"\n[models.options]\nisq = "Q4K"\n', tmp_path)
+    assert build_command(SERVE, isq, port=1, run_dir="/r").argv[6:8] == ["--max-seqs", "1"]
+    chosen = catalog(f'[engine]\nmax_seqs = 4\n[[models]]\nid = "q"\nkind = "gguf"\npath = "{q8}"\n', tmp_path)
+    argv = build_command(LEGACY, chosen, port=1, run_dir="/r").argv
+    assert argv[argv.index("--max-seqs") + 1] == "4"
