@@ -228,3 +228,14 @@ path = "{tiny_models / "embed"}"
     assert embed.status_code == 200 and embed.json()["model"] == "embed"
     assert len(embed.json()["data"][0]["embedding"]) == HIDDEN
     assert len(gw.spawns()) == 0 and gw.engine()["starts"] == 1  # one engine process for both
+
+
+@pytest.mark.parametrize("engine_env", ["bundled"], indirect=True)
+def test_a_model_that_fails_to_load_is_a_clear_503(real_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    gw = real_gateway(f'[[models]]\nid = "broken"\nkind = "plain"\npath = "{tmp_path / "empty"}"\n')
+    response = httpx.post(gw.v1 + "/chat/completions", json={"messages": [{"role": "user", "content": "x"}]},
+                          timeout=60)  # fmt: skip
+    assert response.status_code == 503 and "retry-after" in response.headers
+    message = response.json()["error"]["message"]
+    assert "exited with code 1" in message and "tokenizer.json" in message
