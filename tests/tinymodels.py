@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -675,3 +676,24 @@ def _file_type(quant: str) -> int:
     names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q3_K": "MOSTLY_Q3_K_M"}
     names |= {"Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S"}
     return int(LlamaFileType[names.get(quant, f"MOSTLY_{quant}")])
+
+
+def make_uqff(source_dir: Path, dest_dir: Path, *, quant: str = "Q8_0") -> str:
+    """Quantise a safetensors model folder into a UQFF file with the real engine; returns the file name.
+
+    Runs in a child process so the test process never loads the engine. The engine writes the shard as
+    ``<name>-0.uqff``, and that exact name is what ``from_uqff`` must be given.
+    """
+    import subprocess
+    import sys
+
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    script = (
+        "import mistralrs as m\n"
+        f"m.Runner(which=m.Which.Plain(model_id={str(source_dir)!r}, "
+        f"write_uqff={str(dest_dir / 'tiny.uqff')!r}), in_situ_quant={quant!r})\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script], check=True, capture_output=True, env={**os.environ, "RUST_LOG": "error"}
+    )
+    return "tiny-0.uqff"

@@ -239,3 +239,69 @@ def test_a_model_that_fails_to_load_is_a_clear_503(real_gateway: Callable[..., G
     assert response.status_code == 503 and "retry-after" in response.headers
     message = response.json()["error"]["message"]
     assert "exited with code 1" in message and "tokenizer.json" in message
+
+
+MCP_SERVER = """
+import json, sys, pathlib
+pathlib.Path(sys.argv[1]).write_text("started")
+# Just enough of MCP over stdio for a client to connect and list (no) tools.
+for line in sys.stdin:
+    msg = json.loads(line)
+    if "id" not in msg:
+        continue
+    method = msg.get("method")
+    if method == "initialize":
+        result = {"protocolVersion": msg["params"].get("protocolVersion", "2024-11-05"),
+                  "capabilities": {"tools": {}}, "serverInfo": {"name": "probe", "version": "1"}}
+    elif method == "tools/list":
+        result = {"tools": []}
+    else:
+        result = {}
+    sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": msg["id"], "result": result}) + "\\n")
+    sys.stdout.flush()
+"""
+
+
+@pytest.mark.parametrize("engine_env", ["bundled"], indirect=True)
+def test_isq_uqff_and_mcp_config_reach_the_engine(
+    real_gateway: Callable[..., Gateway], tiny_models: Path, tmp_path: Path
+) -> None:
+    import json
+    import sys
+
+    from tests.tinymodels import make_uqff
+
+    uqff_dir = tmp_path / "uqff"
+    uqff = make_uqff(tiny_models / "plain", uqff_dir)
+    marker = tmp_path / "mcp-started"
+    server = tmp_path / "mcp_server.py"
+    server.write_text(MCP_SERVER)
+    mcp = tmp_path / "mcp.json"
+    mcp.write_text(json.dumps({"servers": [{"id": "probe", "name": "probe",
+                                             "source": {"type": "Process", "command": sys.executable,
+                                                        "args": [str(server), str(marker)]}}]}))  # fmt: skip
+    toml = f"""
+[engine]
+mcp_config = "{mcp}"
+[[models]]
+id = "isq"
+kind = "plain"
+path = "{tiny_models / "plain"}"
+[models.options]
+isq = "Q8_0"
+[[models]]
+id = "uqff"
+kind = "plain"
+path = "{tiny_models / "plain"}"
+[models.options]
+from_uqff = "{uqff_dir / uqff}"
+"""
+    gw = real_gateway(toml)
+    client = sdk(gw)
+    isq = ask(client, "isq", tokens=8).choices[0].message.content  # type: ignore[attr-defined]
+    from_file = ask(client, "uqff", tokens=8).choices[0].message.content  # type: ignore[attr-defined]
+    assert isq and from_file == isq  # the same Q8_0 weights, quantised at load or read from the UQFF file
+    assert marker.read_text() == "started"  # the engine started the MCP server of the config
+    for model in ("isq", "uqff"):  # quantized: concurrent requests must all succeed
+        _fire(client, model, 8, True, 20)
+    assert "quantized: prefill one request at a time" in gw.log()
