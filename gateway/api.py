@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from . import images, validation
 from .catalog import CHAT_KINDS, Catalog, Model
+from .embeddings import Embeddings
 from .engine.supervisor import Endpoint, Lease, Supervisor
 from .errors import (
     BodyTooLarge,
@@ -106,12 +107,14 @@ class Api:
         supervisor: Supervisor,
         relay: Relay,
         image_store: images.ImageStore,
+        embeddings: Embeddings,
     ) -> None:
         self._settings = settings
         self._catalog = catalog
         self._supervisor = supervisor
         self._relay = relay
         self._images = image_store
+        self._embeddings = embeddings
         self._max_body = int(settings.max_body_mb * 1024 * 1024)
         self._created = int(time.time())
         self._draining = False
@@ -224,6 +227,11 @@ class Api:
         if self._draining:
             raise EngineUnavailable("The gateway is shutting down.", retry_after=1)
         lease = self._supervisor.lease()
+        if route.path == "/v1/embeddings":
+            try:
+                return await _until_disconnect(request, self._embed(request, body, model))
+            finally:
+                lease.release(keep_alive)
         if route.streams and body.get("stream") is True:
             try:
                 return await self._stream(route.path, encode, lease, keep_alive)
@@ -234,6 +242,13 @@ class Api:
             return await _until_disconnect(request, self._forward(request, route.path, encode, wanted_image))
         finally:
             lease.release(keep_alive)
+
+    async def _embed(self, request: Request, body: dict[str, Any], model: Model) -> Response:
+        # The engine is started only when some item is not cached: a warm cache answers with it stopped.
+        content, cache = await self._embeddings.handle(
+            body, model, self._supervisor.ensure_ready, cache_control=request.headers.get("cache-control")
+        )
+        return Response(content, media_type="application/json", headers={"x-cache": cache})
 
     async def _forward(self, request: Request, path: str, encode: _Encoder, wanted_image: str | None) -> Response:
         endpoint = await self._supervisor.ensure_ready()
@@ -332,6 +347,18 @@ class Api:
             return JSONResponse({"status": "engine failing", "last_error": status["last_error"]}, status_code=503)
         return JSONResponse({"status": "ready", "engine": status["state"]})
 
+    def _cache_status(self) -> dict[str, Any]:
+        stats = self._embeddings.stats
+        shared = self._embeddings.shared
+        return {
+            "hits": stats.hits,
+            "misses": stats.misses,
+            "engine_requests": stats.engine_requests,
+            "entries": len(self._embeddings.memory),
+            "bytes": self._embeddings.memory.bytes,
+            "redis": None if shared is None else {"available": shared.available, "errors": shared.errors},
+        }
+
     async def status(self, request: Request) -> Response:
         return JSONResponse(
             {
@@ -346,6 +373,7 @@ class Api:
                     }
                     for m in self._catalog.models
                 ],
+                "embedding_cache": self._cache_status(),
                 "default_model": self._catalog.default_model,
                 "default_embedding_model": self._catalog.default_embedding_model,
                 "models_file": self._catalog.origin,

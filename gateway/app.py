@@ -16,7 +16,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .api import Api
+from .cache.store import MemoryStore, RedisStore
 from .catalog import Catalog, load_catalog
+from .embeddings import Embeddings
 from .engine.supervisor import Supervisor
 from .errors import GatewayError, MethodNotAllowed, RouteNotFound, error_body
 from .images import ImageStore
@@ -55,7 +57,10 @@ def create_app(
         request_timeout=settings.request_timeout,
         on_unreachable=supervisor.engine_unreachable,
     )
-    api = Api(settings, catalog, supervisor, relay, ImageStore(run_dir / "images", ttl=settings.image_ttl))
+    memory = MemoryStore(int(settings.embedding_cache_mb * 1024 * 1024), ttl=settings.embedding_cache_ttl)
+    shared = RedisStore(settings.cache_url, ttl=settings.embedding_cache_ttl) if settings.cache_url else None
+    embeddings = Embeddings(relay, memory, shared)
+    api = Api(settings, catalog, supervisor, relay, ImageStore(run_dir / "images", ttl=settings.image_ttl), embeddings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -69,6 +74,8 @@ def create_app(
             idle.cancel()
             await supervisor.aclose()
             await client.aclose()
+            if shared is not None:
+                await shared.aclose()
             if owns_run_dir:
                 shutil.rmtree(run_dir, ignore_errors=True)
 

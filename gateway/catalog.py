@@ -36,6 +36,8 @@ class ModelOptions(BaseModel):
     from_uqff: str | None = None
     max_num_images: int | None = Field(None, gt=0)
     max_image_length: int | None = Field(None, gt=0)
+    # Embedding models: whether vectors may be truncated to `dimensions` (default: yes for Qwen3-Embedding).
+    matryoshka: bool | None = None
 
 
 class EngineOptions(BaseModel):

@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     image_ttl: float = Field(3600, gt=0, description="Seconds an image served by URL stays available.")
     backoff_max: float = Field(60, gt=0, description="Longest wait between two failed engine starts.")
 
+    embedding_cache_mb: float = Field(
+        256, ge=0, description="Memory for cached embedding vectors, in MiB; 0 turns the cache off."
+    )
+    embedding_cache_ttl: float = Field(0, ge=0, description="Seconds a cached embedding is kept; 0 = no limit.")
+    cache_url: str | None = Field(
+        None, description="A Redis URL (redis://host:6379/0) for an embedding cache shared by gateway replicas."
+    )
+
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     run_dir: Path | None = Field(
         None, description="Scratch folder for engine configs and generated images. Default: a temp dir."
@@ -73,7 +81,9 @@ class Settings(BaseSettings):
     def _expand_model_dir(cls, value: Path) -> Path:
         return value.expanduser()
 
-    @field_validator("engine_url", "engine_binary", "models_file", "default_model", "run_dir", mode="before")
+    @field_validator(
+        "engine_url", "engine_binary", "models_file", "default_model", "run_dir", "cache_url", mode="before"
+    )
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         # An empty line in .env (GATEWAY_ENGINE_URL=) means "not set", as it reads.

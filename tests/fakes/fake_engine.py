@@ -25,6 +25,8 @@ Behaviour knobs (environment variables, since the real command line has nothing 
     FAKE_ENGINE_REQUEST_LOG=PATH     append {"method", "path", "body"} as one JSON line per /v1 request;
                                      body is the parsed JSON, or null when absent or unparsable
     FAKE_ENGINE_EMBED_DIM=N          embedding dimension (default 64)
+    FAKE_ENGINE_EMBED_DELAY=SECONDS  answer embeddings after this long (to make concurrent requests overlap);
+                                     an input item "error" makes the request fail with HTTP 500
     FAKE_ENGINE_VERSION=X.Y.Z        what --version prints (default 0.8.4 as mistralrs-server, else 0.9.2)
     FAKE_ENGINE_STRICT_SERDE=1       in a multi-model JSON config, also require the fields that the
                                      v0.8.4 serde structs require, not only the model ids (see
@@ -797,6 +799,7 @@ class Knobs:
     chunk_delay: float = 0.0
     request_log: str | None = None
     embed_dim: int = 64
+    embed_delay: float = 0.0
     strict_serde: bool = False
 
     @classmethod
@@ -811,6 +814,7 @@ class Knobs:
             chunk_delay=float(env.get("FAKE_ENGINE_CHUNK_DELAY") or 0),
             request_log=env.get("FAKE_ENGINE_REQUEST_LOG") or None,
             embed_dim=int(env.get("FAKE_ENGINE_EMBED_DIM") or 64),
+            embed_delay=float(env.get("FAKE_ENGINE_EMBED_DELAY") or 0),
             strict_serde=_truthy(env.get("FAKE_ENGINE_STRICT_SERDE")),
         )
 
@@ -1267,6 +1271,10 @@ class FakeEngine:
         if not items:
             raise _message(422, "input must contain at least one entry.")
         self._require_category(model, (EMBEDDING,), status=500)
+        if "error" in items:
+            raise _message(500, "simulated embedding failure")
+        if self.knobs.embed_delay:
+            await asyncio.sleep(self.knobs.embed_delay)
         data = []
         tokens = 0
         for index, item in enumerate(items):
