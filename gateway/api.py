@@ -128,6 +128,8 @@ class Api:
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/status", self.status, methods=["GET"]),
+            Route("/admin/engine/start", self.admin_start, methods=["POST"]),
+            Route("/admin/engine/stop", self.admin_stop, methods=["POST"]),
         ]
         for prefix in ("/v1/moderations", "/v1/files"):
             routes += [
@@ -196,6 +198,7 @@ class Api:
         body = validation.parse_json_body(raw, request.headers.get("content-type"))
         route.validate(body)
         model = self._pick_model(body, route)
+        request.state.model = model.id  # for the request log and metrics
 
         keep_alive: float | None = None
         edited = False
@@ -336,6 +339,16 @@ class Api:
             f"{what} is not supported: the mistral.rs engine behind this gateway does not provide it."
         )
 
+    async def admin_start(self, request: Request) -> Response:
+        """Preload: start the engine now rather than at the first request."""
+        await self._supervisor.ensure_ready()
+        return JSONResponse({"engine": self._supervisor.status()})
+
+    async def admin_stop(self, request: Request) -> Response:
+        """Stop the engine now (it starts again at the next request that needs it)."""
+        await self._supervisor.stop("admin request")
+        return JSONResponse({"engine": self._supervisor.status()})
+
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -347,7 +360,7 @@ class Api:
             return JSONResponse({"status": "engine failing", "last_error": status["last_error"]}, status_code=503)
         return JSONResponse({"status": "ready", "engine": status["state"]})
 
-    def _cache_status(self) -> dict[str, Any]:
+    def cache_status(self) -> dict[str, Any]:
         stats = self._embeddings.stats
         shared = self._embeddings.shared
         return {
@@ -373,7 +386,7 @@ class Api:
                     }
                     for m in self._catalog.models
                 ],
-                "embedding_cache": self._cache_status(),
+                "embedding_cache": self.cache_status(),
                 "default_model": self._catalog.default_model,
                 "default_embedding_model": self._catalog.default_embedding_model,
                 "models_file": self._catalog.origin,

@@ -10,18 +10,23 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from .api import Api
+from .auth import KeyGuard, load_keys
 from .cache.store import MemoryStore, RedisStore
 from .catalog import Catalog, load_catalog
 from .embeddings import Embeddings
 from .engine.supervisor import Supervisor
 from .errors import GatewayError, MethodNotAllowed, RouteNotFound, error_body
 from .images import ImageStore
+from .observability import Metrics, RequestObserver, cache_metrics, engine_metrics
 from .relay import Relay
 from .settings import Settings
 
@@ -79,8 +84,18 @@ def create_app(
             if owns_run_dir:
                 shutil.rmtree(run_dir, ignore_errors=True)
 
+    metrics = Metrics()
+    metrics.watch(lambda: [*engine_metrics(supervisor.status()), *cache_metrics(api.cache_status())])
+
+    async def serve_metrics(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     app = Starlette(
-        routes=api.routes(),
+        routes=[*api.routes(), Route("/metrics", serve_metrics, methods=["GET"])],
+        middleware=[
+            Middleware(RequestObserver, metrics=metrics, log_format=settings.log_format),
+            Middleware(KeyGuard, api_keys=load_keys(settings.api_keys), admin_key=settings.admin_key),
+        ],
         lifespan=lifespan,
         exception_handlers={
             GatewayError: _gateway_error,

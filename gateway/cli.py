@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the gateway (the default)")
     check = sub.add_parser("check", help="check the configuration and print the engine command line")
+    engine = sub.add_parser("engine", help="start, stop or show the engine of a running gateway")
+    engine.add_argument("action", choices=["start", "stop", "status"])
+    engine.add_argument("--url", help="the gateway's URL (default: from GATEWAY_HOST and GATEWAY_PORT)")
     for p in (parser, serve, check):
         p.add_argument("--models-file", help="models file (TOML); env GATEWAY_MODELS_FILE")
         p.add_argument("--engine-binary", help="mistralrs or mistralrs-server program; env GATEWAY_ENGINE_BINARY")
@@ -50,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         if args.command == "check":
             return check(settings)
+        if args.command == "engine":
+            return engine_command(settings, args.action, args.url)
         return serve(settings)
     except ConfigError as exc:
         print(f"mistral-gateway: configuration error: {exc}", file=sys.stderr)
@@ -90,6 +95,36 @@ def check(settings: Settings) -> int:
     return 0
 
 
+def engine_command(settings: Settings, action: str, url: str | None) -> int:
+    """`mistral-gateway engine start|stop|status`: the admin actions of a running gateway."""
+    import json
+
+    import httpx
+
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    base = (url or f"http://{host}:{settings.port}").rstrip("/")
+    headers = {"Authorization": f"Bearer {settings.admin_key}"} if settings.admin_key else {}
+    try:
+        if action == "status":
+            response = httpx.get(f"{base}/status", headers=headers, timeout=30)
+        else:
+            response = httpx.post(
+                f"{base}/admin/engine/{action}", headers=headers, timeout=settings.startup_timeout + 30
+            )
+    except httpx.HTTPError as exc:
+        print(f"mistral-gateway: cannot reach the gateway at {base}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": {"message": response.text}}
+    if response.status_code >= 400:
+        print(f"mistral-gateway: {body.get('error', {}).get('message', response.text)}", file=sys.stderr)
+        return 1
+    print(json.dumps(body.get("engine", body), indent=2))
+    return 0
+
+
 def serve(settings: Settings) -> int:
     """Run the gateway until SIGTERM or Ctrl+C; the engine never outlives it."""
     import uvicorn
@@ -108,6 +143,7 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
         lifespan="on",
+        access_log=False,  # gateway.access logs one richer line per request
     )
     server = uvicorn.Server(config)
     try:

@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -132,7 +132,7 @@ class EventBus:
     def followers(self) -> int:
         return len(self._followers)
 
-    async def subscribe(self, *, replay: bool = True) -> AsyncIterator[Event]:
+    async def subscribe(self, *, replay: bool = True) -> AsyncGenerator[Event, None]:
         """The history (unless ``replay`` is False), then live events, until the caller stops iterating.
 
         Use it with ``contextlib.aclosing`` (or run it to its end in a task that gets cancelled) so the

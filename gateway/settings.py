@@ -71,7 +71,13 @@ class Settings(BaseSettings):
         None, description="A Redis URL (redis://host:6379/0) for an embedding cache shared by gateway replicas."
     )
 
+    api_keys: str | None = Field(
+        None, description="API keys for /v1/*: comma-separated, or the path of a file with one per line."
+    )
+    admin_key: str | None = Field(None, description="Key for /status, /events and /admin/* (Bearer).")
+
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field("text", description="Request log lines as text or JSON.")
     run_dir: Path | None = Field(
         None, description="Scratch folder for engine configs and generated images. Default: a temp dir."
     )
@@ -82,7 +88,15 @@ class Settings(BaseSettings):
         return value.expanduser()
 
     @field_validator(
-        "engine_url", "engine_binary", "models_file", "default_model", "run_dir", "cache_url", mode="before"
+        "engine_url",
+        "engine_binary",
+        "models_file",
+        "default_model",
+        "run_dir",
+        "cache_url",
+        "api_keys",
+        "admin_key",
+        mode="before",
     )
     @classmethod
     def _blank_is_none(cls, value: object) -> object:

@@ -1043,7 +1043,15 @@ class FakeEngine:
 
     def _log(self, request: Request, body: Any) -> None:
         if self._request_log is not None:
-            _append_line(self._request_log, {"method": request.method, "path": request.url.path, "body": body})
+            _append_line(
+                self._request_log,
+                {
+                    "method": request.method,
+                    "path": request.url.path,
+                    "body": body,
+                    "authorization": request.headers.get("authorization"),
+                },
+            )
 
     async def _body(self, request: Request, struct_name: str, required: tuple[str, ...]) -> dict[str, Any]:
         """Read the body the way axum's `Json<T>` extractor does, with its plain-text errors."""

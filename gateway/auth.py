@@ -1,0 +1,90 @@
+"""API keys: ``/v1/*`` needs ``Authorization: Bearer <key>`` when keys are configured; the admin key
+guards ``/status``, ``/events`` and ``/admin/*``. Health probes, ``/metrics`` and generated images
+(unguessable names, fetched by browsers that cannot send a header) stay open.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import ConfigError, error_body
+
+ADMIN_PREFIXES = ("/status", "/events", "/admin/")
+
+
+def load_keys(value: str | None) -> frozenset[str]:
+    """Keys from ``GATEWAY_API_KEYS``: comma-separated, or the path of a file with one key per line."""
+    if not value or not value.strip():
+        return frozenset()
+    text = value.strip()
+    candidate = Path(text).expanduser()
+    if "," not in text and (text.startswith(("/", "~", ".")) or candidate.is_file()):
+        try:
+            text = candidate.read_text(encoding="utf-8").replace("\n", ",")
+        except OSError as exc:
+            raise ConfigError(
+                f"GATEWAY_API_KEYS: cannot read the key file {str(candidate)!r}: {exc.strerror}."
+            ) from exc
+    keys = frozenset(k.strip() for k in text.split(",") if k.strip() and not k.strip().startswith("#"))
+    if not keys:
+        raise ConfigError("GATEWAY_API_KEYS is set but holds no key.")
+    return keys
+
+
+def _matches(presented: str, keys: frozenset[str]) -> bool:
+    # Constant-time for each key, and every key is compared: timing says nothing about which one matched.
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(presented.encode(), key.encode())
+    return found
+
+
+class KeyGuard:
+    """Pure ASGI middleware; costs one header lookup per request, nothing when no key is configured."""
+
+    def __init__(self, app: ASGIApp, *, api_keys: frozenset[str], admin_key: str | None) -> None:
+        self.app = app
+        self._api_keys = api_keys
+        self._admin_keys = frozenset({admin_key}) if admin_key else frozenset()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if path.startswith(ADMIN_PREFIXES):
+                needed, what = self._admin_keys, "the admin key (GATEWAY_ADMIN_KEY)"
+            elif path.startswith("/v1/"):
+                needed, what = self._api_keys, "an API key"
+            else:
+                needed, what = frozenset(), ""
+            if needed and not _matches(_bearer(scope), needed):
+                await _unauthorized(send, what)
+                return
+        await self.app(scope, receive, send)
+
+
+def _bearer(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            text: str = value.decode("latin-1")
+            if text[:7].lower() == "bearer ":
+                return text[7:].strip()
+            return ""
+    return ""
+
+
+async def _unauthorized(send: Send, what: str) -> None:
+    body = json.dumps(
+        error_body(
+            f"This request needs {what}: send it as 'Authorization: Bearer <key>'.",
+            "invalid_request_error",
+            code="invalid_api_key",
+        )
+    ).encode()
+    await send({"type": "http.response.start", "status": 401, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"www-authenticate", b"Bearer")]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,872 @@
+"""Model files on demand: download ``url`` to ``<model_dir>/<file>`` with resume, checks, a lock and events.
+
+The rules that keep a model file trustworthy:
+
+- Bytes go to ``<file>.part``; the final name appears only by an atomic rename once the size matches the
+  server's ``Content-Length`` (or ``Content-Range`` total) and, when the models file gives one, the sha256.
+  A file that fails a check is deleted and never handed to the engine.
+- ``<file>.part.json`` remembers which URL (and ETag / Last-Modified) the partial bytes came from, so a
+  resume after a restart asks for the rest of the *same* file (``Range`` + ``If-Range``); a server that
+  answers 200 instead of 206 gets a clean start over.
+- ``<file>.lock`` (``fcntl.flock``) serialises gateways sharing one model dir: the second waits, then finds
+  the finished file. The lock file is removed by its holder, and a waiter checks it locked the file that
+  is still at that path (otherwise two processes could each hold a lock on a different inode).
+- ``<file>.sha256`` caches the file's hash keyed by size and mtime: restarts do not re-read big files, and
+  a present, valid file means no network at all.
+- Network trouble (refused, reset, timeouts, a connection cut mid-file, 5xx, 429) is retried with
+  exponential backoff, and an attempt that made progress resets the count: a flaky link still finishes a
+  big file. 404, 401/403 and other client errors fail at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections import deque
+from collections.abc import AsyncIterable, Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+
+from ..catalog import ModelEntry
+from ..events import DOWNLOAD_FINAL, Event, EventSink, NullSink
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+DiskFree = Callable[[Path], int]
+
+_logger = logging.getLogger("gateway.models")
+
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, read=120.0)
+_HASH_BLOCK = 4 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
+
+
+class DownloadError(Exception):
+    """A model file could not be provided; ``message`` names the file, what was expected and what was found.
+
+    ``retryable`` marks trouble that another attempt may cure (a cut connection, a 503); the downloader
+    only lets non-retryable ones, or the last retryable one, escape.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, url: str | None = None, retryable: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.file = file
+        self.url = url
+        self.retryable = retryable
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether another attempt may succeed: network trouble and server-side errors, not client errors."""
+    if isinstance(exc, DownloadError):
+        return exc.retryable
+    if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError)):
+        return False  # our request is wrong; it will be wrong again
+    return isinstance(exc, httpx.TransportError)
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+# ----------------------------------------------------------------------------------------- progress
+
+
+class ProgressMeter:
+    """Decides when a progress event is due and computes its rate and ETA.
+
+    An event is due when ``interval`` seconds have passed or ``step`` of the total has been added since the
+    last one, so a download yields at most about ``1/step`` events plus ``1/interval`` per second, however
+    small its chunks are. The rate is measured over the last ``window`` seconds: it follows a link that
+    speeds up or slows down, and does not count bytes that were already on disk.
+    """
+
+    def __init__(
+        self,
+        total: int | None,
+        start: int,
+        now: float,
+        *,
+        interval: float = 0.5,
+        step: float = 0.01,
+        window: float = 5.0,
+    ) -> None:
+        self.total = total
+        self._interval = interval
+        self._step = max(1, int(total * step)) if total else None
+        self._window = window
+        self._samples: deque[tuple[float, int]] = deque([(now, start)])
+        self._last_time = now
+        self._last_bytes = start
+
+    def update(self, done: int, now: float) -> dict[str, Any] | None:
+        """The details of a progress event if one is due, else None."""
+        if now - self._last_time < self._interval and (self._step is None or done - self._last_bytes < self._step):
+            return None
+        return self._emit(done, now)
+
+    def finish(self, done: int, now: float) -> dict[str, Any] | None:
+        """The final event, unless the last one already reported ``done`` bytes."""
+        if done == self._last_bytes and len(self._samples) > 1:
+            return None
+        return self._emit(done, now)
+
+    def _emit(self, done: int, now: float) -> dict[str, Any]:
+        self._samples.append((now, done))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self._window:
+            self._samples.popleft()
+        first_time, first_bytes = self._samples[0]
+        elapsed = now - first_time
+        rate = (done - first_bytes) / elapsed if elapsed > 0 else None
+        eta = None
+        if rate and self.total is not None:
+            eta = round(max(0, self.total - done) / rate, 1)
+        self._last_time, self._last_bytes = now, done
+        return {"bytes": done, "total": self.total, "rate": round(rate) if rate is not None else None, "eta": eta}
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+def sha256_of(path: Path, limit: int | None = None) -> _Hash:
+    """A sha256 object fed with the first ``limit`` bytes of ``path`` (all of it when None). Blocking."""
+    digest = hashlib.sha256()
+    remaining = limit
+    with path.open("rb") as f:
+        while remaining is None or remaining > 0:
+            block = f.read(_HASH_BLOCK if remaining is None else min(_HASH_BLOCK, remaining))
+            if not block:
+                break
+            digest.update(block)
+            if remaining is not None:
+                remaining -= len(block)
+    return digest
+
+
+def normalise_sha256(value: str | None, file: str) -> str | None:
+    """The expected hash in lower-case hex; accepts a ``sha256:`` prefix. Raises for anything else."""
+    if value is None:
+        return None
+    text = value.strip().lower().removeprefix("sha256:")
+    if not _SHA256.fullmatch(text):
+        raise DownloadError(
+            f"Model file {file!r}: sha256 = {value!r} in the models file is not 64 hexadecimal digits. "
+            "Fix it (sha256sum prints the right value), or remove it to skip the check.",
+            file=file,
+        )
+    return text
+
+
+def check_size(file: str, url: str, expected: int | None, found: int) -> None:
+    """Raise unless ``found`` bytes is what the server announced (nothing to check when it announced none)."""
+    if expected is None or expected == found:
+        return
+    raise DownloadError(
+        f"Model file {file!r} from {url}: the server announced {expected} bytes (Content-Length), "
+        f"{found} bytes arrived.",
+        file=file,
+        url=url,
+        retryable=found < expected,
+    )
+
+
+def check_sha256(file: str, origin: str, expected: str | None, found: str) -> None:
+    if expected is None or expected == found:
+        return
+    raise DownloadError(
+        f"Model file {file!r} {origin} is not the expected file: its sha256 is {found}, "
+        f"the models file expects {expected}. Check the url and the sha256 in the models file.",
+        file=file,
+    )
+
+
+def read_sha256_cache(path: Path) -> str | None:
+    """The cached hash of ``path`` if its ``.sha256`` sidecar still matches its size and mtime."""
+    try:
+        stat = path.stat()
+        cached = json.loads(_sidecar(path, ".sha256").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cached, dict):
+        return None
+    if cached.get("size") != stat.st_size or cached.get("mtime_ns") != stat.st_mtime_ns:
+        return None
+    value = cached.get("sha256")
+    return value if isinstance(value, str) and _SHA256.fullmatch(value) else None
+
+
+def write_sha256_cache(path: Path, sha256: str) -> None:
+    stat = path.stat()
+    record = {"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    _write_atomic(_sidecar(path, ".sha256"), json.dumps(record) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- lock
+
+
+class _FileLock:
+    """An exclusive ``flock`` on ``path``, waited for without blocking the event loop (and cancellable)."""
+
+    def __init__(self, path: Path, *, sleep: Sleep, poll: float) -> None:
+        self._path = path
+        self._sleep = sleep
+        self._poll = poll
+        self._fd: int | None = None
+
+    async def acquire(self, on_wait: Callable[[], None]) -> None:
+        waited = False
+        while True:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                if not waited:
+                    waited = True
+                    on_wait()
+                await self._sleep(self._poll)
+                continue
+            # The previous holder unlinks the file before unlocking: our lock may be on a file that is no
+            # longer at this path, which would not keep out a process that opens the path afresh.
+            try:
+                same = os.stat(self._path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------- downloader
+
+
+@dataclass
+class _Job:
+    url: str
+    file: str
+    path: Path
+    expected: str | None
+    began: float
+    attempt: int = 0
+    stalls: int = 0  # consecutive failed attempts that added no byte
+    high_water: int = 0  # the most bytes the .part file has held
+    downloaded: int = 0  # bytes received over the network, all attempts
+    total: int | None = None
+    hasher: _Hash | None = None
+    hashed: int = 0  # bytes of the .part file that ``hasher`` has seen
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def part(self) -> Path:
+        return _sidecar(self.path, ".part")
+
+    @property
+    def meta_path(self) -> Path:
+        return _sidecar(self.path, ".part.json")
+
+    @property
+    def lock_path(self) -> Path:
+        return _sidecar(self.path, ".lock")
+
+
+class Downloader:
+    """Provides the files of ``url`` models in ``model_dir``, downloading them when missing.
+
+    ``events`` receives the ``download.*`` events (see :mod:`gateway.events`). ``transport``, ``clock``,
+    ``sleep`` and ``disk_free`` are there for tests. ``attempts`` is how many attempts in a row may fail
+    without adding a byte before giving up; backoff doubles from ``backoff_min`` to ``backoff_max``.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        events: EventSink | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        headers: Mapping[str, str] | None = None,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        disk_free: DiskFree = free_bytes,
+        attempts: int = 5,
+        backoff_min: float = 1.0,
+        backoff_max: float = 30.0,
+        lock_poll: float = 0.25,
+        progress_interval: float = 0.5,
+        progress_step: float = 0.01,
+        logger: logging.Logger = _logger,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        self._model_dir = model_dir
+        self._events: EventSink = events if events is not None else NullSink()
+        self._client = httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=True)
+        self._headers = dict(headers or {})
+        self._clock = clock
+        self._sleep = sleep
+        self._disk_free = disk_free
+        self._attempts = attempts
+        self._backoff_min = backoff_min
+        self._backoff_max = backoff_max
+        self._lock_poll = lock_poll
+        self._progress_interval = progress_interval
+        self._progress_step = progress_step
+        self._log = logger
+
+    # ------------------------------------------------------------------------------------- public
+
+    def target(self, file: str) -> Path:
+        """Where ``file`` lives: inside the model dir, whatever the models file says."""
+        relative = Path(file)
+        if not file or relative.is_absolute() or ".." in relative.parts:
+            raise DownloadError(
+                f"Model file {file!r}: `file` must be a name inside the model dir ({self._model_dir}), "
+                "without '..' or a leading '/'.",
+                file=file,
+            )
+        return self._model_dir / relative
+
+    async def ensure_model(self, entry: ModelEntry) -> Path | None:
+        """The local file of a ``url`` model, downloaded if missing; None for models of other sources."""
+        if entry.url is None or entry.file is None:
+            return None
+        return await self.ensure(entry.url, entry.file, sha256=entry.sha256)
+
+    async def ensure(self, url: str, file: str, *, sha256: str | None = None) -> Path:
+        """``<model_dir>/<file>``, complete and checked; downloaded from ``url`` first when it is missing.
+
+        Touches no network when the file is there (and matches ``sha256`` when given). Raises
+        :class:`DownloadError`; a cancelled call leaves the ``.part`` file to resume from.
+        """
+        try:
+            path = self.target(file)
+            expected = normalise_sha256(sha256, file)
+            if path.exists():
+                await self._accept_present(path, file, expected)
+                return path
+            _check_url(url, file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            job = _Job(url, file, path, expected, began=self._clock())
+            lock = _FileLock(job.lock_path, sleep=self._sleep, poll=self._lock_poll)
+            await lock.acquire(lambda: self._waiting(job))
+            try:
+                if path.exists():  # another process finished it while we waited
+                    await self._accept_present(path, file, expected)
+                    return path
+                await self._download(job)
+            finally:
+                lock.release()
+            return path
+        except DownloadError as exc:
+            self._log.error("%s", exc.message)
+            self._events.publish("download.failed", url=url, file=file, error=exc.message)
+            raise
+        except asyncio.CancelledError:
+            self._events.publish("download.failed", url=url, file=file, error="interrupted")
+            raise
+        except OSError as exc:
+            message = f"Model file {file!r}: {exc.strerror or exc} ({exc.filename or self._model_dir})."
+            self._log.error("%s", message)
+            self._events.publish("download.failed", url=url, file=file, error=message)
+            raise DownloadError(message, file=file, url=url) from exc
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # ------------------------------------------------------------------------------ present file
+
+    async def _accept_present(self, path: Path, file: str, expected: str | None) -> None:
+        size = path.stat().st_size
+        if expected is not None:
+            found = read_sha256_cache(path)
+            if found is None:
+                self._log.info("checking the sha256 of %s (%s)", path, _human(size))
+                found = (await asyncio.to_thread(sha256_of, path)).hexdigest()
+                write_sha256_cache(path, found)
+            if found != expected:
+                raise DownloadError(
+                    f"Model file {str(path)!r} is present but its sha256 is {found}, while the models file "
+                    f"expects {expected}. Delete the file to download it again, or fix the sha256.",
+                    file=file,
+                )
+        self._events.publish("download.present", file=file, path=str(path), bytes=size, verified=expected is not None)
+
+    def _waiting(self, job: _Job) -> None:
+        self._log.info("%s is being downloaded by another process: waiting for it", job.path)
+        self._events.publish("download.waiting", file=job.file, path=str(job.path), lock=str(job.lock_path))
+
+    # --------------------------------------------------------------------------------- download
+
+    async def _download(self, job: _Job) -> None:
+        retrying = AsyncRetrying(
+            stop=lambda _: job.stalls >= self._attempts,
+            wait=lambda _: self._delay(job),
+            retry=retry_if_exception(is_retryable),
+            sleep=self._sleep,
+            before_sleep=lambda state: self._before_retry(job, state),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    mark = job.high_water
+                    try:
+                        await self._attempt(job)
+                    except Exception:
+                        job.stalls = 0 if job.high_water > mark else job.stalls + 1
+                        raise
+        except DownloadError as exc:
+            if not exc.retryable:
+                raise
+            raise self._gave_up(job, exc.message) from exc
+        except httpx.TransportError as exc:
+            raise self._gave_up(job, _describe(exc)) from exc
+        await self._finish(job)
+
+    def _delay(self, job: _Job) -> float:
+        if job.stalls <= 1:
+            return self._backoff_min
+        return float(min(self._backoff_max, self._backoff_min * 2 ** (job.stalls - 1)))
+
+    def _before_retry(self, job: _Job, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        reason = exc.message if isinstance(exc, DownloadError) else _describe(exc)
+        delay = state.upcoming_sleep
+        self._log.warning(
+            "download of %s failed (attempt %d): %s; retrying in %.1f s", job.file, job.attempt, reason, delay
+        )
+        self._events.publish(
+            "download.retry", url=job.url, file=job.file, attempt=job.attempt, delay=delay, error=reason
+        )
+
+    def _gave_up(self, job: _Job, reason: str) -> DownloadError:
+        kept = _size_of(job.part)
+        tail = f" {kept} bytes are kept in {job.part.name}; the next try resumes from there." if kept else ""
+        return DownloadError(
+            f"Could not download model file {job.file!r} from {job.url} after {job.attempt} attempts: {reason}.{tail}",
+            file=job.file,
+            url=job.url,
+        )
+
+    async def _attempt(self, job: _Job) -> None:
+        job.attempt += 1
+        offset = self._resume_point(job)
+        headers = {"Accept-Encoding": "identity", **self._headers}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            validator = job.meta.get("etag") or job.meta.get("last_modified")
+            if validator:
+                headers["If-Range"] = validator
+        async with self._client.stream("GET", job.url, headers=headers) as response:
+            if response.status_code == 416 and offset:
+                if self._part_is_whole(job, response, offset):
+                    return
+                self._discard_part(job)
+                raise DownloadError(
+                    f"{job.url} refused the range {offset}- of model file {job.file!r}; starting over",
+                    file=job.file,
+                    url=job.url,
+                    retryable=True,
+                )
+            self._raise_for_status(job, response)
+            if response.status_code == 206:
+                start, total = _parse_content_range(response.headers.get("content-range"))
+                if start != offset or job.meta.get("total") not in (None, total):
+                    self._discard_part(job)
+                    raise DownloadError(
+                        f"{job.url} answered bytes {start}- of {total} to a request for bytes {offset}- of "
+                        f"{job.meta.get('total')}; starting over",
+                        file=job.file,
+                        url=job.url,
+                        retryable=True,
+                    )
+            else:
+                if offset:
+                    self._log.info("%s ignored the Range header: downloading %s from the start", job.url, job.file)
+                    self._discard_part(job)
+                    offset = 0
+                total = _content_length(response)
+            job.total = total
+            if total is not None:
+                self._check_space(job, total - offset)
+            self._remember_source(job, response, total)
+            await self._prepare_hasher(job, offset)
+            self._events.publish(
+                "download.started",
+                url=job.url,
+                file=job.file,
+                path=str(job.path),
+                total=total,
+                resumed_from=offset,
+                attempt=job.attempt,
+            )
+            if offset:
+                self._log.info("resuming %s at byte %d of %s", job.file, offset, total if total is not None else "?")
+            else:
+                self._log.info("downloading %s from %s (%s)", job.file, job.url, _human(total))
+            done = await self._receive(job, response, offset)
+        if total is not None and done > total:
+            self._discard_part(job)  # more than the whole file: the bytes cannot be trusted
+        check_size(job.file, job.url, total, done)
+
+    async def _receive(self, job: _Job, response: httpx.Response, offset: int) -> int:
+        meter = ProgressMeter(
+            job.total, offset, self._clock(), interval=self._progress_interval, step=self._progress_step
+        )
+        done = offset
+        hasher = job.hasher
+        assert hasher is not None
+        with job.part.open("ab") as out:
+            async for chunk in response.aiter_raw():
+                out.write(chunk)
+                hasher.update(chunk)
+                done += len(chunk)
+                job.hashed = done
+                job.downloaded += len(chunk)
+                job.high_water = max(job.high_water, done)
+                details = meter.update(done, self._clock())
+                if details is not None:
+                    self._events.publish("download.progress", file=job.file, **details)
+        details = meter.finish(done, self._clock())
+        if details is not None:
+            self._events.publish("download.progress", file=job.file, **details)
+        return done
+
+    async def _finish(self, job: _Job) -> None:
+        size = job.part.stat().st_size
+        if job.hasher is not None and job.hashed == size:
+            found = job.hasher.hexdigest()
+        else:
+            found = (await asyncio.to_thread(sha256_of, job.part)).hexdigest()
+        try:
+            check_size(job.file, job.url, job.total, size)
+            check_sha256(job.file, f"downloaded from {job.url}", job.expected, found)
+        except DownloadError as exc:
+            self._discard_part(job)
+            raise DownloadError(exc.message + " The download was deleted.", file=job.file, url=job.url) from None
+        await asyncio.to_thread(_fsync, job.part)
+        os.replace(job.part, job.path)
+        _fsync_dir(job.path.parent)
+        write_sha256_cache(job.path, found)
+        job.meta_path.unlink(missing_ok=True)
+        seconds = round(self._clock() - job.began, 3)
+        self._log.info("downloaded %s (%s) in %.1f s", job.path, _human(size), seconds)
+        self._events.publish(
+            "download.done",
+            url=job.url,
+            file=job.file,
+            path=str(job.path),
+            bytes=size,
+            downloaded=job.downloaded,
+            seconds=seconds,
+            sha256=found,
+        )
+
+    # ------------------------------------------------------------------------------- the .part
+
+    def _resume_point(self, job: _Job) -> int:
+        """Bytes already in ``.part`` that came from this URL; a part of unknown origin is dropped."""
+        size = _size_of(job.part)
+        if not size:
+            job.meta = {}
+            return 0
+        try:
+            meta = json.loads(job.meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = None
+        if not isinstance(meta, dict) or meta.get("url") != job.url:
+            self._log.info("%s is not from %s: starting over", job.part, job.url)
+            self._discard_part(job)
+            return 0
+        job.meta = meta
+        job.high_water = max(job.high_water, size)
+        return size
+
+    def _remember_source(self, job: _Job, response: httpx.Response, total: int | None) -> None:
+        etag = response.headers.get("etag")
+        meta = {
+            "url": job.url,
+            # If-Range takes only a strong validator; a weak ETag would make every resume start over.
+            "etag": etag if etag and not etag.startswith("W/") else None,
+            "last_modified": response.headers.get("last-modified"),
+            "total": total,
+        }
+        if meta != job.meta:
+            _write_atomic(job.meta_path, json.dumps(meta) + "\n")
+            job.meta = meta
+
+    def _discard_part(self, job: _Job) -> None:
+        job.part.unlink(missing_ok=True)
+        job.meta_path.unlink(missing_ok=True)
+        job.meta, job.hasher, job.hashed = {}, None, 0
+
+    async def _prepare_hasher(self, job: _Job, offset: int) -> None:
+        if job.hasher is not None and job.hashed == offset:
+            return  # the same process carries on where it stopped
+        if offset:
+            job.hasher = await asyncio.to_thread(sha256_of, job.part, offset)
+        else:
+            job.hasher = hashlib.sha256()
+        job.hashed = offset
+
+    def _part_is_whole(self, job: _Job, response: httpx.Response, offset: int) -> bool:
+        """A 416 to ``bytes=<size>-`` when the part already holds the whole file: nothing left to fetch."""
+        match = _UNSATISFIED_RANGE.fullmatch(response.headers.get("content-range", "").strip())
+        if match is None or int(match.group(1)) != offset:
+            return False
+        job.total = offset
+        return True
+
+    # ---------------------------------------------------------------------------------- checks
+
+    def _raise_for_status(self, job: _Job, response: httpx.Response) -> None:
+        status = response.status_code
+        if status in (200, 206):
+            return
+        answer = f"{status} {response.reason_phrase}".strip()
+        where = f"Model file {job.file!r} from {job.url}"
+        if status == 404:
+            message = f"{where}: the server answered {answer}: there is no such file. Fix the url in the models file."
+        elif status in (401, 403):
+            message = (
+                f"{where}: the server answered {answer}: it needs credentials or refuses access. Fix the url, "
+                f"or download the file yourself to {job.path}."
+            )
+        elif status >= 500 or status in (408, 429):
+            raise DownloadError(f"the server answered {answer}", file=job.file, url=job.url, retryable=True)
+        else:
+            message = f"{where}: the server answered {answer}. Check the url in the models file."
+        raise DownloadError(message, file=job.file, url=job.url)
+
+    def _check_space(self, job: _Job, needed: int) -> None:
+        folder = job.path.parent
+        free = self._disk_free(folder)
+        if needed > free:
+            raise DownloadError(
+                f"Not enough free disk space in {folder} for model file {job.file!r}: it needs {needed} bytes "
+                f"({_human(needed)}), {free} bytes ({_human(free)}) are free. Free some space or set "
+                "GATEWAY_MODEL_DIR to a larger disk.",
+                file=job.file,
+                url=job.url,
+            )
+
+
+# ---------------------------------------------------------------------------------- progress bars
+
+
+class ProgressView:
+    """Draws one rich progress bar per file from ``download.*`` events; ``outcome`` holds each file's end."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.outcome: dict[str, str] = {}
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[eta]}"),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+        )
+        self._tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> ProgressView:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def finished(self, files: Collection[str]) -> bool:
+        return all(name in self.outcome for name in files)
+
+    def handle(self, event: Event) -> None:
+        if not event.type.startswith("download."):
+            return
+        details = event.details
+        name = str(details.get("file", "?"))
+        task = self._task(name)
+        kind = event.type.removeprefix("download.")
+        update = self._progress.update
+        if kind == "started":
+            self.outcome.pop(name, None)
+            update(task, total=details.get("total"), completed=details.get("resumed_from") or 0, status="")
+        elif kind == "progress":
+            update(task, total=details.get("total"), completed=details.get("bytes") or 0)
+            rate, eta = details.get("rate"), details.get("eta")
+            update(task, rate=f"{_human(rate)}/s" if rate else "", eta=f"{_duration(eta)} left" if eta else "")
+        elif kind == "waiting":
+            update(task, status="waiting for another process")
+        elif kind == "retry":
+            update(task, status=f"retry {details.get('attempt')}: {details.get('error')}", rate="", eta="")
+        elif kind in ("done", "present"):
+            size = details.get("bytes") or 0
+            status = f"done in {_duration(details.get('seconds'))}" if kind == "done" else "already here"
+            update(task, total=size, completed=size, rate="", eta="", status=status)
+        elif kind == "failed":
+            update(task, rate="", eta="", status="[red]failed")
+            self._progress.console.print(f"[red]{name}: {details.get('error')}", markup=True, highlight=False)
+        if event.type in DOWNLOAD_FINAL:
+            self.outcome[name] = kind
+
+    def _task(self, name: str) -> TaskID:
+        if name not in self._tasks:
+            self._tasks[name] = self._progress.add_task(name, total=None, rate="", eta="", status="")
+        return self._tasks[name]
+
+
+async def render_progress(
+    events: AsyncIterable[Event],
+    files: Collection[str] | None = None,
+    *,
+    console: Console | None = None,
+) -> dict[str, str]:
+    """Draw progress bars until every file of ``files`` is done, failed or present (or ``events`` ends).
+
+    Returns each file's outcome: ``done``, ``present`` or ``failed``. ``events`` is usually
+    ``bus.subscribe()``, subscribed before the downloads start (its history covers any head start).
+    """
+    view = ProgressView(console)
+    try:
+        with view:
+            if files is not None and not files:
+                return view.outcome
+            async for event in events:
+                view.handle(event)
+                if files is not None and view.finished(files):
+                    break
+    finally:
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()
+    return view.outcome
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _sidecar(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable: a power cut must not bring back the .part name."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _check_url(url: str, file: str) -> None:
+    try:
+        scheme = httpx.URL(url).scheme
+    except httpx.InvalidURL:
+        scheme = ""
+    if scheme not in ("http", "https"):
+        raise DownloadError(f"Model file {file!r}: url {url!r} is not an http(s) URL. Fix it.", file=file, url=url)
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _parse_content_range(value: str | None) -> tuple[int, int | None]:
+    match = _CONTENT_RANGE.fullmatch((value or "").strip())
+    if match is None:
+        raise DownloadError(f"the server's 206 answer has no usable Content-Range ({value!r})", retryable=True)
+    total = match.group(3)
+    return int(match.group(1)), (int(total) if total != "*" else None)
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    if isinstance(exc, httpx.TimeoutException):
+        what = "timed out"
+    elif isinstance(exc, httpx.ConnectError):
+        what = "cannot connect"
+    elif isinstance(exc, httpx.RemoteProtocolError):
+        what = "the connection was cut"
+    elif isinstance(exc, httpx.NetworkError):
+        what = "network error"
+    else:
+        what = type(exc).__name__
+    text = str(exc)
+    return f"{what} ({text})" if text else what
+
+
+def _human(size: float | None) -> str:
+    if size is None:
+        return "size unknown"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "?"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{whole} s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"

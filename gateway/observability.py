@@ -1,0 +1,161 @@
+"""Per-request observability in one ASGI wrapper: the request id, one log line, Prometheus metrics.
+
+One middleware, not three, because every layer costs CPU on every request and every stream chunk; this
+one looks at each outgoing message once (status, headers, first data byte, size) and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ENGINE_STATES = ("stopped", "starting", "ready", "stopping", "failed")
+_access = logging.getLogger("gateway.access")
+
+
+class Metrics:
+    """The gateway's metrics, in a registry of their own (never the process-global one)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("gateway_requests", "Requests by route, model and status.",
+                                ["route", "model", "status"], registry=self.registry)  # fmt: skip
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+        self.latency = Histogram("gateway_request_duration_seconds", "Time to the last byte of the answer.",
+                                 ["route"], registry=self.registry, buckets=buckets)  # fmt: skip
+        self.ttft = Histogram("gateway_time_to_first_token_seconds", "Time to the first data event of a stream.",
+                              ["route"], registry=self.registry,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))  # fmt: skip
+        self.in_flight = Gauge("gateway_requests_in_flight", "Requests being answered.", registry=self.registry)
+
+    def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        """Add metrics read from the gateway's parts at scrape time (engine, cache, downloads)."""
+
+        class _Reader(Collector):
+            def collect(self) -> Iterable[Metric]:
+                return collect()
+
+        self.registry.register(_Reader())
+
+
+def engine_metrics(status: dict[str, Any]) -> list[Metric]:
+    """Engine state and counters from the supervisor's status."""
+    state = GaugeMetricFamily("gateway_engine_state", "1 for the engine's current state.", labels=["state"])
+    for name in _ENGINE_STATES:
+        state.add_metric([name], 1.0 if status["state"] == name else 0.0)
+    starts = CounterMetricFamily("gateway_engine_starts", "Engine processes started.")
+    starts.add_metric([], status["starts"])
+    crashes = CounterMetricFamily("gateway_engine_crashes", "Engine processes that died unexpectedly.")
+    crashes.add_metric([], status["crashes"])
+    cold = GaugeMetricFamily("gateway_engine_cold_start_seconds", "Seconds the last engine start took.")
+    cold.add_metric([], status["last_start_seconds"] or 0.0)
+    return [state, starts, crashes, cold]
+
+
+def cache_metrics(cache: dict[str, Any]) -> list[Metric]:
+    hits = CounterMetricFamily("gateway_embedding_cache_hits", "Embedding items answered from the cache.")
+    hits.add_metric([], cache["hits"])
+    misses = CounterMetricFamily("gateway_embedding_cache_misses", "Embedding items computed by the engine.")
+    misses.add_metric([], cache["misses"])
+    size = GaugeMetricFamily("gateway_embedding_cache_bytes", "Bytes held by the in-process embedding cache.")
+    size.add_metric([], cache["bytes"])
+    errors = CounterMetricFamily("gateway_embedding_cache_redis_errors", "Failed Redis cache operations.")
+    errors.add_metric([], (cache["redis"] or {}).get("errors", 0))
+    return [hits, misses, size, errors]
+
+
+class RequestObserver:
+    """Pure ASGI middleware: X-Request-ID in and out, an access log line, request metrics."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, log_format: str = "text",
+                 clock: Callable[[], float] = time.perf_counter) -> None:  # fmt: skip
+        self.app = app
+        self._metrics = metrics
+        self._json = log_format == "json"
+        self._clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = self._clock()
+        request_id = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                request_id = candidate if _VALID_ID.match(candidate) else ""
+                break
+        request_id = request_id or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (b"x-request-id", request_id.encode())
+        status = 500
+        sent = 0
+        cache = ""
+        first_data: float | None = None
+        streaming = False
+
+        async def observe(message: Message) -> None:
+            nonlocal status, sent, cache, first_data, streaming
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                for name, value in headers:
+                    if name == b"x-cache":
+                        cache = value.decode()
+                    elif name == b"content-type" and value.startswith(b"text/event-stream"):
+                        streaming = True
+                headers.append(header)
+                message["headers"] = headers
+            elif message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                sent += len(body)
+                if streaming and first_data is None and b"data:" in body:
+                    first_data = self._clock()
+            await send(message)
+
+        self._metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, observe)
+        finally:
+            self._metrics.in_flight.dec()
+            elapsed = self._clock() - began
+            route = _route_of(scope)
+            model = scope["state"].get("model", "")
+            self._metrics.requests.labels(route, model, str(status)).inc()
+            self._metrics.latency.labels(route).observe(elapsed)
+            if first_data is not None:
+                self._metrics.ttft.labels(route).observe(first_data - began)
+            self._log(scope, status, elapsed, sent, model, cache, request_id)
+
+    def _log(self, scope: Scope, status: int, elapsed: float, sent: int, model: str, cache: str,
+             request_id: str) -> None:  # fmt: skip
+        if not _access.isEnabledFor(logging.INFO):
+            return
+        if self._json:
+            _access.info(json.dumps({
+                "method": scope["method"], "path": scope["path"], "model": model or None, "status": status,
+                "duration_ms": round(elapsed * 1000, 2), "bytes": sent, "cache": cache or None,
+                "request_id": request_id,
+            }))  # fmt: skip
+        else:
+            _access.info('%s %s model=%s status=%d duration_ms=%.1f bytes=%d cache=%s request_id=%s',
+                         scope["method"], scope["path"], model or "-", status, elapsed * 1000, sent, cache or "-",
+                         request_id)  # fmt: skip
+
+
+def _route_of(scope: Scope) -> str:
+    """A bounded label: the matched route's path template, never the raw path (unbounded cardinality)."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return str(path) if path else "unmatched"

@@ -1,0 +1,104 @@
+"""Operating the gateway: API keys, admin actions and their CLI, metrics, request logs and ids."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import Gateway, wait_for
+
+Start = Callable[..., Gateway]
+CHAT = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_api_keys_and_admin_key(gateways: Start, tmp_path: Path) -> None:
+    gw = gateways(env={"GATEWAY_API_KEYS": "key-one, key-two", "GATEWAY_ADMIN_KEY": "admin-secret"})
+    refused = httpx.get(gw.v1 + "/models")
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(gw.v1 + "/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(gw.v1 + "/models", headers={"Authorization": "Bearer key-two"}).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=gw.v1, api_key="nope", max_retries=0).models.list()
+    reply = openai.OpenAI(base_url=gw.v1, api_key="key-one", max_retries=0).chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    assert reply.choices[0].message.content == "echo: hi"
+    # The client's key never reaches the engine.
+    assert all(r["authorization"] is None for r in gw.upstream_requests())
+    for probe in ("/healthz", "/readyz", "/metrics"):
+        assert httpx.get(gw.url + probe).status_code == 200
+    assert httpx.get(gw.url + "/status").status_code == 401
+    assert httpx.get(gw.url + "/status", headers={"Authorization": "Bearer key-one"}).status_code == 401
+    assert httpx.get(gw.url + "/status", headers={"Authorization": "Bearer admin-secret"}).status_code == 200
+    assert httpx.post(gw.url + "/admin/engine/stop").status_code == 401
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# one key per line\nfrom-a-file\n")
+    gw2 = gateways(env={"GATEWAY_API_KEYS": str(keys)})
+    assert httpx.get(gw2.v1 + "/models", headers={"Authorization": "Bearer from-a-file"}).status_code == 200
+    assert httpx.get(gw2.v1 + "/models").status_code == 401
+
+
+def test_admin_actions_and_their_cli(gateways: Start) -> None:
+    gw = gateways(env={"GATEWAY_ADMIN_KEY": "adm"})
+    env = {**gw.env, "GATEWAY_ADMIN_KEY": "adm"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", "engine", *args, "--url", gw.url], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    status = cli("status")
+    assert status.returncode == 0 and json.loads(status.stdout)["state"] == "stopped"
+    started = cli("start")
+    assert started.returncode == 0 and json.loads(started.stdout)["state"] == "ready"
+    assert len(gw.spawns()) == 1  # preloaded before any request
+    stopped = cli("stop")
+    assert stopped.returncode == 0 and json.loads(stopped.stdout)["state"] == "stopped"
+    env["GATEWAY_ADMIN_KEY"] = "wrong"
+    denied = cli("start")
+    assert denied.returncode == 1 and "admin key" in denied.stderr
+
+
+def test_metrics(gateways: Start) -> None:
+    gw = gateways()
+    httpx.post(gw.v1 + "/chat/completions", json=CHAT, timeout=30).raise_for_status()
+    with httpx.stream("POST", gw.v1 + "/chat/completions", json={**CHAT, "stream": True}, timeout=30) as r:
+        r.read()
+    httpx.post(gw.v1 + "/embeddings", json={"input": ["a", "b"]}, timeout=30)
+    httpx.post(gw.v1 + "/embeddings", json={"input": ["a"]}, timeout=30)
+    text = httpx.get(gw.url + "/metrics").text
+    assert 'gateway_requests_total{model="tiny-chat",route="/v1/chat/completions",status="200"} 2.0' in text
+    assert 'gateway_time_to_first_token_seconds_count{route="/v1/chat/completions"} 1.0' in text
+    assert 'gateway_request_duration_seconds_count{route="/v1/embeddings"} 2.0' in text
+    assert 'gateway_engine_state{state="ready"} 1.0' in text and "gateway_engine_starts_total 1.0" in text
+    assert "gateway_embedding_cache_hits_total 1.0" in text and "gateway_embedding_cache_misses_total 2.0" in text
+    assert "gateway_requests_in_flight 1.0" in text  # the scrape itself
+    assert "gateway_engine_cold_start_seconds" in text
+
+
+def test_request_logs_and_request_ids(gateways: Start) -> None:
+    gw = gateways(env={"GATEWAY_LOG_FORMAT": "json"})
+    given = httpx.post(gw.v1 + "/chat/completions", json=CHAT, headers={"X-Request-ID": "abc-123"}, timeout=30)
+    assert given.headers["x-request-id"] == "abc-123"
+    generated = httpx.get(gw.v1 + "/models").headers["x-request-id"]
+    assert len(generated) == 32
+    evil = httpx.get(gw.v1 + "/models", headers={"X-Request-ID": "x" * 500}).headers["x-request-id"]
+    assert evil != "x" * 500  # not echoed: too long to be an id
+
+    def line_for(request_id: str) -> dict[str, object] | None:
+        for line in gw.log().splitlines():
+            start = line.find("{")
+            if start >= 0 and f'"request_id": "{request_id}"' in line:
+                return json.loads(line[start:])  # type: ignore[no-any-return]
+        return None
+
+    entry = wait_for(lambda: line_for("abc-123"), 10, "the request's log line")
+    assert entry["method"] == "POST" and entry["path"] == "/v1/chat/completions"
+    assert entry["model"] == "tiny-chat" and entry["status"] == 200 and entry["bytes"] > 0  # type: ignore[operator]
+    assert isinstance(entry["duration_ms"], float)
