@@ -61,6 +61,7 @@ def create_app(
         stall_timeout=settings.stall_timeout,
         request_timeout=settings.request_timeout,
         on_unreachable=supervisor.engine_unreachable,
+        on_stall=supervisor.engine_stalled,
     )
     memory = MemoryStore(int(settings.embedding_cache_mb * 1024 * 1024), ttl=settings.embedding_cache_ttl)
     shared = RedisStore(settings.cache_url, ttl=settings.embedding_cache_ttl) if settings.cache_url else None

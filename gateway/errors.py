@@ -15,6 +15,7 @@
       EngineUnavailable               503 - no engine to talk to, with Retry-After
         EngineNotInstalled            503 - no engine program found
         EngineStartFailed             503 - it exited or timed out while starting
+      QueueFull                       429 - too many requests already wait for the engine, with Retry-After
       EngineCrashed                   502 - it died or broke the connection mid-request
       EngineStalled                   504 - no byte from the engine for too long
     ConfigError                       start-up configuration is broken (never reaches a client)
@@ -140,6 +141,16 @@ class EngineNotInstalled(EngineUnavailable):
 
 class EngineStartFailed(EngineUnavailable):
     code = "engine_start_failed"
+
+
+class QueueFull(GatewayError):
+    status = 429
+    type = "rate_limit_exceeded"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after: float, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
 
 
 class EngineCrashed(GatewayError):

@@ -86,12 +86,14 @@ class Relay:
         stall_timeout: float,
         request_timeout: float,
         on_unreachable: Callable[[], None] = lambda: None,
+        on_stall: Callable[[], None] = lambda: None,
     ) -> None:
         self._client = client
         self._stream_timeout = httpx.Timeout(10.0, read=stall_timeout)
         self._request_timeout = httpx.Timeout(10.0, read=request_timeout)
         self._stall_timeout = stall_timeout
         self._on_unreachable = on_unreachable
+        self._on_stall = on_stall
 
     async def request(self, base_url: str, path: str, body: bytes) -> Reply:
         """One non-streaming call; raises :class:`GatewayError` for any failure."""
@@ -165,9 +167,10 @@ class Relay:
 
     def _translate(self, exc: httpx.HTTPError) -> GatewayError:
         if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+            self._on_stall()
             return EngineStalled(
                 f"The engine sent nothing for {self._stall_timeout:g} s (GATEWAY_STALL_TIMEOUT); the request "
-                "was abandoned."
+                "was abandoned and the engine restarted."
             )
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             self._on_unreachable()

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(
         30, ge=0, description="On SIGTERM, seconds in-flight requests get to finish before everything stops."
     )
+    max_queue: int = Field(
+        1024, ge=1, description="Requests that may wait for a starting engine; beyond that, 429 with Retry-After."
+    )
     max_body_mb: float = Field(64, gt=0, description="Largest request body accepted, in MiB.")
     image_ttl: float = Field(3600, gt=0, description="Seconds an image served by URL stays available.")
     backoff_max: float = Field(60, gt=0, description="Longest wait between two failed engine starts.")

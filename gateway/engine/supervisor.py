@@ -23,7 +23,7 @@ import httpx
 from tenacity import RetryCallState, wait_exponential
 
 from ..catalog import Catalog
-from ..errors import EngineStartFailed, EngineUnavailable, GatewayError
+from ..errors import EngineStartFailed, EngineUnavailable, GatewayError, QueueFull
 from ..settings import Settings
 from .command import EngineCommand, build_command
 from .discovery import EngineProgram, find_engine
@@ -95,8 +95,10 @@ class Supervisor:
         self._start_task: asyncio.Task[Endpoint] | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
         self._in_flight = 0
+        self._waiting = 0
         self._last_activity = clock()
         self._keep_until = 0.0
         self._ready_since: float | None = None
@@ -133,6 +135,20 @@ class Supervisor:
 
     async def ensure_ready(self) -> Endpoint:
         """The engine once it is ready; starts it if needed. Raises :class:`EngineUnavailable`."""
+        if self._sm.state is EngineState.READY and self._endpoint is not None:
+            return self._endpoint
+        if self._waiting >= self._settings.max_queue:
+            raise QueueFull(
+                f"{self._waiting} requests already wait for the engine to start (GATEWAY_MAX_QUEUE).",
+                retry_after=max(1.0, self.last_start_seconds or 5.0),
+            )
+        self._waiting += 1
+        try:
+            return await self._join_start()
+        finally:
+            self._waiting -= 1
+
+    async def _join_start(self) -> Endpoint:
         while True:
             state = self._sm.state
             if state is EngineState.READY and self._endpoint is not None:
@@ -206,6 +222,7 @@ class Supervisor:
             "seconds_until_idle_stop": round(until_idle, 3) if until_idle is not None else None,
             "keep_alive_until": round(self._keep_until - now, 3) if self._keep_until > now else None,
             "in_flight": self._in_flight,
+            "waiting": self._waiting,
             "starts": self.starts,
             "crashes": self.crashes,
             "consecutive_start_failures": self._failures,
@@ -227,6 +244,15 @@ class Supervisor:
         proc = self._proc
         if proc is not None and not self._external and proc.returncode is None:
             proc.signal_group(signal.SIGKILL)
+
+    def engine_stalled(self) -> None:
+        """A request got no byte from the engine for the stall timeout: it is hung; restart it."""
+        if self._sm.state is EngineState.READY and not self._external:
+            self._log.error("the engine stalled (no byte for GATEWAY_STALL_TIMEOUT): restarting it")
+            self._last_error = "The engine stalled and was restarted."
+            task = asyncio.create_task(self.stop("stalled"), name="engine-stop-stalled")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def engine_unreachable(self) -> None:
         """The relay could not connect: an adopted engine went away (a spawned one is watched directly)."""

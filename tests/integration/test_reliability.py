@@ -1,0 +1,81 @@
+"""Faults and floods, for real: hung engines, engines that never load, shutdown with streams in flight,
+a crowd waiting on a cold start."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Callable
+
+import httpx
+
+from tests.helpers import Gateway, pid_alive, wait_for
+
+Start = Callable[..., Gateway]
+
+
+def chat(text: str, **kw: object) -> dict[str, object]:
+    return {"model": "tiny-chat", "messages": [{"role": "user", "content": text}], **kw}
+
+
+def test_a_hung_engine_is_cut_off_after_the_stall_timeout_and_restarted(gateways: Start) -> None:
+    gw = gateways(env={"GATEWAY_STALL_TIMEOUT": "1"})
+    with httpx.stream("POST", gw.v1 + "/chat/completions", json=chat("hang", stream=True), timeout=30) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert len(events) == 3  # two chunks, then the error: the stall counts from the last byte
+    error = json.loads(events[-1][6:])["error"]
+    assert error["code"] == "engine_stalled" and "GATEWAY_STALL_TIMEOUT" in error["message"]
+    first_pid = gw.spawns()[0]["pid"]
+    wait_for(lambda: not pid_alive(first_pid), 15, "the hung engine to be stopped")
+    ok = httpx.post(gw.v1 + "/chat/completions", json=chat("again"), timeout=30)
+    assert ok.status_code == 200 and len(gw.spawns()) == 2
+
+
+def test_an_engine_that_never_becomes_ready_times_out_with_retry_after(gateways: Start) -> None:
+    gw = gateways(env={"GATEWAY_STARTUP_TIMEOUT": "1"}, fake_env={"FAKE_ENGINE_NEVER_READY": "1"})
+    response = httpx.post(gw.v1 + "/chat/completions", json=chat("x"), timeout=30)
+    assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+    assert "GATEWAY_STARTUP_TIMEOUT=1" in response.json()["error"]["message"]
+    pid = gw.spawns()[0]["pid"]
+    wait_for(lambda: not pid_alive(pid), 10, "the engine that never loaded to be killed")
+
+
+def test_sigterm_lets_streams_in_flight_finish_then_stops_everything(gateways: Start) -> None:
+    gw = gateways()
+    with httpx.stream("POST", gw.v1 + "/chat/completions", json=chat("slow:2", stream=True), timeout=30) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        engine_pid = gw.engine()["pid"]
+        gw.proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    words = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in [first, *rest[:-1]])
+    assert len(words.split()) == 10  # every chunk arrived after the SIGTERM, then the end
+    # uvicorn re-raises the SIGTERM once its graceful shutdown is done: that is a clean exit for systemd.
+    assert gw.proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in gw.log()
+    wait_for(lambda: not pid_alive(engine_pid), 10, "the engine to stop with the gateway")
+
+
+def test_a_crowd_waiting_on_a_cold_start_is_served_up_to_the_queue_cap(gateways: Start) -> None:
+    gw = gateways(env={"GATEWAY_MAX_QUEUE": "450", "GATEWAY_LOG_LEVEL": "warning"},
+                  fake_env={"FAKE_ENGINE_LOAD_DELAY": "4"})  # fmt: skip
+
+    async def crowd() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=600, max_keepalive_connections=600)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            return await asyncio.gather(
+                *(client.post(gw.v1 + "/chat/completions", json=chat(f"n{i}")) for i in range(500))
+            )
+
+    responses = asyncio.run(crowd())
+    served = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(served) + len(refused) == 500
+    assert len(served) >= 450 and refused, [r.status_code for r in responses if r.status_code not in (200, 429)]
+    assert all(int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "queue_full" for r in refused)
+    for i, response in enumerate(responses):  # each served request got its own answer
+        if response.status_code == 200:
+            assert response.json()["choices"][0]["message"]["content"] == f"echo: n{i}"
+    assert len(gw.spawns()) == 1 and gw.engine()["waiting"] == 0 and gw.engine()["in_flight"] == 0
