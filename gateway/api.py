@@ -33,6 +33,7 @@ from .errors import (
     RouteNotFound,
     UnsupportedForModel,
 )
+from .openapi import openapi_document
 from .relay import ModelRename, Relay, error_event
 from .settings import Settings
 
@@ -128,6 +129,7 @@ class Api:
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/status", self.status, methods=["GET"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
             Route("/admin/engine/start", self.admin_start, methods=["POST"]),
             Route("/admin/engine/stop", self.admin_stop, methods=["POST"]),
         ]
@@ -348,6 +350,9 @@ class Api:
         """Stop the engine now (it starts again at the next request that needs it)."""
         await self._supervisor.stop("admin request")
         return JSONResponse({"engine": self._supervisor.status()})
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document(self._catalog))
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -191,8 +192,10 @@ class Embeddings:
                            body: dict[str, Any], dimensions: int | None) -> list[Entry]:  # fmt: skip
         target = await endpoint()
         extra = {k: v for k, v in body.items() if k not in ("model", "input", "dimensions", "encoding_format")}
-        payload = orjson.dumps({**extra, "model": target.engine_ids.get(model.id, model.id), "input": items,
-                                "encoding_format": "float"})  # fmt: skip
+        # The stdlib encoder: unknown fields pass through as sent, whatever they hold (orjson refuses
+        # integers beyond 64 bits, a client's mistake that must reach the engine, not crash the gateway).
+        payload = json.dumps({**extra, "model": target.engine_ids.get(model.id, model.id), "input": items,
+                              "encoding_format": "float"}, separators=(",", ":")).encode()  # fmt: skip
         self.stats.engine_requests += 1
         reply = await self._relay.request(target.base_url, "/v1/embeddings", payload)
         try:

@@ -112,6 +112,11 @@ def responses(body: dict[str, Any]) -> None:
     _common(body)
 
 
+def _token(value: Any) -> bool:
+    # Token ids are u32 in the engine; anything else is not a token (and may not even fit 64 bits).
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 32
+
+
 def embedding(body: dict[str, Any]) -> None:
     value = _require(body, "input")
     ok = isinstance(value, str) or (
@@ -119,8 +124,8 @@ def embedding(body: dict[str, Any]) -> None:
         and bool(value)
         and (
             all(isinstance(v, str) for v in value)
-            or all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-            or all(isinstance(v, list) and v and all(isinstance(t, int) for t in v) for v in value)
+            or all(_token(v) for v in value)
+            or all(isinstance(v, list) and v and all(_token(t) for t in v) for v in value)
         )
     )
     if not ok:

@@ -61,8 +61,7 @@ class Nginx:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for pid in workers:
-            wait_for(lambda pid=pid: not pid_alive(pid), 10, f"nginx worker {pid} to exit")
+        wait_for(lambda: not any(pid_alive(pid) for pid in workers), 10, f"nginx workers {workers} to exit")
 
 
 def site_config(upstream_port: int, listen_port: int) -> str:
@@ -82,7 +81,8 @@ def main_config(folder: Path, site: str) -> str:
         f"daemon off;\nworker_processes 1;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log info;\n{user}"
         "events { worker_connections 256; }\n"
         "http {\n"
-        f"    access_log {folder}/access.log;\n"
+        "    log_format ids '$request_id $status';\n"
+        f"    access_log {folder}/access.log ids;\n"
         f"    client_body_temp_path {folder}/client_body;\n"
         f"    proxy_temp_path {folder}/proxy;\n"
         f"    fastcgi_temp_path {folder}/fastcgi;\n"
@@ -139,6 +139,12 @@ def test_stream_arrives_chunk_by_chunk_through_nginx(
 ) -> None:
     gw = gateways()
     proxy = nginx_in_front(gw)
+    # Request ids: a client's passes through nginx and comes back; without one, nginx's own is used.
+    sent = httpx.get(proxy.url + "/healthz", headers={"X-Request-ID": "client-id-1"}, timeout=5)
+    assert sent.headers["x-request-id"] == "client-id-1"
+    made = httpx.get(proxy.url + "/healthz", timeout=5).headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", made)
+    wait_for(lambda: f"{made} 200" in (proxy.folder / "access.log").read_text(), 5, "nginx's access log line")
     # Warm the engine first, so that the stream's timing is the engine's alone.
     httpx.post(proxy.url + "/v1/chat/completions", json={"messages": say("warm")}, timeout=30).raise_for_status()
 
