@@ -53,7 +53,9 @@ def create_app(
         supervisor = Supervisor(settings, catalog, run_dir=run_dir / "engine")
     client = httpx.AsyncClient(
         transport=transport,
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=60),
+        # Idle connections are dropped after 30 s, before an engine closes them (the bundled one keeps them
+        # 120 s, mistral.rs's server indefinitely): reusing one the engine is closing would fail a request.
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
         timeout=httpx.Timeout(10.0, read=settings.request_timeout),
     )
     relay = Relay(

@@ -144,6 +144,9 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
         lifespan="on",
         access_log=False,  # gateway.access logs one richer line per request
+        # Longer than any proxy's upstream keep-alive (nginx: 60 s), so the gateway never closes an idle
+        # connection at the moment a proxy or client reuses it (which fails that request).
+        timeout_keep_alive=75,
     )
     server = uvicorn.Server(config)
     try:

@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -85,7 +85,8 @@ class EventBus:
 
     ``clock`` gives wall-clock seconds since the epoch (the timestamps are for people and logs; rates are
     computed by the producers with their own monotonic clocks). ``queue_size`` bounds each follower's
-    backlog (at least 2: one slot is kept for the "you lost events" notice).
+    backlog (at least 2: one slot is kept for the "you lost events" notice). Events of ``debug_types``
+    are logged at DEBUG rather than INFO: progress ticks would drown the log at the default level.
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class EventBus:
         queue_size: int = 1000,
         clock: WallClock = time.time,
         logger: logging.Logger = _logger,
+        debug_types: Collection[str] = ("download.progress",),
     ) -> None:
         if history < 0 or queue_size < 2:
             raise ValueError("history must be >= 0 and queue_size >= 2")
@@ -102,6 +104,7 @@ class EventBus:
         self._queue_size = queue_size
         self._clock = clock
         self._log = logger
+        self._debug_types = frozenset(debug_types)
         self._followers: list[_Follower] = []
         self._downloads: dict[str, dict[str, Any]] = {}
         self._last_engine: Event | None = None
@@ -119,7 +122,9 @@ class EventBus:
             self._history.append(event)
             self._track(event)
             followers = list(self._followers)
-        self._log.info("%s", event.to_json())
+        level = logging.DEBUG if type in self._debug_types else logging.INFO
+        if self._log.isEnabledFor(level):
+            self._log.log(level, "%s", event.to_json())
         for follower in followers:
             self._deliver(follower, event)
         return event

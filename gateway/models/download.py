@@ -25,6 +25,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -547,9 +548,10 @@ class Downloader:
         done = offset
         hasher = job.hasher
         assert hasher is not None
-        with job.part.open("ab") as out:
+        # Unbuffered: what has arrived is in the .part file, so a gateway that is killed resumes from there.
+        with job.part.open("ab", buffering=0) as out:
             async for chunk in response.aiter_raw():
-                out.write(chunk)
+                _write_all(out, chunk)
                 hasher.update(chunk)
                 done += len(chunk)
                 job.hashed = done
@@ -791,6 +793,15 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _write_all(out: io.RawIOBase, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = out.write(view)
+        if not written:
+            raise OSError(errno.EIO, "the file accepted no bytes", out.name if hasattr(out, "name") else None)
+        view = view[written:]
 
 
 def _fsync(path: Path) -> None:

@@ -9,6 +9,7 @@ import signal
 from collections.abc import Callable
 
 import httpx
+import pytest
 
 from tests.helpers import Gateway, pid_alive, wait_for
 
@@ -79,3 +80,24 @@ def test_a_crowd_waiting_on_a_cold_start_is_served_up_to_the_queue_cap(gateways:
         if response.status_code == 200:
             assert response.json()["choices"][0]["message"]["content"] == f"echo: n{i}"
     assert len(gw.spawns()) == 1 and gw.engine()["waiting"] == 0 and gw.engine()["in_flight"] == 0
+
+
+def test_client_gone_during_a_cold_start_releases_everything(gateways: Start) -> None:
+    gw = gateways(env={"GATEWAY_IDLE_TIMEOUT": "1", "GATEWAY_LOADING_INTERVAL": "0.2"},
+                  fake_env={"FAKE_ENGINE_LOAD_DELAY": "2"})  # fmt: skip
+    with httpx.stream("POST", gw.v1 + "/chat/completions", json=chat("x", stream=True), timeout=30) as response:
+        assert next(response.iter_lines()) == ": loading"
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up while the engine loads
+        httpx.post(gw.v1 + "/chat/completions", json=chat("y"), timeout=0.5)
+    wait_for(lambda: gw.engine()["in_flight"] == 0 and gw.engine()["waiting"] == 0, 10, "both to be released")
+    # The start they triggered still completes, nothing was sent for them, and the idle stop follows.
+    wait_for(lambda: gw.engine()["state"] == "ready" or gw.engine()["starts"] == 1, 15, "the start")
+    wait_for(lambda: gw.engine()["state"] == "stopped" and gw.engine()["starts"] == 1, 20, "the idle stop")
+    assert [r for r in gw.upstream_requests() if r["method"] == "POST"] == []
+
+
+def test_an_engine_that_always_dies_causes_no_spawn_storm(gateways: Start) -> None:
+    gw = gateways(fake_env={"FAKE_ENGINE_EXIT_AT_START": "1"})
+    codes = {httpx.post(gw.v1 + "/chat/completions", json=chat("x"), timeout=30).status_code for _ in range(20)}
+    assert codes == {503} and len(gw.spawns()) == 1  # the backoff holds them off, answered at once
+    assert "simulated load failure" in gw.log()  # the engine's last words are in the gateway log

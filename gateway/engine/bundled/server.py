@@ -337,8 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     import uvicorn
 
+    # Keep-alive longer than the gateway's pool keeps idle connections (30 s): the gateway must never reuse
+    # a connection this server is closing at that very moment.
     config = uvicorn.Config(engine.app(), host=args.host, port=args.port, log_level="warning",
-                            access_log=False, timeout_graceful_shutdown=1)  # fmt: skip
+                            access_log=False, timeout_graceful_shutdown=1, timeout_keep_alive=120)  # fmt: skip
     server = uvicorn.Server(config)
     print(f"bundled engine: serving {', '.join(m.id for m in models)} on {args.host}:{args.port}", flush=True)
     asyncio.run(server.serve())
