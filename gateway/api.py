@@ -7,6 +7,7 @@ A model request reads top to bottom: body -> model -> ``supervisor.lease()`` ->
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ from .errors import (
     RouteNotFound,
     UnsupportedForModel,
 )
+from .events import EventBus
 from .openapi import openapi_document
 from .relay import ModelRename, Relay, error_event
 from .settings import Settings
@@ -109,6 +111,7 @@ class Api:
         relay: Relay,
         image_store: images.ImageStore,
         embeddings: Embeddings,
+        events: EventBus,
     ) -> None:
         self._settings = settings
         self._catalog = catalog
@@ -116,6 +119,7 @@ class Api:
         self._relay = relay
         self._images = image_store
         self._embeddings = embeddings
+        self._events = events
         self._max_body = int(settings.max_body_mb * 1024 * 1024)
         self._created = int(time.time())
         self._draining = False
@@ -130,6 +134,7 @@ class Api:
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/status", self.status, methods=["GET"]),
             Route("/openapi.json", self.openapi, methods=["GET"]),
+            Route("/events", self.event_stream, methods=["GET"]),
             Route("/admin/engine/start", self.admin_start, methods=["POST"]),
             Route("/admin/engine/stop", self.admin_stop, methods=["POST"]),
         ]
@@ -280,11 +285,11 @@ class Api:
 
     async def _cold_stream(self, ready: asyncio.Future[Endpoint], path: str, encode: _Encoder) -> AsyncIterator[bytes]:
         try:
-            yield LOADING
+            yield self._loading()
             while not ready.done():
                 await asyncio.wait({ready}, timeout=self._settings.loading_interval)
                 if not ready.done():
-                    yield LOADING
+                    yield self._loading()
             try:
                 endpoint = ready.result()
                 payload, rename = encode(endpoint)
@@ -297,6 +302,19 @@ class Api:
         finally:
             if not ready.done():
                 ready.cancel()
+
+    def _loading(self) -> bytes:
+        """The SSE comment sent while a stream waits: `: loading`, with download progress when there is any."""
+        parts = []
+        for file, state in self._events.summary()["downloads"].items():
+            if state.get("state") in ("downloading", "retrying", "waiting"):
+                done, total = state.get("bytes") or 0, state.get("total")
+                share = f" {100 * done / total:.0f}%" if total else ""
+                eta = f", ETA {state['eta']:.0f} s" if state.get("eta") is not None else ""
+                parts.append(f" {file}{share} ({done} of {total or '?'} bytes{eta})")
+        if not parts:
+            return LOADING
+        return (": loading" + ";".join(parts)).replace("\n", " ").encode() + b"\n\n"
 
     # ------------------------------------------------------------------------------ other routes
 
@@ -351,6 +369,16 @@ class Api:
         await self._supervisor.stop("admin request")
         return JSONResponse({"engine": self._supervisor.status()})
 
+    async def event_stream(self, request: Request) -> Response:
+        """Lifecycle events as Server-Sent Events: the recent history, then live ones."""
+
+        async def stream() -> AsyncIterator[bytes]:
+            async with contextlib.aclosing(self._events.subscribe()) as events:
+                async for event in events:
+                    yield f"event: {event.type}\ndata: {event.to_json()}\n\n".encode()
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document(self._catalog))
 
@@ -392,6 +420,7 @@ class Api:
                     for m in self._catalog.models
                 ],
                 "embedding_cache": self.cache_status(),
+                "downloads": self._events.summary()["downloads"],
                 "default_model": self._catalog.default_model,
                 "default_embedding_model": self._catalog.default_embedding_model,
                 "models_file": self._catalog.origin,

@@ -25,10 +25,13 @@ from .catalog import Catalog, load_catalog
 from .embeddings import Embeddings
 from .engine.supervisor import Supervisor
 from .errors import GatewayError, MethodNotAllowed, RouteNotFound, error_body
+from .events import EventBus
 from .images import ImageStore
+from .models.download import Downloader
 from .observability import Metrics, RequestObserver, cache_metrics, engine_metrics
 from .relay import Relay
 from .settings import Settings
+from .upstream import AiohttpUpstream, HttpxUpstream, Upstream
 
 _log = logging.getLogger("gateway")
 
@@ -49,17 +52,14 @@ def create_app(
         )
     owns_run_dir = settings.run_dir is None
     run_dir = settings.run_dir or Path(tempfile.mkdtemp(prefix="mistral-gateway-"))
+    events = EventBus()
     if supervisor is None:
-        supervisor = Supervisor(settings, catalog, run_dir=run_dir / "engine")
-    client = httpx.AsyncClient(
-        transport=transport,
-        # Idle connections are dropped after 30 s, before an engine closes them (the bundled one keeps them
-        # 120 s, mistral.rs's server indefinitely): reusing one the engine is closing would fail a request.
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
-        timeout=httpx.Timeout(10.0, read=settings.request_timeout),
-    )
+        downloader = Downloader(settings.model_dir, events=events)
+        supervisor = Supervisor(settings, catalog, run_dir=run_dir / "engine", downloader=downloader, events=events)
+    # A transport passed in (tests) goes through httpx; in production the leaner aiohttp client is used.
+    upstream: Upstream = HttpxUpstream(transport) if transport is not None else AiohttpUpstream()
     relay = Relay(
-        client,
+        upstream,
         stall_timeout=settings.stall_timeout,
         request_timeout=settings.request_timeout,
         on_unreachable=supervisor.engine_unreachable,
@@ -68,7 +68,8 @@ def create_app(
     memory = MemoryStore(int(settings.embedding_cache_mb * 1024 * 1024), ttl=settings.embedding_cache_ttl)
     shared = RedisStore(settings.cache_url, ttl=settings.embedding_cache_ttl) if settings.cache_url else None
     embeddings = Embeddings(relay, memory, shared)
-    api = Api(settings, catalog, supervisor, relay, ImageStore(run_dir / "images", ttl=settings.image_ttl), embeddings)
+    api = Api(settings, catalog, supervisor, relay, ImageStore(run_dir / "images", ttl=settings.image_ttl), embeddings,
+              events)  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -81,7 +82,7 @@ def create_app(
             api.start_draining()
             idle.cancel()
             await supervisor.aclose()
-            await client.aclose()
+            await upstream.aclose()
             if shared is not None:
                 await shared.aclose()
             if owns_run_dir:

@@ -175,7 +175,8 @@ class Catalog:
         return next((m.id for m in self.models if m.kind in wanted), None)
 
 
-# The pair the origin 4D component shipped. The engine fetches both from Hugging Face itself.
+# The pair the origin 4D component shipped: the GGUF is downloaded into the model dir by the gateway (with
+# progress, resume and checks), the embedding model is fetched from Hugging Face by the engine.
 BUILTIN_MODELS = """
 default_model = "Qwen/Qwen3-1.7B"
 default_embedding_model = "Qwen/Qwen3-Embedding-0.6B"
@@ -183,8 +184,8 @@ default_embedding_model = "Qwen/Qwen3-Embedding-0.6B"
 [[models]]
 id = "Qwen/Qwen3-1.7B"
 kind = "gguf"
-repo = "unsloth/Qwen3-1.7B-GGUF"
-file = "Qwen3-1.7B-Q5_K_M.gguf"
+url = "https://huggingface.co/unsloth/Qwen3-1.7B-GGUF/resolve/main/Qwen3-1.7B-Q5_K_M.gguf"
+file = "Qwen/Qwen3-1.7B-Q5_K_M.gguf"
 tokenizer = "Qwen/Qwen3-1.7B"
 
 [[models]]

@@ -24,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the gateway (the default)")
     check = sub.add_parser("check", help="check the configuration and print the engine command line")
+    pull = sub.add_parser("pull", help="download model files ahead of time, with progress")
+    pull.add_argument("models", nargs="*", metavar="ID", help="models to download (default: the default models)")
+    pull.add_argument("--all", action="store_true", help="download every model of the models file")
+    pull.add_argument("--models-file", help="models file (TOML); env GATEWAY_MODELS_FILE")
     engine = sub.add_parser("engine", help="start, stop or show the engine of a running gateway")
     engine.add_argument("action", choices=["start", "stop", "status"])
     engine.add_argument("--url", help="the gateway's URL (default: from GATEWAY_HOST and GATEWAY_PORT)")
@@ -53,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         if args.command == "check":
             return check(settings)
+        if args.command == "pull":
+            return pull_models(settings, args.models, every=args.all)
         if args.command == "engine":
             return engine_command(settings, args.action, args.url)
         return serve(settings)
@@ -93,6 +99,57 @@ def check(settings: Settings) -> int:
     for name, text in command.files.items():
         print(f"--- <run-dir>/{name}\n{text}")
     return 0
+
+
+def pull_models(settings: Settings, names: list[str], *, every: bool) -> int:
+    """`mistral-gateway pull`: fetch `url` model files now, one progress bar per file."""
+    import asyncio
+
+    from .events import EventBus
+    from .models.download import Downloader, DownloadError, render_progress
+
+    catalog = load_catalog(
+        settings.resolved_models_file(), model_dir=settings.model_dir, default_model=settings.default_model
+    )
+    if every:
+        chosen = list(catalog.models)
+    else:
+        wanted = names or [n for n in (catalog.default_model, catalog.default_embedding_model) if n]
+        chosen = []
+        for name in wanted:
+            model = catalog.find(name)
+            if model is None:
+                print(f"mistral-gateway: no model {name!r} in {catalog.origin}", file=sys.stderr)
+                return 2
+            chosen.append(model)
+    for model in chosen:
+        if not model.entry.url:
+            where = model.entry.path or f"the Hugging Face repo {model.source.model_id}"
+            print(f"{model.id}: nothing to download here (it comes from {where}; the engine reads or fetches it)")
+    entries = [m.entry for m in chosen if m.entry.url]
+    if not entries:
+        return 0
+
+    async def run() -> list[object]:
+        bus = EventBus()
+        downloader = Downloader(settings.model_dir, events=bus)
+        bars = asyncio.create_task(render_progress(bus.subscribe(), [str(e.file) for e in entries]))
+        try:
+            return await asyncio.gather(*(downloader.ensure_model(e) for e in entries), return_exceptions=True)
+        finally:
+            await bars
+            await downloader.aclose()
+
+    failed = 0
+    for entry, result in zip(entries, asyncio.run(run()), strict=True):
+        if isinstance(result, DownloadError):
+            print(f"{entry.id}: {result.message}", file=sys.stderr)
+            failed += 1
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            print(f"{entry.id}: {result}")
+    return 1 if failed else 0
 
 
 def engine_command(settings: Settings, action: str, url: str | None) -> int:

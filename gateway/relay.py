@@ -1,4 +1,4 @@
-"""Forwarding requests to the engine, and the one place where engine and httpx errors become ours.
+"""Forwarding requests to the engine, and the one place where engine and transport errors become ours.
 
 Bodies pass through as bytes. The only edit made to an answer is renaming the engine's model id to the
 configured id the client asked for, done as a byte replacement on the serialised ``"model":"..."``
@@ -11,9 +11,8 @@ import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import httpx
-
 from .errors import EngineCrashed, EngineError, EngineStalled, GatewayError, error_body
+from .upstream import Upstream, UpstreamConnectError, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 DONE = b"[DONE]"
 
@@ -77,63 +76,51 @@ def error_event(error: GatewayError) -> bytes:
 
 
 class Relay:
-    """Sends requests to the engine over one shared, pooled HTTP client."""
+    """Sends requests to the engine over one shared, pooled upstream client."""
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        upstream: Upstream,
         *,
         stall_timeout: float,
         request_timeout: float,
         on_unreachable: Callable[[], None] = lambda: None,
         on_stall: Callable[[], None] = lambda: None,
     ) -> None:
-        self._client = client
-        self._stream_timeout = httpx.Timeout(10.0, read=stall_timeout)
-        self._request_timeout = httpx.Timeout(10.0, read=request_timeout)
+        self._upstream = upstream
         self._stall_timeout = stall_timeout
+        self._request_timeout = request_timeout
         self._on_unreachable = on_unreachable
         self._on_stall = on_stall
 
     async def request(self, base_url: str, path: str, body: bytes) -> Reply:
         """One non-streaming call; raises :class:`GatewayError` for any failure."""
         try:
-            response = await self._client.post(
-                base_url + path,
-                content=body,
-                headers={"content-type": "application/json"},
-                timeout=self._request_timeout,
-            )
-        except httpx.HTTPError as exc:
-            raise self._translate(exc) from exc
-        if response.status_code >= 400:
-            raise engine_error(response.status_code, response.content)
-        return Reply(response.status_code, response.content, response.headers.get("content-type", "application/json"))
+            response = await self._upstream.post(base_url + path, body, read_timeout=self._request_timeout,
+                                                 stream=False)  # fmt: skip
+            content = await response.read()
+        except UpstreamError as exc:
+            raise self._translate(exc, self._request_timeout, "GATEWAY_REQUEST_TIMEOUT") from exc
+        if response.status >= 400:
+            raise engine_error(response.status, content)
+        return Reply(response.status, content, response.content_type)
 
-    async def open_stream(self, base_url: str, path: str, body: bytes) -> httpx.Response:
+    async def open_stream(self, base_url: str, path: str, body: bytes) -> UpstreamResponse:
         """Send a streaming call and wait for its headers; an error status raises before any byte is relayed."""
-        request = self._client.build_request(
-            "POST",
-            base_url + path,
-            content=body,
-            headers={"content-type": "application/json", "accept": "text/event-stream"},
-            timeout=self._stream_timeout,
-        )
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise self._translate(exc) from exc
-        if response.status_code >= 400:
+            response = await self._upstream.post(base_url + path, body, read_timeout=self._stall_timeout,
+                                                 stream=True, headers={"accept": "text/event-stream"})  # fmt: skip
+        except UpstreamError as exc:
+            raise self._translate(exc, self._stall_timeout, "GATEWAY_STALL_TIMEOUT") from exc
+        if response.status >= 400:
             try:
-                content = await response.aread()
-            except httpx.HTTPError:
+                content = await response.read()
+            except UpstreamError:
                 content = b""
-            finally:
-                await response.aclose()
-            raise engine_error(response.status_code, content)
+            raise engine_error(response.status, content)
         return response
 
-    async def events(self, response: httpx.Response, rename: ModelRename) -> AsyncIterator[bytes]:
+    async def events(self, response: UpstreamResponse, rename: ModelRename) -> AsyncIterator[bytes]:
         """Relay SSE events as they arrive, whole events at a time.
 
         A plain-text ``data:`` event is how the engine reports an error mid-stream; it and any transport
@@ -141,7 +128,7 @@ class Relay:
         """
         buffer = b""
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.chunks():
                 buffer += chunk
                 end = buffer.rfind(b"\n\n")
                 if end < 0:
@@ -153,11 +140,11 @@ class Relay:
                 if error is not None:
                     yield error_event(error)
                     return
-        except httpx.HTTPError as exc:
-            yield error_event(self._translate(exc))
+        except UpstreamError as exc:
+            yield error_event(self._translate(exc, self._stall_timeout, "GATEWAY_STALL_TIMEOUT"))
             return
         finally:
-            await response.aclose()
+            await response.close()
         if buffer.strip():
             out, error = _check_events(buffer + b"\n\n")
             if out:
@@ -165,14 +152,15 @@ class Relay:
             if error is not None:
                 yield error_event(error)
 
-    def _translate(self, exc: httpx.HTTPError) -> GatewayError:
-        if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+    def _translate(self, exc: UpstreamError, timeout: float, setting: str) -> GatewayError:
+        """The one boundary where transport failures become the gateway's errors."""
+        if isinstance(exc, UpstreamTimeout):
             self._on_stall()
             return EngineStalled(
-                f"The engine sent nothing for {self._stall_timeout:g} s (GATEWAY_STALL_TIMEOUT); the request "
+                f"The engine sent nothing for {timeout:g} s ({setting}); the request "
                 "was abandoned and the engine restarted."
             )
-        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        if isinstance(exc, UpstreamConnectError):
             self._on_unreachable()
             return EngineCrashed("The engine could not be reached; it may have crashed. Retry the request.")
         return EngineCrashed(

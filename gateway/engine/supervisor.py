@@ -24,8 +24,10 @@ from tenacity import RetryCallState, wait_exponential
 
 from ..catalog import Catalog
 from ..errors import EngineStartFailed, EngineUnavailable, GatewayError, QueueFull
+from ..events import EventSink, NullSink
+from ..models.download import Downloader, DownloadError
 from ..settings import Settings
-from .command import EngineCommand, build_command
+from .command import CommandError, EngineCommand, build_command
 from .discovery import EngineProgram, find_engine
 from .process import EngineProcess, ProcessSpawner, SubprocessSpawner
 from .state import EngineState, StateMachine
@@ -72,6 +74,8 @@ class Supervisor:
         clock: Clock = time.monotonic,
         find_program: ProgramFinder | None = None,
         probe_transport: httpx.AsyncBaseTransport | None = None,
+        downloader: Downloader | None = None,
+        events: EventSink | None = None,
         logger: logging.Logger = _logger,
     ) -> None:
         self._settings = settings
@@ -84,6 +88,8 @@ class Supervisor:
         )
         self._probe = httpx.AsyncClient(transport=probe_transport, timeout=httpx.Timeout(2.0))
         self._log = logger
+        self._events: EventSink = events or NullSink()
+        self._downloader = downloader
         self._activity = asyncio.Event()
         self._sm = StateMachine(on_change=self._on_state_change)
         self._backoff = wait_exponential(multiplier=1, min=1, max=settings.backoff_max)
@@ -95,6 +101,7 @@ class Supervisor:
         self._start_task: asyncio.Task[Endpoint] | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._stop_reason = ""
         self._background: set[asyncio.Task[None]] = set()
 
         self._in_flight = 0
@@ -238,6 +245,8 @@ class Supervisor:
             await asyncio.wait({self._start_task})
         await self.stop("gateway shutdown")
         await self._probe.aclose()
+        if self._downloader is not None:
+            await self._downloader.aclose()
 
     def kill_now(self) -> None:
         """Last-resort synchronous cleanup (a second Ctrl+C skips the async shutdown)."""
@@ -273,6 +282,18 @@ class Supervisor:
     def _on_state_change(self, previous: EngineState, current: EngineState) -> None:
         self._log.info("engine %s -> %s", previous.value, current.value)
         self._activity.set()
+        if current is EngineState.STARTING:
+            self._events.publish("engine.starting")
+        elif current is EngineState.READY:
+            self._events.publish("engine.ready", pid=self.pid, port=self._port, seconds=self.last_start_seconds,
+                                 adopted=self._external)  # fmt: skip
+        elif current is EngineState.STOPPED:
+            self._events.publish("engine.stopped", reason=self._stop_reason)
+        elif current is EngineState.FAILED:
+            kind = "engine.crashed" if previous is EngineState.READY else "engine.failed"
+            self._events.publish(
+                kind, error=self._last_error, retry_in=round(max(0.0, self._retry_at - self._clock()), 3)
+            )
 
     # ---------------------------------------------------------------------------------- starting
 
@@ -350,16 +371,17 @@ class Supervisor:
                     f"GATEWAY_ENGINE_PORT={fixed} is taken by a program that is not a mistral.rs engine. "
                     "Free the port, or set GATEWAY_ENGINE_PORT=0 to pick a free one."
                 )
-        program = self._find_program()
+        # Finding the program runs `--version`: keep that off the event loop.
+        program = await asyncio.to_thread(self._find_program)
+        await self._download_models()
         self._check_model_files()
         port = fixed or _free_port()
-        command = build_command(
-            program,
-            self._catalog,
-            port=port,
-            run_dir=str(self._run_dir),
-            extra_args=_split(settings.engine_args),
-        )
+        try:
+            command = build_command(
+                program, self._catalog, port=port, run_dir=str(self._run_dir), extra_args=_split(settings.engine_args)
+            )
+        except CommandError as exc:
+            raise EngineStartFailed(str(exc)) from exc
         self._run_dir.mkdir(parents=True, exist_ok=True)
         for name, text in command.files.items():
             (self._run_dir / name).write_text(text, encoding="utf-8")
@@ -397,6 +419,16 @@ class Supervisor:
             candidates = [model.id, model.source.engine_id, model.source.model_id]
             ids[model.id] = next((c for c in candidates if c in served), model.id)
         return Endpoint(url, ids)
+
+    async def _download_models(self) -> None:
+        """Fetch every `url` model file that is missing (or resume it); a present, valid file costs nothing."""
+        if self._downloader is None:
+            return
+        for model in self._catalog.models:
+            try:
+                await self._downloader.ensure_model(model.entry)
+            except DownloadError as exc:
+                raise EngineStartFailed(f"Model {model.id!r}: {exc.message}") from exc
 
     def _check_model_files(self) -> None:
         for model in self._catalog.models:
@@ -471,6 +503,7 @@ class Supervisor:
         self._sm.transition(EngineState.READY, EngineState.FAILED)
 
     async def _stop(self, reason: str) -> None:
+        self._stop_reason = reason
         proc, external = self._proc, self._external
         self._log.info("stopping engine (%s)", reason)
         if self._start_task is not None and not self._start_task.done():

@@ -314,3 +314,18 @@ from_uqff = "{uqff_dir / uqff}"
     for model in ("isq", "uqff"):  # quantized: concurrent requests must all succeed
         _fire(client, model, 8, True, 20)
     assert "quantized: prefill one request at a time" in gw.log()
+
+
+@pytest.mark.parametrize("engine_env", ["bundled"], indirect=True)
+def test_a_tiny_model_served_over_http_is_downloaded_loaded_and_answers(
+    real_gateway: Callable[..., Gateway], tiny_models: Path
+) -> None:
+    from tests.fileserver import FileServer
+
+    content = (tiny_models / "q8" / "tiny-Q8_0.gguf").read_bytes()
+    with FileServer(content, path="/unsloth/tiny-Q8_0.gguf") as server:
+        gw = real_gateway(f'[[models]]\nid = "remote"\nkind = "gguf"\nurl = "{server.url}"\n'
+                          f'file = "remote/tiny-Q8_0.gguf"\nsha256 = "{server.sha256}"\n')  # fmt: skip
+        reply = ask(sdk(gw), "remote", tokens=6)
+        assert reply.choices[0].message.content and reply.model == "remote"  # type: ignore[attr-defined]
+        assert len(server.gets()) == 1

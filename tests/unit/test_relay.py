@@ -7,11 +7,11 @@ import pytest
 
 from gateway.errors import EngineCrashed, EngineError, EngineStalled
 from gateway.relay import ModelRename, Relay, engine_error
+from gateway.upstream import HttpxUpstream
 
 
 def relay_for(handler: httpx.MockTransport, **kw: float) -> Relay:
-    client = httpx.AsyncClient(transport=handler)
-    return Relay(client, stall_timeout=kw.get("stall", 5.0), request_timeout=kw.get("timeout", 5.0))
+    return Relay(HttpxUpstream(handler), stall_timeout=kw.get("stall", 5.0), request_timeout=kw.get("timeout", 5.0))
 
 
 @pytest.mark.parametrize(
@@ -97,12 +97,14 @@ async def test_transport_failures_are_translated() -> None:
         raise httpx.RemoteProtocolError("peer closed", request=request)
 
     unreachable: list[bool] = []
-    client = httpx.AsyncClient(transport=httpx.MockTransport(refuse))
-    relay = Relay(client, stall_timeout=7, request_timeout=7, on_unreachable=lambda: unreachable.append(True))
+    relay = Relay(HttpxUpstream(httpx.MockTransport(refuse)), stall_timeout=7, request_timeout=7,
+                  on_unreachable=lambda: unreachable.append(True))  # fmt: skip
     with pytest.raises(EngineCrashed):
         await relay.request("http://e", "/v1/completions", b"{}")
     assert unreachable == [True]
-    with pytest.raises(EngineStalled, match="7 s"):
-        await relay_for(httpx.MockTransport(stall), stall=7).request("http://e", "/x", b"{}")
+    with pytest.raises(EngineStalled, match=r"7 s \(GATEWAY_REQUEST_TIMEOUT\)"):
+        await relay_for(httpx.MockTransport(stall), timeout=7).request("http://e", "/x", b"{}")
+    with pytest.raises(EngineStalled, match=r"3 s \(GATEWAY_STALL_TIMEOUT\)"):
+        await relay_for(httpx.MockTransport(stall), stall=3).open_stream("http://e", "/x", b"{}")
     with pytest.raises(EngineCrashed, match="middle of the response"):
         await relay_for(httpx.MockTransport(cut)).request("http://e", "/x", b"{}")

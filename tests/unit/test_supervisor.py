@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.catalog import load_catalog
+from gateway.catalog import load_catalog, parse_catalog
 from gateway.engine.discovery import EngineProgram
 from gateway.engine.state import EngineState
 from gateway.engine.supervisor import Supervisor
@@ -82,7 +82,9 @@ class Clock:
 
 def make(tmp_path: Path, spawner: FakeSpawner, clock: Clock, **settings: object) -> Supervisor:
     config = Settings(_env_file=None, **settings)  # type: ignore[call-arg]
-    catalog = load_catalog(None, model_dir=tmp_path)
+    # Models the engine fetches itself: nothing for the supervisor to download or find on disk.
+    catalog = parse_catalog('[[models]]\nid = "chat"\nkind = "plain"\nrepo = "org/chat"\n', origin="m.toml",
+                            model_dir=tmp_path)  # fmt: skip
     return Supervisor(
         config,
         catalog,
