@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import orjson
 
 from .cache.keys import Item, item_key, model_identity
@@ -55,8 +54,15 @@ def supports_matryoshka(model: Model) -> bool:
     return model.kind == "embedding" and "qwen3" in names
 
 
+def _np() -> Any:
+    """numpy, imported at the first embeddings request: a gateway that serves only chat never pays its memory."""
+    import numpy
+
+    return numpy
+
+
 def _to_entry(values: Any, tokens: int) -> Entry:
-    vector = np.asarray(values, dtype="<f4")
+    vector = _np().asarray(values, dtype="<f4")
     return Entry(vector.tobytes(), tokens)
 
 
@@ -207,6 +213,7 @@ class Embeddings:
             raise EngineError("The engine's embeddings answer could not be read.", status=502) from exc
         if len(vectors) != len(items):
             raise EngineError(f"The engine returned {len(vectors)} embeddings for {len(items)} inputs.", status=502)
+        np = _np()
         entries = []
         for values, share in zip(vectors, _apportion(tokens, items), strict=True):
             if isinstance(values, str):  # an engine that answered base64 anyway
@@ -228,6 +235,7 @@ class Embeddings:
 
     def _answer(self, body: dict[str, Any], model: Model, entries: list[Entry]) -> bytes:
         b64 = body.get("encoding_format") == "base64"
+        np = _np()
         data = []
         for index, entry in enumerate(entries):
             if b64:

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .download import Downloader, DownloadError, ProgressView, is_retryable, render_progress
+from .download import Downloader, DownloadError, is_retryable
 
-__all__ = ["DownloadError", "Downloader", "ProgressView", "is_retryable", "render_progress"]
+__all__ = ["DownloadError", "Downloader", "is_retryable"]

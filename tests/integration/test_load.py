@@ -61,7 +61,8 @@ async def _round(url: str, requests: int, concurrency: int) -> list[int]:
 def test_mixed_load_without_errors_or_leaks(gateways: Start) -> None:
     gw = gateways(env={"GATEWAY_LOG_LEVEL": "warning"})
     pid = gw.proc.pid
-    asyncio.run(_round(gw.url, 200, 64))  # warm-up: pools, caches and lazy imports settle
+    # Warm-up at full concurrency: connection pools fill up to their peak, caches and lazy imports settle.
+    asyncio.run(_round(gw.url, 600, 256))
     wait_for(lambda: gw.engine()["in_flight"] == 0, 10, "the warm-up to finish")
     fds_before, rss_before = fds(pid), rss_mb(pid)
     rounds = 10 if SOAK else 1
@@ -74,7 +75,8 @@ def test_mixed_load_without_errors_or_leaks(gateways: Start) -> None:
             assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}
     elapsed = time.monotonic() - began
     wait_for(lambda: gw.engine()["in_flight"] == 0, 10, "every request to be released")
-    # Descriptors: the clients' connections close; what remains is the pool to the engine, bounded.
+    # Descriptors: the clients' connections close; what remains is the pool of idle connections to the engine,
+    # no larger than after the warm-up's burst. A leak would grow with every round.
     wait_for(lambda: fds(pid) <= fds_before + 10, 20, f"descriptors to return (before {fds_before}, now {fds(pid)})")
     growth = rss_mb(pid) - rss_before
     print(f"\nload: {total} requests in {elapsed:.1f} s ({total / elapsed:.0f}/s); gateway fds {fds_before} -> "

@@ -28,9 +28,9 @@ from gateway.models.download import (
     is_retryable,
     normalise_sha256,
     read_sha256_cache,
-    render_progress,
     write_sha256_cache,
 )
+from gateway.models.progress import render_progress
 
 CONTENT = bytes(range(256)) * 400  # 102400 bytes
 SHA = hashlib.sha256(CONTENT).hexdigest()
