@@ -8,8 +8,8 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -27,11 +27,15 @@ from .engine.supervisor import Supervisor
 from .errors import GatewayError, MethodNotAllowed, RouteNotFound, error_body
 from .events import EventBus
 from .images import ImageStore
-from .models.download import Downloader
 from .observability import Metrics, RequestObserver, cache_metrics, engine_metrics
 from .relay import Relay
 from .settings import Settings
 from .upstream import AiohttpUpstream, HttpxUpstream, Upstream
+
+if TYPE_CHECKING:
+    import httpx
+
+    from .models.download import Downloader
 
 _log = logging.getLogger("gateway")
 
@@ -41,7 +45,7 @@ def create_app(
     *,
     catalog: Catalog | None = None,
     supervisor: Supervisor | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,  # tests: an httpx transport instead of aiohttp
 ) -> Starlette:
     """The ASGI app. Parts not passed in are built from ``settings``."""
     if catalog is None:
@@ -54,8 +58,10 @@ def create_app(
     run_dir = settings.run_dir or Path(tempfile.mkdtemp(prefix="mistral-gateway-"))
     events = EventBus()
     if supervisor is None:
-        downloader = Downloader(settings.model_dir, events=events)
-        supervisor = Supervisor(settings, catalog, run_dir=run_dir / "engine", downloader=downloader, events=events)
+        supervisor = Supervisor(
+            settings, catalog, run_dir=run_dir / "engine", events=events,
+            downloader=lambda: _downloader(settings, events),
+        )  # fmt: skip
     # A transport passed in (tests) goes through httpx; in production the leaner aiohttp client is used.
     upstream: Upstream = HttpxUpstream(transport) if transport is not None else AiohttpUpstream()
     relay = Relay(
@@ -110,6 +116,12 @@ def create_app(
     app.state.supervisor = supervisor
     app.state.catalog = catalog
     return app
+
+
+def _downloader(settings: Settings, events: EventBus) -> Downloader:
+    from .models.download import Downloader
+
+    return Downloader(settings.model_dir, events=events)
 
 
 def error_response(error: GatewayError) -> Response:

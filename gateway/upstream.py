@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import httpx
+if TYPE_CHECKING:  # httpx is imported only when used: the gateway at rest does without it
+    import httpx
 
 
 class UpstreamError(Exception):
@@ -44,6 +45,10 @@ class UpstreamResponse(Protocol):
 
 
 class Upstream(Protocol):
+    async def get(self, url: str, *, timeout: float) -> tuple[int, bytes]:
+        """A small GET (health probes): status and body. Raises :class:`UpstreamError`."""
+        ...
+
     async def post(
         self, url: str, body: bytes, *, read_timeout: float, stream: bool, headers: dict[str, str] | None = None
     ) -> UpstreamResponse: ...
@@ -112,6 +117,15 @@ class AiohttpUpstream:
             )  # fmt: skip
         return self._session
 
+    async def get(self, url: str, *, timeout: float) -> tuple[int, bytes]:
+        import aiohttp
+
+        try:
+            async with self._get_session().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                return response.status, await response.read()
+        except Exception as exc:
+            raise _aiohttp_error(exc) from exc
+
     async def post(
         self, url: str, body: bytes, *, read_timeout: float, stream: bool, headers: dict[str, str] | None = None
     ) -> UpstreamResponse:
@@ -141,6 +155,8 @@ class _HttpxResponse:
         self.content_type = response.headers.get("content-type", "application/json")
 
     async def read(self) -> bytes:
+        import httpx
+
         try:
             return await self._response.aread()
         except httpx.HTTPError as exc:
@@ -149,6 +165,8 @@ class _HttpxResponse:
             await self._response.aclose()
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        import httpx
+
         try:
             async for chunk in self._response.aiter_raw():
                 yield chunk
@@ -160,6 +178,8 @@ class _HttpxResponse:
 
 
 def _httpx_error(exc: httpx.HTTPError) -> UpstreamError:
+    import httpx
+
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         return UpstreamConnectError(str(exc))
     if isinstance(exc, httpx.TimeoutException):
@@ -171,14 +191,27 @@ class HttpxUpstream:
     """httpx with an injectable transport (``httpx.MockTransport`` in unit tests)."""
 
     def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        import httpx
+
         self._client = httpx.AsyncClient(
             transport=transport,
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
         )
 
+    async def get(self, url: str, *, timeout: float) -> tuple[int, bytes]:
+        import httpx
+
+        try:
+            response = await self._client.get(url, timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise _httpx_error(exc) from exc
+        return response.status_code, response.content
+
     async def post(
         self, url: str, body: bytes, *, read_timeout: float, stream: bool, headers: dict[str, str] | None = None
     ) -> UpstreamResponse:
+        import httpx
+
         request = self._client.build_request(
             "POST", url, content=body, headers={"content-type": "application/json", **(headers or {})},
             timeout=httpx.Timeout(10.0, read=read_timeout),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -17,20 +18,22 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from tenacity import RetryCallState, wait_exponential
 
 from ..catalog import Catalog
 from ..errors import EngineStartFailed, EngineUnavailable, GatewayError, QueueFull
 from ..events import EventSink, NullSink
-from ..models.download import Downloader, DownloadError
 from ..settings import Settings
+from ..upstream import AiohttpUpstream, Upstream, UpstreamError
 from .command import CommandError, EngineCommand, build_command
 from .discovery import EngineProgram, find_engine
 from .process import EngineProcess, ProcessSpawner, SubprocessSpawner
 from .state import EngineState, StateMachine
+
+if TYPE_CHECKING:
+    from ..models.download import Downloader
 
 Clock = Callable[[], float]
 ProgramFinder = Callable[[], EngineProgram]
@@ -73,8 +76,8 @@ class Supervisor:
         spawner: ProcessSpawner | None = None,
         clock: Clock = time.monotonic,
         find_program: ProgramFinder | None = None,
-        probe_transport: httpx.AsyncBaseTransport | None = None,
-        downloader: Downloader | None = None,
+        probe: Upstream | None = None,
+        downloader: Callable[[], Downloader] | None = None,
         events: EventSink | None = None,
         logger: logging.Logger = _logger,
     ) -> None:
@@ -86,10 +89,11 @@ class Supervisor:
         self._find_program = find_program or (
             lambda: find_engine(choice=settings.engine, binary=settings.engine_binary)
         )
-        self._probe = httpx.AsyncClient(transport=probe_transport, timeout=httpx.Timeout(2.0))
+        self._probe: Upstream = probe or AiohttpUpstream()
         self._log = logger
         self._events: EventSink = events or NullSink()
-        self._downloader = downloader
+        self._make_downloader = downloader
+        self._downloader: Downloader | None = None
         self._activity = asyncio.Event()
         self._sm = StateMachine(on_change=self._on_state_change)
         self._backoff = wait_exponential(multiplier=1, min=1, max=settings.backoff_max)
@@ -422,9 +426,14 @@ class Supervisor:
 
     async def _download_models(self) -> None:
         """Fetch every `url` model file that is missing (or resume it); a present, valid file costs nothing."""
-        if self._downloader is None:
+        wanted = [m for m in self._catalog.models if m.entry.url]
+        if not wanted or self._make_downloader is None:
             return
-        for model in self._catalog.models:
+        from ..models.download import DownloadError  # the downloader is loaded only by models that need it
+
+        if self._downloader is None:
+            self._downloader = self._make_downloader()
+        for model in wanted:
             try:
                 await self._downloader.ensure_model(model.entry)
             except DownloadError as exc:
@@ -470,22 +479,22 @@ class Supervisor:
 
     async def _healthy(self, url: str) -> bool:
         try:
-            response = await self._probe.get(f"{url}/health")
-        except httpx.HTTPError:
+            status, _ = await self._probe.get(f"{url}/health", timeout=2.0)
+        except UpstreamError:
             return False
-        return response.status_code == 200
+        return status == 200
 
     async def _served_ids(self, url: str) -> set[str] | None:
         """The model ids a mistral.rs engine at ``url`` lists; None when nothing answers like one there."""
         if not await self._healthy(url):
             return None
         try:
-            response = await self._probe.get(f"{url}/v1/models")
-            listing = response.json()
-            if response.status_code != 200 or listing.get("object") != "list":
+            status, content = await self._probe.get(f"{url}/v1/models", timeout=5.0)
+            listing = json.loads(content)
+            if status != 200 or listing.get("object") != "list":
                 return None
             return {str(item["id"]) for item in listing.get("data", []) if isinstance(item, dict) and "id" in item}
-        except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+        except (UpstreamError, ValueError, AttributeError, TypeError):
             return None
 
     # ------------------------------------------------------------------------- crash and stop

@@ -16,6 +16,7 @@ from gateway.engine.state import EngineState
 from gateway.engine.supervisor import Supervisor
 from gateway.errors import EngineNotInstalled, EngineStartFailed
 from gateway.settings import Settings
+from gateway.upstream import HttpxUpstream
 
 
 class FakeProcess:
@@ -92,7 +93,7 @@ def make(tmp_path: Path, spawner: FakeSpawner, clock: Clock, **settings: object)
         spawner=spawner,
         clock=clock,
         find_program=lambda: EngineProgram(("mistralrs-server",), "legacy", "mistralrs-server"),
-        probe_transport=spawner.transport(),
+        probe=HttpxUpstream(spawner.transport()),
     )
 
 
