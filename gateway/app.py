@@ -27,7 +27,7 @@ from .engine.supervisor import Supervisor
 from .errors import GatewayError, MethodNotAllowed, RouteNotFound, error_body
 from .events import EventBus
 from .images import ImageStore
-from .observability import Metrics, RequestObserver, cache_metrics, engine_metrics
+from .observability import Metrics, RequestObserver, cache_metrics, download_metrics, engine_metrics
 from .relay import Relay
 from .settings import Settings
 from .upstream import AiohttpUpstream, HttpxUpstream, Upstream
@@ -95,7 +95,13 @@ def create_app(
                 shutil.rmtree(run_dir, ignore_errors=True)
 
     metrics = Metrics()
-    metrics.watch(lambda: [*engine_metrics(supervisor.status()), *cache_metrics(api.cache_status())])
+    metrics.watch(
+        lambda: [
+            *engine_metrics(supervisor.status()),
+            *cache_metrics(api.cache_status()),
+            *download_metrics(events.summary()["downloads"]),
+        ]
+    )
 
     async def serve_metrics(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

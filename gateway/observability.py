@@ -75,6 +75,15 @@ def cache_metrics(cache: dict[str, Any]) -> list[Metric]:
     return [hits, misses, size, errors]
 
 
+def download_metrics(downloads: dict[str, dict[str, Any]]) -> list[Metric]:
+    """Bytes fetched by this gateway, per file (files found already present count nothing)."""
+    fetched = CounterMetricFamily("gateway_download_bytes", "Model file bytes downloaded.", labels=["file"])
+    for file, state in downloads.items():
+        if state.get("state") != "present":
+            fetched.add_metric([file], float(state.get("bytes") or 0))
+    return [fetched]
+
+
 class RequestObserver:
     """Pure ASGI middleware: X-Request-ID in and out, an access log line, request metrics."""
 

@@ -50,6 +50,8 @@ def test_lazy_download_on_first_request_with_events(gateways: Start, server: Fil
     assert argv[argv.index("--quantized-model-id") + 1] == str(target.parent)
     downloads = gw.status()["downloads"]["tiny/tiny-Q8_0.gguf"]
     assert downloads["state"] == "done" and downloads["bytes"] == len(CONTENT)
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert 'gateway_download_bytes_total{file="tiny/tiny-Q8_0.gguf"} 3.145728e+06' in metrics
 
     with httpx.stream("GET", gw.url + "/events", timeout=10) as response:
         assert response.headers["content-type"].startswith("text/event-stream")

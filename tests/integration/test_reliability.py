@@ -101,3 +101,39 @@ def test_an_engine_that_always_dies_causes_no_spawn_storm(gateways: Start) -> No
     codes = {httpx.post(gw.v1 + "/chat/completions", json=chat("x"), timeout=30).status_code for _ in range(20)}
     assert codes == {503} and len(gw.spawns()) == 1  # the backoff holds them off, answered at once
     assert "simulated load failure" in gw.log()  # the engine's last words are in the gateway log
+
+
+def test_engine_sigkilled_mid_stream_ends_the_stream_with_one_error_then_restarts(gateways: Start) -> None:
+    import os
+
+    gw = gateways()
+    with httpx.stream("POST", gw.v1 + "/chat/completions", json=chat("slow:30", stream=True), timeout=30) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        os.kill(gw.engine()["pid"], signal.SIGKILL)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert json.loads(first[6:])["choices"]
+    assert len(rest) == 1 and json.loads(rest[0][6:])["error"]["code"] == "engine_crashed"
+    wait_for(lambda: gw.engine()["crashes"] == 1, 10, "the crash to be noticed")
+    assert httpx.post(gw.v1 + "/chat/completions", json=chat("back"), timeout=30).status_code == 200
+    assert len(gw.spawns()) == 2
+
+
+def test_requests_waiting_on_a_cold_start_are_served_in_order_of_arrival(gateways: Start) -> None:
+    gw = gateways(fake_env={"FAKE_ENGINE_LOAD_DELAY": "3"})
+
+    async def arrive_in_order() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            tasks = []
+            for i in range(20):
+                tasks.append(asyncio.create_task(client.post(gw.v1 + "/chat/completions", json=chat(f"#{i}"))))
+                # The next one leaves only once this one waits in the gateway: arrival order is known.
+                deadline = asyncio.get_running_loop().time() + 10
+                while (await client.get(gw.url + "/status")).json()["engine"]["waiting"] < i + 1:
+                    assert asyncio.get_running_loop().time() < deadline, f"request {i} never started waiting"
+            return list(await asyncio.gather(*tasks))
+
+    responses = asyncio.run(arrive_in_order())
+    assert [r.status_code for r in responses] == [200] * 20
+    sent = [r["body"]["messages"][0]["content"] for r in gw.upstream_requests() if r["method"] == "POST"]
+    assert sent == [f"#{i}" for i in range(20)]
