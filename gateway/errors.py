@@ -35,6 +35,11 @@ def error_body(message: str, type_: str, *, param: str | None = None, code: str 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def retry_after_header(seconds: float) -> str:
+    """Whole seconds, rounded up, at least 1: a client told to retry after 0 would retry at once."""
+    return str(max(1, int(seconds + 0.999)))
+
+
 class GatewayError(Exception):
     """An error with everything needed to answer a client in OpenAI's shape."""
 
@@ -132,7 +137,7 @@ class EngineUnavailable(GatewayError):
         super().__init__(message, **kwargs)
         self.retry_after = retry_after
         if retry_after is not None:
-            self.headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+            self.headers["Retry-After"] = retry_after_header(retry_after)
 
 
 class EngineNotInstalled(EngineUnavailable):
@@ -150,7 +155,7 @@ class QueueFull(GatewayError):
 
     def __init__(self, message: str, *, retry_after: float, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
-        self.headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+        self.headers["Retry-After"] = retry_after_header(retry_after)
 
 
 class EngineCrashed(GatewayError):

@@ -87,6 +87,18 @@ class EngineApp:
             return PlainTextResponse("Failed to deserialize the JSON body: expected an object", status_code=422)
         return body
 
+    async def _request(
+        self, request: Request, kinds: frozenset[str], unknown_status: int
+    ) -> tuple[dict[str, Any], LoadedModel] | Response:
+        """The body and the model it names, or the error answer the engine would give."""
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        model = self._model(body, kinds, unknown_status)
+        if isinstance(model, Response):
+            return model
+        return body, model
+
     def _model(self, body: dict[str, Any], kinds: frozenset[str], status: int) -> LoadedModel | Response:
         name = body.get("model") or "default"
         model = self._by_name.get(self.default_id if name == "default" else str(name))
@@ -106,12 +118,10 @@ class EngineApp:
     # Chat is always generated as a stream (batched by the engine) and collected when not streamed.
 
     async def completions(self, request: Request) -> Response:
-        body = await self._body(request)
-        if isinstance(body, Response):
-            return body
-        model = self._model(body, _CHAT_KINDS, 500)
-        if isinstance(model, Response):
-            return model
+        parsed = await self._request(request, _CHAT_KINDS, 500)
+        if isinstance(parsed, Response):
+            return parsed
+        body, model = parsed
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -137,12 +147,10 @@ class EngineApp:
         return StreamingResponse(one_chunk(), media_type=_SSE)
 
     async def _generate(self, request: Request, *, chat: bool) -> Response:
-        body = await self._body(request)
-        if isinstance(body, Response):
-            return body
-        model = self._model(body, _CHAT_KINDS, 500)
-        if isinstance(model, Response):
-            return model
+        parsed = await self._request(request, _CHAT_KINDS, 500)
+        if isinstance(parsed, Response):
+            return parsed
+        body, model = parsed
         messages = body.get("messages")
         if messages is None:
             return PlainTextResponse("Failed to deserialize the JSON body: missing field `messages`", 422)
@@ -219,12 +227,10 @@ class EngineApp:
     # ----------------------------------------------------------------------- embeddings, images
 
     async def embeddings(self, request: Request) -> Response:
-        body = await self._body(request)
-        if isinstance(body, Response):
-            return body
-        model = self._model(body, frozenset({"embedding"}), 422)
-        if isinstance(model, Response):
-            return model
+        parsed = await self._request(request, frozenset({"embedding"}), 422)
+        if isinstance(parsed, Response):
+            return parsed
+        body, model = parsed
         if "input" not in body:
             return PlainTextResponse("Failed to deserialize the JSON body: missing field `input`", status_code=422)
         if body.get("dimensions") is not None:
@@ -244,12 +250,10 @@ class EngineApp:
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
 
     async def images(self, request: Request) -> Response:
-        body = await self._body(request)
-        if isinstance(body, Response):
-            return body
-        model = self._model(body, frozenset({"diffusion"}), 500)
-        if isinstance(model, Response):
-            return model
+        parsed = await self._request(request, frozenset({"diffusion"}), 500)
+        if isinstance(parsed, Response):
+            return parsed
+        body, model = parsed
         try:
             return JSONResponse(await model.image(body))
         except RequestError as exc:
@@ -258,12 +262,10 @@ class EngineApp:
             return _message(500, str(exc))
 
     async def speech(self, request: Request) -> Response:
-        body = await self._body(request)
-        if isinstance(body, Response):
-            return body
-        model = self._model(body, frozenset({"speech"}), 500)
-        if isinstance(model, Response):
-            return model
+        parsed = await self._request(request, frozenset({"speech"}), 500)
+        if isinstance(parsed, Response):
+            return parsed
+        body, model = parsed
         try:
             pcm, rate, channels = await model.speech(str(body.get("input", "")))
         except GenerationError as exc:
