@@ -106,12 +106,13 @@ def create_app(
     async def serve_metrics(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    middleware = [Middleware(RequestObserver, metrics=metrics, log_format=settings.log_format)]
+    api_keys = load_keys(settings.api_keys)
+    if api_keys or settings.admin_key:  # a layer costs CPU on every request: none when nothing is guarded
+        middleware.append(Middleware(KeyGuard, api_keys=api_keys, admin_key=settings.admin_key))
     app = Starlette(
         routes=[*api.routes(), Route("/metrics", serve_metrics, methods=["GET"])],
-        middleware=[
-            Middleware(RequestObserver, metrics=metrics, log_format=settings.log_format),
-            Middleware(KeyGuard, api_keys=load_keys(settings.api_keys), admin_key=settings.admin_key),
-        ],
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
             GatewayError: _gateway_error,

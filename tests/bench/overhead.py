@@ -909,15 +909,16 @@ def main(argv: Sequence[str] | None = None) -> None:
           "1,000 requests.\nStreams: p50 / p99 are the total time; ttfc = time to first chunk; gap mean, and gap max "
           "as the median of each stream's largest gap (ms).")  # fmt: skip
 
-    def client_cpu(streaming: bool) -> float:
-        rows = [r for c in cells for r in c["paths"].values() if c["workload"].startswith("stream") == streaming]
-        return max((r.get("client_cpu_s_per_1k") or 0.0 for r in rows), default=0.0)
+    def client_cpu(streaming: bool) -> str:
+        worst: dict[str, float] = {}
+        for cell in cells:
+            if cell["workload"].startswith("stream") == streaming:
+                for name, row in cell["paths"].items():
+                    worst[name] = max(worst.get(name, 0.0), row.get("client_cpu_s_per_1k") or 0.0)
+        return ", ".join(f"{name} {value:.2f}" for name, value in worst.items())
 
-    client, streams = client_cpu(False), client_cpu(True)
-    print(
-        f"Load generator CPU per 1,000 requests: at most {client:.3f} s in a chat or embeddings cell, "
-        f"{streams:.3f} s in a stream cell (x 100 or 200 chunks)."
-    )
+    print(f"Load generator CPU, s per 1,000 requests (worst cell): chat and embeddings: {client_cpu(False)}; "
+          f"streams: {client_cpu(True)}.")  # fmt: skip
     memory = {t.name: {"rss_rest_mb": t.rss_rest_mb, "rss_after_mb": t.rss_after_mb} for t in targets if t.proc}
     print("RSS (MB, whole process tree), at rest -> after the run: "
           + ", ".join(f"{n} {m['rss_rest_mb']} -> {m['rss_after_mb']}" for n, m in memory.items()))  # fmt: skip
