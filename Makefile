@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint bench clean
+.PHONY: run test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +25,15 @@ test: $(VENV)/.installed-test
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
+# Benchmarks print numbers; they are not tests. LiteLLM gets a venv of its own (it pins many packages),
+# installed on first use; set BENCH_LITELLM=0 to leave it out.
+BENCH_LITELLM ?= 1
+LITELLM_VENV  ?= .venv-litellm
+
+bench: $(VENV)/.installed-test
+	@if [ "$(BENCH_LITELLM)" = 1 ] && [ ! -x $(LITELLM_VENV)/bin/litellm ]; then \
+		$(PYTHON) -m venv $(LITELLM_VENV) && $(LITELLM_VENV)/bin/pip install --quiet 'litellm[proxy]'; fi
+	LITELLM_BIN=$(if $(filter 1,$(BENCH_LITELLM)),$(LITELLM_VENV)/bin/litellm,) $(BIN)/python -m tests.bench.overhead $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LITELLM_VENV) .pytest_cache .mypy_cache .ruff_cache
