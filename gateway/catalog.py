@@ -73,6 +73,11 @@ class ModelEntry(BaseModel):
     sha256: str | None = None
     repo: str | None = None
     revision: str | None = None
+    # Hugging Face repos: the files to fetch (glob patterns, as huggingface_hub's allow_patterns; default: all of
+    # them, or only `file` for GGUF), and whether the gateway fetches them before the engine starts (true) or the
+    # engine fetches the repo itself (false).
+    files: list[str] = Field(default_factory=list)
+    prefetch: bool = True
     tokenizer: str | None = None
     aliases: list[str] = Field(default_factory=list)
     options: ModelOptions = Field(default_factory=ModelOptions)
@@ -176,7 +181,7 @@ class Catalog:
 
 
 # The pair the origin 4D component shipped: the GGUF is downloaded into the model dir by the gateway (with
-# progress, resume and checks), the embedding model is fetched from Hugging Face by the engine.
+# progress, resume and checks), the embedding model's Hugging Face repo is snapshotted there by the gateway too.
 BUILTIN_MODELS = """
 default_model = "Qwen/Qwen3-1.7B"
 default_embedding_model = "Qwen/Qwen3-Embedding-0.6B"
@@ -301,6 +306,8 @@ def _resolve_source(origin: str, entry: ModelEntry, model_dir: Path) -> ModelSou
         raise ConfigError(f"{where}: give only one of path, url or repo (found {', '.join(sources)}).")
     if entry.url and not entry.file:
         raise ConfigError(f"{where}: `url` needs `file`, the name to save it under in the model dir.")
+    if entry.files and (entry.path or entry.url):
+        raise ConfigError(f"{where}: `files` selects files of a Hugging Face `repo`; remove it, or use `repo`.")
 
     if entry.path or entry.url:
         if entry.path:

@@ -123,33 +123,43 @@ def pull_models(settings: Settings, names: list[str], *, every: bool) -> int:
                 print(f"mistral-gateway: no model {name!r} in {catalog.origin}", file=sys.stderr)
                 return 2
             chosen.append(model)
+    files = [m for m in chosen if m.entry.url]
+    repos = [m for m in chosen if not m.source.local and m.entry.prefetch]
     for model in chosen:
-        if not model.entry.url:
-            where = model.entry.path or f"the Hugging Face repo {model.source.model_id}"
+        if model not in files and model not in repos:
+            where = model.entry.path or f"the Hugging Face repo {model.source.model_id} (prefetch = false)"
             print(f"{model.id}: nothing to download here (it comes from {where}; the engine reads or fetches it)")
-    entries = [m.entry for m in chosen if m.entry.url]
-    if not entries:
+    if not files and not repos:
         return 0
 
     async def run() -> list[object]:
+        from .models.hub import HubFetcher
+
         bus = EventBus()
         downloader = Downloader(settings.model_dir, events=bus)
-        bars = asyncio.create_task(render_progress(bus.subscribe(), [str(e.file) for e in entries]))
+        token = settings.hf_token.get_secret_value() if settings.hf_token else None
+        hub = HubFetcher(settings.model_dir, token=token, events=bus)
+        names = [str(m.entry.file) for m in files] + [m.source.model_id for m in repos]
+        bars = asyncio.create_task(render_progress(bus.subscribe(), names))
         try:
-            return await asyncio.gather(*(downloader.ensure_model(e) for e in entries), return_exceptions=True)
+            return await asyncio.gather(
+                *(downloader.ensure_model(m.entry) for m in files),
+                *(hub.ensure_model(m) for m in repos),
+                return_exceptions=True,
+            )
         finally:
             await bars
             await downloader.aclose()
 
     failed = 0
-    for entry, result in zip(entries, asyncio.run(run()), strict=True):
+    for model, result in zip([*files, *repos], asyncio.run(run()), strict=True):
         if isinstance(result, DownloadError):
-            print(f"{entry.id}: {result.message}", file=sys.stderr)
+            print(f"{model.id}: {result.message}", file=sys.stderr)
             failed += 1
         elif isinstance(result, BaseException):
             raise result
         else:
-            print(f"{entry.id}: {result}")
+            print(f"{model.id}: {result}")
     return 1 if failed else 0
 
 
@@ -191,7 +201,8 @@ def serve(settings: Settings) -> int:
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per upstream call is noise next to uvicorn's access log.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for noisy in ("httpx", "httpx2", "huggingface_hub"):  # one INFO line per HTTP request each
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     app = create_app(settings)
     supervisor = app.state.supervisor
     config = uvicorn.Config(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EngineChoice = Literal["auto", "bundled", "mistralrs", "mistralrs-server"]
@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     )
     model_dir: Path = Field(Path("~/.mistral-rs"), description="Where model files are kept.")
     default_model: str | None = Field(None, description="Overrides default_model of the models file.")
+    hf_token: SecretStr | None = Field(
+        None,
+        description="Hugging Face token for gated and private repos, used by the gateway and handed to the engine "
+        "as HF_TOKEN. Default: HF_TOKEN, or huggingface_hub's saved login.",
+    )
 
     idle_timeout: float = Field(300, ge=0, description="Stop the engine after this many idle seconds; 0 = never.")
     startup_timeout: float = Field(600, gt=0, description="Seconds the engine may take to become ready.")
@@ -95,6 +100,7 @@ class Settings(BaseSettings):
         "engine_binary",
         "models_file",
         "default_model",
+        "hf_token",
         "run_dir",
         "cache_url",
         "api_keys",

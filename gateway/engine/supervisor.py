@@ -16,13 +16,13 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tenacity import RetryCallState, wait_exponential
 
-from ..catalog import Catalog
+from ..catalog import Catalog, Model
 from ..errors import EngineStartFailed, EngineUnavailable, GatewayError, QueueFull
 from ..events import EventSink, NullSink
 from ..settings import Settings
@@ -34,6 +34,7 @@ from .state import EngineState, StateMachine
 
 if TYPE_CHECKING:
     from ..models.download import Downloader
+    from ..models.hub import HubFetcher
 
 Clock = Callable[[], float]
 ProgramFinder = Callable[[], EngineProgram]
@@ -65,7 +66,12 @@ class Lease:
 
 
 class Supervisor:
-    """Owns the engine process and its state machine."""
+    """Owns the engine process and its state machine.
+
+    ``downloader`` and ``hub`` build what fetches models before a start (``url`` files; ``repo`` snapshots, by
+    default a :class:`~gateway.models.hub.HubFetcher` from the settings). Without a ``downloader`` the supervisor
+    fetches nothing and every model is left to the engine.
+    """
 
     def __init__(
         self,
@@ -78,6 +84,7 @@ class Supervisor:
         find_program: ProgramFinder | None = None,
         probe: Upstream | None = None,
         downloader: Callable[[], Downloader] | None = None,
+        hub: Callable[[], HubFetcher] | None = None,
         events: EventSink | None = None,
         logger: logging.Logger = _logger,
     ) -> None:
@@ -94,6 +101,8 @@ class Supervisor:
         self._events: EventSink = events or NullSink()
         self._make_downloader = downloader
         self._downloader: Downloader | None = None
+        self._make_hub = hub or self._default_hub
+        self._hub: HubFetcher | None = None
         self._activity = asyncio.Event()
         self._sm = StateMachine(on_change=self._on_state_change)
         self._backoff = wait_exponential(multiplier=1, min=1, max=settings.backoff_max)
@@ -377,19 +386,23 @@ class Supervisor:
                 )
         # Finding the program runs `--version`: keep that off the event loop.
         program = await asyncio.to_thread(self._find_program)
-        await self._download_models()
-        self._check_model_files()
+        folders = await self._download_models()
+        env = {**os.environ, **settings.engine_env}
+        if settings.hf_token is not None:
+            env["HF_TOKEN"] = settings.hf_token.get_secret_value()
+        # The token reaches the engine through its environment only, never its command line.
+        catalog = _engine_catalog(self._catalog, folders, "env:HF_TOKEN" if env.get("HF_TOKEN") else None)
+        self._check_model_files(catalog)
         port = fixed or _free_port()
         try:
             command = build_command(
-                program, self._catalog, port=port, run_dir=str(self._run_dir), extra_args=_split(settings.engine_args)
+                program, catalog, port=port, run_dir=str(self._run_dir), extra_args=_split(settings.engine_args)
             )
         except CommandError as exc:
             raise EngineStartFailed(str(exc)) from exc
         self._run_dir.mkdir(parents=True, exist_ok=True)
         for name, text in command.files.items():
             (self._run_dir / name).write_text(text, encoding="utf-8")
-        env = {**os.environ, **settings.engine_env}
         self._log.info("starting engine: %s", " ".join(_redact(a) for a in command.argv))
         self._external, self._port = False, port
         self.starts += 1
@@ -424,23 +437,38 @@ class Supervisor:
             ids[model.id] = next((c for c in candidates if c in served), model.id)
         return Endpoint(url, ids)
 
-    async def _download_models(self) -> None:
-        """Fetch every `url` model file that is missing (or resume it); a present, valid file costs nothing."""
+    async def _download_models(self) -> dict[str, Path]:
+        """Fetch every `url` model file that is missing (or resume it) and snapshot every `repo` model to prefetch;
+        what is complete locally costs nothing. Returns the local folder of each prefetched repo model, by id."""
         wanted = [m for m in self._catalog.models if m.entry.url]
-        if not wanted or self._make_downloader is None:
-            return
+        repos = [m for m in self._catalog.models if not m.source.local and m.entry.prefetch]
+        if not (wanted or repos) or self._make_downloader is None:
+            return {}
         from ..models.download import DownloadError  # the downloader is loaded only by models that need it
 
-        if self._downloader is None:
-            self._downloader = self._make_downloader()
-        for model in wanted:
+        folders: dict[str, Path] = {}
+        for model in [*wanted, *repos]:
             try:
-                await self._downloader.ensure_model(model.entry)
+                if model.entry.url:
+                    self._downloader = self._downloader or self._make_downloader()
+                    await self._downloader.ensure_model(model.entry)
+                else:
+                    self._hub = self._hub or self._make_hub()
+                    folders[model.id] = await self._hub.ensure_model(model)
             except DownloadError as exc:
                 raise EngineStartFailed(f"Model {model.id!r}: {exc.message}") from exc
+        return folders
 
-    def _check_model_files(self) -> None:
-        for model in self._catalog.models:
+    def _default_hub(self) -> HubFetcher:
+        from ..models.hub import HubFetcher
+
+        token = self._settings.hf_token
+        return HubFetcher(
+            self._settings.model_dir, token=token.get_secret_value() if token else None, events=self._events
+        )
+
+    def _check_model_files(self, catalog: Catalog) -> None:
+        for model in catalog.models:
             if not model.source.local:
                 continue
             path = Path(model.source.model_id)
@@ -544,6 +572,23 @@ class Supervisor:
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
             await self._terminate(proc)
+
+
+def _engine_catalog(catalog: Catalog, folders: Mapping[str, Path], token_source: str | None) -> Catalog:
+    """The catalog the engine is started with: prefetched repo models load from their local folder (clients still
+    see the configured ids), and the token source, unless the models file names one."""
+
+    def local(model: Model) -> Model:
+        folder = folders.get(model.id)
+        if folder is None:
+            return model
+        return replace(model, source=replace(model.source, model_id=str(folder.resolve()), local=True))
+
+    models = tuple(local(m) for m in catalog.models)
+    engine = catalog.engine
+    if token_source is not None and engine.token_source is None:
+        engine = engine.model_copy(update={"token_source": token_source})
+    return replace(catalog, models=models, engine=engine)
 
 
 def _redact(arg: str) -> str:

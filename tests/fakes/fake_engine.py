@@ -15,8 +15,9 @@ at once, like the real engine, which installs no handler for them.
 Behaviour knobs (environment variables, since the real command line has nothing to set them):
 
     FAKE_ENGINE_LOAD_DELAY=SECONDS   sleep before binding (the real engine binds only after loading)
-    FAKE_ENGINE_SPAWN_LOG=PATH       at start, append {"pid", "argv", "prog", "cwd"} as one JSON line;
-                                     argv excludes the program name
+    FAKE_ENGINE_SPAWN_LOG=PATH       at start, append {"pid", "argv", "prog", "cwd", "hf_token_set"} as one
+                                     JSON line; argv excludes the program name; hf_token_set: HF_TOKEN is
+                                     set in its environment (the token itself is never written)
     FAKE_ENGINE_EXIT_AT_START=CODE   print a few lines to stdout and stderr, then exit with CODE after
                                      the load delay, never binding
     FAKE_ENGINE_NEVER_READY=1        never bind: sleep until killed
@@ -1454,7 +1455,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         return
     spawn_log = _open_log(knobs.spawn_log)
     if spawn_log is not None:
-        _append_line(spawn_log, {"pid": os.getpid(), "argv": args, "prog": prog, "cwd": os.getcwd()})
+        _append_line(spawn_log, {"pid": os.getpid(), "argv": args, "prog": prog, "cwd": os.getcwd(),
+                                 "hf_token_set": bool(os.environ.get("HF_TOKEN"))})  # fmt: skip
         os.close(spawn_log)
     signal.signal(signal.SIGTERM, signal.SIG_IGN if knobs.ignore_sigterm else signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -44,6 +44,7 @@ arch = "qwen3embedding"
 id = "tiny-flux"
 kind = "diffusion"
 repo = "black-forest-labs/FLUX.1-schnell"
+prefetch = false  # the fake engine "loads" it; the hub is not reachable from tests
 [models.options]
 arch = "flux"
 
@@ -51,6 +52,7 @@ arch = "flux"
 id = "tiny-speech"
 kind = "speech"
 repo = "nari-labs/Dia-1.6B"
+prefetch = false
 [models.options]
 arch = "dia"
 """

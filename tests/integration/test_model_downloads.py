@@ -104,7 +104,7 @@ def test_a_failed_download_is_a_clear_503_and_nothing_is_handed_to_the_engine(
 
 def test_pull_downloads_ahead_with_progress(server: FileServer, tmp_path: Path) -> None:
     models = tmp_path / "models.toml"
-    models.write_text(toml(server) + '\n[[models]]\nid = "hub"\nkind = "embedding"\n')
+    models.write_text(toml(server) + '\n[[models]]\nid = "hub"\nkind = "embedding"\nprefetch = false\n')
     env = {**os.environ, "GATEWAY_MODELS_FILE": str(models), "GATEWAY_MODEL_DIR": str(tmp_path / "dir"),
            "COLUMNS": "120"}  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "gateway", "pull", "--all"], env=env, capture_output=True,
