@@ -84,6 +84,44 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, httpx.TransportError)
 
 
+async def retry_while_progressing(
+    attempt: Callable[[], Awaitable[None]],
+    progress: Callable[[], int],
+    *,
+    attempts: int,
+    backoff_min: float,
+    backoff_max: float,
+    sleep: Sleep,
+    before_retry: Callable[[RetryCallState], None],
+) -> None:
+    """Run ``attempt`` until it succeeds, retrying retryable errors with exponential backoff.
+
+    ``attempts`` counts failures in a row that made no progress (``progress()`` did not grow): a flaky link
+    that keeps dropping still finishes a big download, a dead one gives up. Shared by file and repo downloads.
+    """
+    stalls = 0
+
+    def delay(_: RetryCallState) -> float:
+        return backoff_min if stalls <= 1 else float(min(backoff_max, backoff_min * 2 ** (stalls - 1)))
+
+    retrying = AsyncRetrying(
+        stop=lambda _: stalls >= attempts,
+        wait=delay,
+        retry=retry_if_exception(is_retryable),
+        sleep=sleep,
+        before_sleep=before_retry,
+        reraise=True,
+    )
+    async for attempt_ctx in retrying:
+        with attempt_ctx:
+            mark = progress()
+            try:
+                await attempt()
+            except Exception:
+                stalls = 0 if progress() > mark else stalls + 1
+                raise
+
+
 def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
@@ -278,7 +316,6 @@ class _Job:
     expected: str | None
     began: float
     attempt: int = 0
-    stalls: int = 0  # consecutive failed attempts that added no byte
     high_water: int = 0  # the most bytes the .part file has held
     downloaded: int = 0  # bytes received over the network, all attempts
     total: int | None = None
@@ -428,23 +465,12 @@ class Downloader:
     # --------------------------------------------------------------------------------- download
 
     async def _download(self, job: _Job) -> None:
-        retrying = AsyncRetrying(
-            stop=lambda _: job.stalls >= self._attempts,
-            wait=lambda _: self._delay(job),
-            retry=retry_if_exception(is_retryable),
-            sleep=self._sleep,
-            before_sleep=lambda state: self._before_retry(job, state),
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    mark = job.high_water
-                    try:
-                        await self._attempt(job)
-                    except Exception:
-                        job.stalls = 0 if job.high_water > mark else job.stalls + 1
-                        raise
+            await retry_while_progressing(
+                lambda: self._attempt(job), lambda: job.high_water, attempts=self._attempts,
+                backoff_min=self._backoff_min, backoff_max=self._backoff_max, sleep=self._sleep,
+                before_retry=lambda state: self._before_retry(job, state),
+            )  # fmt: skip
         except DownloadError as exc:
             if not exc.retryable:
                 raise
@@ -452,11 +478,6 @@ class Downloader:
         except httpx.TransportError as exc:
             raise self._gave_up(job, _describe(exc)) from exc
         await self._finish(job)
-
-    def _delay(self, job: _Job) -> float:
-        if job.stalls <= 1:
-            return self._backoff_min
-        return float(min(self._backoff_max, self._backoff_min * 2 ** (job.stalls - 1)))
 
     def _before_retry(self, job: _Job, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None

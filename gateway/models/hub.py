@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+from tenacity import RetryCallState
 
 from ..catalog import Model
 from ..events import EventSink, NullSink
-from .download import DownloadError, ProgressMeter, _human, is_retryable
+from .download import DownloadError, ProgressMeter, _human, retry_while_progressing
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -270,7 +270,6 @@ class _Job:
     snapshot: Snapshot
     began: float
     attempt: int = 0
-    stalls: int = 0  # consecutive failed attempts that completed no file
     url: str | None = None
     listing: Listing | None = None
     files: dict[str, int] = field(default_factory=dict)
@@ -349,23 +348,12 @@ class HubFetcher:
     # --------------------------------------------------------------------------------- fetching
 
     async def _fetch(self, job: _Job) -> None:
-        retrying = AsyncRetrying(
-            stop=lambda _: job.stalls >= self._attempts,
-            wait=lambda _: self._delay(job),
-            retry=retry_if_exception(is_retryable),
-            sleep=self._sleep,
-            before_sleep=lambda state: self._before_retry(job, state),
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    before = len(job.files)
-                    try:
-                        await self._attempt(job)
-                    except Exception:
-                        job.stalls = 0 if len(job.files) > before else job.stalls + 1
-                        raise
+            await retry_while_progressing(
+                lambda: self._attempt(job), lambda: len(job.files), attempts=self._attempts,
+                backoff_min=self._backoff_min, backoff_max=self._backoff_max, sleep=self._sleep,
+                before_retry=lambda state: self._before_retry(job, state),
+            )  # fmt: skip
         except DownloadError as exc:
             if not exc.retryable:
                 raise
@@ -465,11 +453,6 @@ class HubFetcher:
 
     async def _in_thread(self, call: Callable[[], T], name: str) -> T:
         return await asyncio.wrap_future(_start_thread(call, name))
-
-    def _delay(self, job: _Job) -> float:
-        if job.stalls <= 1:
-            return self._backoff_min
-        return float(min(self._backoff_max, self._backoff_min * 2 ** (job.stalls - 1)))
 
     def _before_retry(self, job: _Job, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
