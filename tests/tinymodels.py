@@ -353,6 +353,7 @@ def make_qwen3_safetensors(
     seed: int = 0,
     vocab_size: int = _DEFAULT_VOCAB,
     chat_template: str | None = CHATML_TEMPLATE,
+    max_position_embeddings: int = 2048,
 ) -> Path:
     """Write a Qwen3 chat model as a Hugging Face folder and return the folder.
 
@@ -361,7 +362,8 @@ def make_qwen3_safetensors(
     `tokenizer.json`, `tokenizer_config.json` with the chat template, and
     `generation_config.json`. About 200 KB at the default size.
     """
-    spec = TinySpec(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads)
+    spec = TinySpec(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
+                    max_position_embeddings=max_position_embeddings)  # fmt: skip
     dest_dir = Path(dest_dir)
     write_tokenizer(dest_dir, vocab_size=vocab_size, chat_template=chat_template)
     vocab = build_tokenizer(vocab_size).get_vocab()

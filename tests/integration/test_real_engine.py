@@ -329,3 +329,39 @@ def test_a_tiny_model_served_over_http_is_downloaded_loaded_and_answers(
         reply = ask(sdk(gw), "remote", tokens=6)
         assert reply.choices[0].message.content and reply.model == "remote"  # type: ignore[attr-defined]
         assert len(server.gets()) == 1
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("engine_env", ["bundled"], indirect=True)
+def test_a_client_that_goes_away_stops_its_generation(real_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
+    # A context long enough that the 100,000 tokens asked for would take minutes if nobody stopped them.
+    make_qwen3_safetensors(tmp_path / "long", hidden=256, layers=4, heads=8, kv_heads=4,
+                           max_position_embeddings=1 << 20)  # fmt: skip
+    gw = real_gateway(f'[[models]]\nid = "tiny-wide"\nkind = "plain"\npath = "{tmp_path / "long"}"\n')
+    ask(sdk(gw), "tiny-wide", tokens=2)  # the engine is up
+    pid = gw.engine()["pid"]
+    body = {"model": "tiny-wide", "stream": True, "max_tokens": 100_000, "temperature": 0,
+            "messages": [{"role": "user", "content": "go on and on"}]}  # fmt: skip
+    with httpx.stream("POST", gw.v1 + "/chat/completions", json=body, timeout=60) as response:
+        chunks = response.iter_lines()
+        assert next(line for line in chunks if line.startswith("data: {"))
+        generating = _cpu_seconds(pid)
+        wait_for(lambda: _cpu_seconds(pid) - generating > 0.2, 20, "the engine to be busy generating")
+    # Gone: within moments the engine must be idle again, not generating the rest of 100,000 tokens.
+
+    def idle() -> bool:
+        before = _cpu_seconds(pid)
+        time.sleep(0.5)  # a measuring window, not a wait for an event
+        return _cpu_seconds(pid) - before < 0.1
+
+    wait_for(idle, 20, "the engine to stop generating for the client that left")
+    assert gw.engine()["in_flight"] == 0
+    # The same for a client that did not stream and gave up waiting for the whole answer.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gw.v1 + "/chat/completions", json={**body, "stream": False}, timeout=2)
+    wait_for(idle, 20, "the engine to stop generating for the non-streaming client that left")
+    wait_for(lambda: gw.engine()["in_flight"] == 0, 10, "the request to be released")

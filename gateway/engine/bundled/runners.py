@@ -151,6 +151,7 @@ class LoadedModel:
         if gate is not None:
             await gate.acquire()
         gated = gate is not None
+        iterator: Any = None
         try:
             try:
                 iterator = await self._call(lambda: self._runner.send_chat_completion_request(request))
@@ -174,7 +175,9 @@ class LoadedModel:
         finally:
             if gated and gate is not None:
                 gate.release()
-            # Dropping the iterator (it goes out of scope here) is what stops the engine generating.
+            # Dropping the iterator is what stops the engine generating. Going out of scope is not enough: a
+            # cancelled request's exception keeps this frame, and so its locals, alive through its traceback.
+            iterator = None
 
     @staticmethod
     def validate_messages(messages: Any) -> None:

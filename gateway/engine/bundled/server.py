@@ -165,7 +165,7 @@ class EngineApp:
         meta = {"id": new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()), "model": model.id}
         if body.get("stream") is True:
             return StreamingResponse(self._events(first, chunks, meta, chat), media_type=_SSE)
-        return await self._collect(first, chunks, meta, chat)
+        return await self._collect(request, first, chunks, meta, chat)
 
     async def _events(
         self, first: Any, chunks: AsyncGenerator[Any, None], meta: dict[str, Any], chat: bool
@@ -183,16 +183,22 @@ class EngineApp:
         yield b"data: [DONE]\n\n"
 
     async def _collect(
-        self, first: Any, chunks: AsyncGenerator[Any, None], meta: dict[str, Any], chat: bool
+        self, request: Request, first: Any, chunks: AsyncGenerator[Any, None], meta: dict[str, Any], chat: bool
     ) -> Response:
         texts: dict[int, list[str]] = {}
         reasoning: dict[int, list[str]] = {}
         tools: dict[int, Any] = {}
         finish: dict[int, str | None] = {}
         usage = None
+        count = 0
         try:
             chunk = first
             while chunk is not None:
+                count += 1
+                if count % 32 == 0 and await request.is_disconnected():
+                    # The client (the gateway) went away: stop generating for nobody.
+                    await chunks.aclose()
+                    return Response(status_code=499)
                 for choice in chunk.choices:
                     delta = choice.delta
                     texts.setdefault(choice.index, []).append(delta.content or "")
