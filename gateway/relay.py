@@ -7,6 +7,7 @@ pair so that streams are not decoded chunk by chunk.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -25,17 +26,23 @@ class ModelRename:
 
     @classmethod
     def of(cls, engine_id: str, client_id: str) -> ModelRename:
-        if engine_id == client_id:
-            return cls(())
-        old, new = json.dumps(engine_id).encode(), json.dumps(client_id).encode()
-        # serde_json writes no space after the colon; Python's json module does.
-        return cls(((b'"model":' + old, b'"model":' + new), (b'"model": ' + old, b'"model": ' + new)))
+        return _rename(engine_id, client_id)
 
     def __call__(self, data: bytes) -> bytes:
         for old, new in self.pairs:
             if old in data:
                 data = data.replace(old, new)
         return data
+
+
+@functools.lru_cache(maxsize=1024)
+def _rename(engine_id: str, client_id: str) -> ModelRename:
+    """Built once per pair of ids (a handful per gateway), not once per request."""
+    if engine_id == client_id:
+        return ModelRename(())
+    old, new = json.dumps(engine_id).encode(), json.dumps(client_id).encode()
+    # serde_json writes no space after the colon; Python's json module does.
+    return ModelRename(((b'"model":' + old, b'"model":' + new), (b'"model": ' + old, b'"model": ' + new)))
 
 
 @dataclass(frozen=True)
