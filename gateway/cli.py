@@ -71,15 +71,25 @@ def check(settings: Settings) -> int:
     """Print what the gateway would run; exit 1 when no engine is installed."""
     from .engine.command import CommandError, build_command
     from .engine.discovery import find_engine
+    from .engine.supervisor import engine_catalog
 
     catalog = load_catalog(
         settings.resolved_models_file(), model_dir=settings.model_dir, default_model=settings.default_model
     )
     print(f"models from {catalog.origin}:")
+    # Prefetched repos load from their folder in the model dir, as the supervisor will start them.
+    folders = {
+        m.id: settings.model_dir / m.source.model_id for m in catalog.models if not m.source.local and m.entry.prefetch
+    }
     for model in catalog.models:
         aliases = f" (aliases: {', '.join(model.entry.aliases)})" if model.entry.aliases else ""
         source = model.source.model_id + (f"/{model.source.filename}" if model.source.filename else "")
+        if model.id in folders:
+            source = f"Hugging Face repo {model.source.model_id}, fetched into {folders[model.id]}"
+        elif model.entry.url:
+            source += f" (downloaded from {model.entry.url} when missing)"
         print(f"  {model.id} [{model.kind}] from {source}{aliases}")
+    catalog = engine_catalog(catalog, folders, None)
     print(f"default model: {catalog.default_model}; default embedding model: {catalog.default_embedding_model}")
     if settings.engine_url:
         print(f"engine: the one running at {settings.engine_url}")
@@ -95,6 +105,10 @@ def check(settings: Settings) -> int:
         print(f"engine: {program.argv[0]}: {exc}")
         return 1
     version = ".".join(map(str, program.version)) if program.version else "unknown version"
+    if program.name == "bundled":
+        from importlib.metadata import version as package_version
+
+        version = f"the mistralrs package {package_version('mistralrs')}"
     print(f"engine: {program.name} ({version}): {' '.join(command.argv)}")
     for name, text in command.files.items():
         print(f"--- <run-dir>/{name}\n{text}")

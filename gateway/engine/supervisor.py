@@ -391,7 +391,7 @@ class Supervisor:
         if settings.hf_token is not None:
             env["HF_TOKEN"] = settings.hf_token.get_secret_value()
         # The token reaches the engine through its environment only, never its command line.
-        catalog = _engine_catalog(self._catalog, folders, "env:HF_TOKEN" if env.get("HF_TOKEN") else None)
+        catalog = engine_catalog(self._catalog, folders, "env:HF_TOKEN" if env.get("HF_TOKEN") else None)
         self._check_model_files(catalog)
         port = fixed or _free_port()
         try:
@@ -574,7 +574,7 @@ class Supervisor:
             await self._terminate(proc)
 
 
-def _engine_catalog(catalog: Catalog, folders: Mapping[str, Path], token_source: str | None) -> Catalog:
+def engine_catalog(catalog: Catalog, folders: Mapping[str, Path], token_source: str | None) -> Catalog:
     """The catalog the engine is started with: prefetched repo models load from their local folder (clients still
     see the configured ids), and the token source, unless the models file names one."""
 

@@ -1449,7 +1449,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     knobs = Knobs.from_env(os.environ)
     if args == ["--version"]:
         # clap's --version; the version is the newest of each dialect unless FAKE_ENGINE_VERSION says otherwise.
-        legacy = os.path.basename(prog) == "mistralrs-server"
+        legacy = _program_name(prog) == LEGACY_CLI
         version = os.environ.get("FAKE_ENGINE_VERSION", "0.8.4" if legacy else "0.9.2")
         print(f"{'mistralrs-server' if legacy else 'mistralrs'} {version}")
         return

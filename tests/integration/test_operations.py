@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -102,3 +103,28 @@ def test_request_logs_and_request_ids(gateways: Start) -> None:
     assert entry["method"] == "POST" and entry["path"] == "/v1/chat/completions"
     assert entry["model"] == "tiny-chat" and entry["status"] == 200 and entry["bytes"] > 0  # type: ignore[operator]
     assert isinstance(entry["duration_ms"], float)
+
+
+def test_check_prints_models_and_the_engine_command(tmp_path: Path) -> None:
+    from tests.helpers import write_fake_engine_bin
+    from tests.integration.conftest import models_toml
+
+    models = tmp_path / "models.toml"
+    models.write_text(models_toml(tmp_path / "m"))
+    binary = write_fake_engine_bin(tmp_path / "bin") / "mistralrs-server"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+           "GATEWAY_MODELS_FILE": str(models), "GATEWAY_ENGINE_BINARY": str(binary)}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "gateway", "check"], env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "tiny-chat [plain]" in done.stdout and "(aliases: gpt-4o-mini)" in done.stdout
+    assert "engine: mistralrs-server (0.8.4): " in done.stdout and "multi-model --config" in done.stdout
+    assert '"alias": "tiny-chat"' in done.stdout  # the multi-model config it would write
+    env["GATEWAY_ENGINE_BINARY"] = str(tmp_path / "nope")
+    missing = subprocess.run([sys.executable, "-m", "gateway", "check"], env=env, capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    assert missing.returncode == 1 and "not an executable program" in missing.stdout
+    models.write_text("[[models]]\nid = 'x'\nkind = 'llama'\n")
+    broken = subprocess.run([sys.executable, "-m", "gateway", "check"], env=env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert broken.returncode == 2 and "unknown kind 'llama'" in broken.stderr and str(models) in broken.stderr
