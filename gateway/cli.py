@@ -27,18 +27,24 @@ def _parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="download model files ahead of time, with progress")
     pull.add_argument("models", nargs="*", metavar="ID", help="models to download (default: the default models)")
     pull.add_argument("--all", action="store_true", help="download every model of the models file")
-    pull.add_argument("--models-file", help="models file (TOML); env GATEWAY_MODELS_FILE")
     engine = sub.add_parser("engine", help="start, stop or show the engine of a running gateway")
     engine.add_argument("action", choices=["start", "stop", "status"])
     engine.add_argument("--url", help="the gateway's URL (default: from GATEWAY_HOST and GATEWAY_PORT)")
-    for p in (parser, serve, check):
-        p.add_argument("--models-file", help="models file (TOML); env GATEWAY_MODELS_FILE")
-        p.add_argument("--engine-binary", help="mistralrs or mistralrs-server program; env GATEWAY_ENGINE_BINARY")
+    # The same flags before or after the subcommand. A subcommand's defaults are SUPPRESS, so that
+    # `mistral-gateway --port 9000 serve` keeps 9000 instead of the subparser resetting it to None.
+    for p in (parser, serve, check, pull):
+        default = None if p is parser else argparse.SUPPRESS
+        p.add_argument("--models-file", default=default, help="models file (TOML); env GATEWAY_MODELS_FILE")
+        if p is not pull:
+            p.add_argument("--engine-binary", default=default,
+                           help="mistralrs or mistralrs-server program; env GATEWAY_ENGINE_BINARY")  # fmt: skip
     for p in (parser, serve):
-        p.add_argument("--host", help="listen address (default 127.0.0.1); env GATEWAY_HOST")
-        p.add_argument("--port", type=int, help="listen port (default 8080); env GATEWAY_PORT")
-        p.add_argument("--idle-timeout", type=float, help="seconds before an idle engine stops; 0 = never")
-        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+        default = None if p is parser else argparse.SUPPRESS
+        p.add_argument("--host", default=default, help="listen address (default 127.0.0.1); env GATEWAY_HOST")
+        p.add_argument("--port", type=int, default=default, help="listen port (default 8080); env GATEWAY_PORT")
+        p.add_argument("--idle-timeout", type=float, default=default,
+                       help="seconds before an idle engine stops; 0 = never")  # fmt: skip
+        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=default)
     return parser
 
 
