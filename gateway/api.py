@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -38,8 +37,6 @@ from .events import EventBus
 from .openapi import openapi_document
 from .relay import ModelRename, Relay, error_event
 from .settings import Settings
-
-_log = logging.getLogger("gateway.api")
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 LOADING = b": loading\n\n"

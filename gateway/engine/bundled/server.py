@@ -112,11 +112,6 @@ class EngineApp:
 
     # -------------------------------------------------------------------------- chat, completions
 
-    async def chat(self, request: Request) -> Response:
-        return await self._generate(request, chat=True)
-
-    # Chat is always generated as a stream (batched by the engine) and collected when not streamed.
-
     async def completions(self, request: Request) -> Response:
         parsed = await self._request(request, _CHAT_KINDS, 500)
         if isinstance(parsed, Response):
@@ -146,7 +141,8 @@ class EngineApp:
 
         return StreamingResponse(one_chunk(), media_type=_SSE)
 
-    async def _generate(self, request: Request, *, chat: bool) -> Response:
+    async def chat(self, request: Request) -> Response:
+        """Always generated as a stream (the engine batches streams), collected when the client did not stream."""
         parsed = await self._request(request, _CHAT_KINDS, 500)
         if isinstance(parsed, Response):
             return parsed
@@ -162,19 +158,19 @@ class EngineApp:
             return _message(422, str(exc))
         except GenerationError as exc:
             return _message(500, str(exc))
-        meta = {"id": new_id("chatcmpl" if chat else "cmpl"), "created": int(time.time()), "model": model.id}
+        meta = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": model.id}
         if body.get("stream") is True:
-            return StreamingResponse(self._events(first, chunks, meta, chat), media_type=_SSE)
-        return await self._collect(request, first, chunks, meta, chat)
+            return StreamingResponse(self._events(first, chunks, meta), media_type=_SSE)
+        return await self._collect(request, first, chunks, meta)
 
     async def _events(
-        self, first: Any, chunks: AsyncGenerator[Any, None], meta: dict[str, Any], chat: bool
+        self, first: Any, chunks: AsyncGenerator[Any, None], meta: dict[str, Any]
     ) -> AsyncIterator[bytes]:
         try:
             if first is not None:
-                yield _sse(_chunk(first, meta, chat))
+                yield _sse(_chunk(first, meta))
                 async for chunk in chunks:
-                    yield _sse(_chunk(chunk, meta, chat))
+                    yield _sse(_chunk(chunk, meta))
         except GenerationError as exc:
             # The engine's own way: a plain-text error event, then the end of the stream.
             yield f"data: {exc}\n\n".encode()
@@ -183,7 +179,7 @@ class EngineApp:
         yield b"data: [DONE]\n\n"
 
     async def _collect(
-        self, request: Request, first: Any, chunks: AsyncGenerator[Any, None], meta: dict[str, Any], chat: bool
+        self, request: Request, first: Any, chunks: AsyncGenerator[Any, None], meta: dict[str, Any]
     ) -> Response:
         texts: dict[int, list[str]] = {}
         reasoning: dict[int, list[str]] = {}
@@ -214,19 +210,15 @@ class EngineApp:
             return _message(500, str(exc), partial_response=partial)
         choices = []
         for index in sorted(texts):
-            text = "".join(texts[index])
-            if chat:
-                message: dict[str, Any] = {"role": "assistant", "content": text}
-                if index in reasoning:
-                    message["reasoning_content"] = "".join(reasoning[index])
-                if index in tools:
-                    message["tool_calls"] = tools[index]
-                choices.append({"index": index, "message": message, "finish_reason": finish.get(index),
-                                "logprobs": None})  # fmt: skip
-            else:
-                choices.append({"index": index, "text": text, "finish_reason": finish.get(index), "logprobs": None})
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(texts[index])}
+            if index in reasoning:
+                message["reasoning_content"] = "".join(reasoning[index])
+            if index in tools:
+                message["tool_calls"] = tools[index]
+            choices.append({"index": index, "message": message, "finish_reason": finish.get(index),
+                            "logprobs": None})  # fmt: skip
         return JSONResponse({
-            **meta, "object": "chat.completion" if chat else "text_completion", "system_fingerprint": "local",
+            **meta, "object": "chat.completion", "system_fingerprint": "local",
             "choices": choices, "usage": _usage(usage),
         })  # fmt: skip
 
@@ -279,23 +271,19 @@ class EngineApp:
         return Response(_wav(pcm, rate, channels), media_type="audio/wav")
 
 
-def _chunk(chunk: Any, meta: dict[str, Any], chat: bool) -> dict[str, Any]:
+def _chunk(chunk: Any, meta: dict[str, Any]) -> dict[str, Any]:
     choices = []
     for choice in chunk.choices:
         delta = choice.delta
-        if chat:
-            out: dict[str, Any] = {"role": delta.role or "assistant", "content": delta.content}
-            if getattr(delta, "reasoning_content", None):
-                out["reasoning_content"] = delta.reasoning_content
-            if getattr(delta, "tool_calls", None):
-                out["tool_calls"] = _jsonable(delta.tool_calls)
-            choices.append({"index": choice.index, "delta": out, "finish_reason": choice.finish_reason,
-                            "logprobs": None})  # fmt: skip
-        else:
-            choices.append({"index": choice.index, "text": delta.content or "", "finish_reason": choice.finish_reason,
-                            "logprobs": None})  # fmt: skip
-    return {**meta, "object": "chat.completion.chunk" if chat else "text_completion", "system_fingerprint": "local",
-            "choices": choices, "usage": _usage(chunk.usage)}  # fmt: skip
+        out: dict[str, Any] = {"role": delta.role or "assistant", "content": delta.content}
+        if getattr(delta, "reasoning_content", None):
+            out["reasoning_content"] = delta.reasoning_content
+        if getattr(delta, "tool_calls", None):
+            out["tool_calls"] = _jsonable(delta.tool_calls)
+        choices.append({"index": choice.index, "delta": out, "finish_reason": choice.finish_reason,
+                        "logprobs": None})  # fmt: skip
+    return {**meta, "object": "chat.completion.chunk", "system_fingerprint": "local", "choices": choices,
+            "usage": _usage(chunk.usage)}  # fmt: skip
 
 
 def _wav(pcm: list[float], rate: int, channels: int) -> bytes:
