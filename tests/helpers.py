@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -32,6 +33,47 @@ def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+class FakeSleep:
+    """Backoff sleeps that do not wait (tests wait on conditions, never on time); the delays are kept."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        await asyncio.sleep(0)  # still a switch point, as a real sleep is
+
+
+class Recorder:
+    """An event sink that keeps what is published, for assertions."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def publish(self, type: str, /, **details: Any) -> None:
+        self.events.append((type, details))
+
+    def types(self) -> list[str]:
+        return [t for t, _ in self.events]
+
+    def of(self, type: str) -> list[dict[str, Any]]:
+        return [d for t, d in self.events if t == type]
+
+
+def wait_serving(proc: subprocess.Popen[bytes], url: str, log: Callable[[], str], timeout: float, what: str) -> None:
+    """Wait until ``url`` answers 200, failing at once (with the log) if ``proc`` exits first."""
+
+    def serving() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited with {proc.returncode}:\n{log()}")
+        try:
+            return httpx.get(url, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(serving, timeout, f"{what} to serve {url}")
 
 
 def free_port() -> int:
@@ -152,13 +194,5 @@ def start_gateway(
         )
     gateway = Gateway(f"http://127.0.0.1:{port}", proc, log_path, spawn_log, request_log, full_env)
 
-    def serving() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"gateway exited with {proc.returncode}:\n{gateway.log()}")
-        try:
-            return httpx.get(gateway.url + "/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(serving, 20, "the gateway to serve")
+    wait_serving(proc, gateway.url + "/healthz", gateway.log, 20, "the gateway")
     return gateway

@@ -21,21 +21,10 @@ import pytest
 from gateway.events import EventBus
 from gateway.models.download import Downloader, DownloadError
 from tests.fileserver import FileServer
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, FakeSleep, free_port
 
 SIZE = 2 * 1024 * 1024 + 123  # not a multiple of any chunk size
 FILE = "tiny-q8.gguf"
-
-
-class FakeSleep:
-    """Backoff sleeps that do not wait (tests wait on conditions, never on time)."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-        await asyncio.sleep(0)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ the fetcher on its own, then whole gateways with the fake engine."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from gateway.events import EventBus
 from gateway.models.download import DownloadError
 from gateway.models.hub import HfHub, HubFetcher, Snapshot, recorded_files
 from tests.fakehub import FakeHub, Request
-from tests.helpers import Gateway, free_port
+from tests.helpers import FakeSleep, Gateway, free_port
 
 Start = Callable[..., Gateway]
 REPO = "org/tiny-chat"
@@ -28,15 +27,6 @@ FILES = {
     "README.md": b"# tiny\n",
 }
 TOKEN = "hf_test_token_never_logged_8c1f"
-
-
-class FakeSleep:
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-        await asyncio.sleep(0)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import ROOT, Gateway, free_port, pid_alive, wait_for
+from tests.helpers import ROOT, Gateway, free_port, pid_alive, wait_for, wait_serving
 
 SITE = ROOT / "deploy" / "nginx" / "mistral-gateway.conf"
 NGINX = shutil.which("nginx") or next(
@@ -114,15 +114,7 @@ def nginx_in_front(tmp_path: Path) -> Iterator[Callable[[Gateway], Nginx]]:
         server = Nginx(f"http://127.0.0.1:{port}", proc, folder)
         started.append(server)
 
-        def serving() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"nginx exited with {proc.returncode}:\n{server.log()}")
-            try:
-                return httpx.get(server.url + "/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(serving, 15, "nginx to proxy /healthz to the gateway")
+        wait_serving(proc, server.url + "/healthz", server.log, 15, "nginx (proxying /healthz to the gateway)")
         return server
 
     yield start

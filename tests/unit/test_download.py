@@ -31,6 +31,7 @@ from gateway.models.download import (
     write_sha256_cache,
 )
 from gateway.models.progress import render_progress
+from tests.helpers import FakeSleep, Recorder
 
 CONTENT = bytes(range(256)) * 400  # 102400 bytes
 SHA = hashlib.sha256(CONTENT).hexdigest()
@@ -47,14 +48,6 @@ class FakeClock:
     def __call__(self) -> float:
         self.now += self.step
         return self.now
-
-
-@dataclass
-class FakeSleep:
-    delays: list[float] = field(default_factory=list)
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
 
 
 class CutStream(httpx.AsyncByteStream):
@@ -106,20 +99,6 @@ class MockServer:
 
     def unexpected(self, request: httpx.Request) -> httpx.Response:
         raise AssertionError(f"no request expected, got {request.method} {request.url}")
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def publish(self, type: str, /, **details: Any) -> None:
-        self.events.append((type, details))
-
-    def types(self) -> list[str]:
-        return [t for t, _ in self.events]
-
-    def of(self, type: str) -> list[dict[str, Any]]:
-        return [d for t, d in self.events if t == type]
 
 
 def make(tmp_path: Path, server: MockServer, **kwargs: Any) -> tuple[Downloader, Recorder, FakeSleep]:

@@ -6,7 +6,6 @@ real against tests/fakehub.py.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fnmatch
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,7 @@ from gateway.models.download import Downloader, DownloadError
 from gateway.models.hub import HubFetcher, Listing, Snapshot, explain, recorded_files, snapshot_of, write_record
 from gateway.settings import Settings
 from gateway.upstream import HttpxUpstream
+from tests.helpers import FakeSleep, Recorder
 from tests.unit.test_supervisor import Clock, FakeProcess, FakeSpawner
 
 FILES = {"config.json": b"{}", "model.safetensors": b"w" * 1000, "tokenizer.json": b"t" * 10, "onnx/model.onnx": b"o"}
@@ -130,29 +130,6 @@ class MemoryHub:
             if snapshot.patterns is None or any(fnmatch.fnmatch(name, p) for p in snapshot.patterns):
                 (snapshot.folder / name).parent.mkdir(parents=True, exist_ok=True)
                 (snapshot.folder / name).write_bytes(content)
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def publish(self, type: str, /, **details: Any) -> None:
-        self.events.append((type, details))
-
-    def types(self) -> list[str]:
-        return [t for t, _ in self.events]
-
-    def of(self, type: str) -> list[dict[str, Any]]:
-        return [d for t, d in self.events if t == type]
-
-
-class FakeSleep:
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.delays.append(seconds)
-        await asyncio.sleep(0)
 
 
 def fetcher(tmp_path: Path, hub: MemoryHub, **kwargs: Any) -> tuple[HubFetcher, Recorder, FakeSleep]:
