@@ -145,13 +145,15 @@ class Model:
         opts = self.entry.options
         if opts.isq or opts.from_uqff:
             return True
-        if self.kind == "gguf":
-            stem = (self.source.filename or "").rsplit(".", 1)[0]
-            return not _UNQUANTIZED_GGUF.search(stem)
-        return False
+        return self.kind == "gguf" and quantized_gguf(self.source.filename or "")
 
 
 _UNQUANTIZED_GGUF = re.compile(r"(?i)(^|[-_.])(f32|f16|bf16)([-_.]|$)")
+
+
+def quantized_gguf(filename: str) -> bool:
+    """Whether a GGUF file holds quantized weights, by the type its name states (F32, F16, BF16 are not)."""
+    return not _UNQUANTIZED_GGUF.search(filename.rsplit(".", 1)[0])
 
 
 @dataclass(frozen=True)

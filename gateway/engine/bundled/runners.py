@@ -25,10 +25,10 @@ from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from ...catalog import quantized_gguf
 from .args import EngineArgs, ModelLoad
 
 T = TypeVar("T")
-_UNQUANTIZED_GGUF = re.compile(r"(?i)(^|[-_.])(f32|f16|bf16)([-_.]|$)")
 _BACKTRACE = re.compile(r"\n\s*(0:|Stack backtrace:)")
 _END = object()
 
@@ -286,10 +286,7 @@ def is_quantized(load: ModelLoad) -> bool:
     """Whether batched prefill would hit the engine's bug: GGUF quants, in-situ quantisation, UQFF."""
     if load.in_situ_quant or load.fields.get("from_uqff"):
         return True
-    if load.kind == "gguf":
-        name = str(load.fields.get("quantized_filename", ""))
-        return not _UNQUANTIZED_GGUF.search(name.rsplit(".", 1)[0])
-    return False
+    return load.kind == "gguf" and quantized_gguf(str(load.fields.get("quantized_filename", "")))
 
 
 def _enum(enum: Any, name: str | None) -> Any:
