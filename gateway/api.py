@@ -42,6 +42,7 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 LOADING = b": loading\n\n"
 _Encoder = Callable[[Endpoint], tuple[bytes, ModelRename]]
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+WATCH_AFTER = 0.05  # seconds before a request starts watching for its client to leave
 
 
 @dataclass(frozen=True)
@@ -80,11 +81,13 @@ class _LeasedStream(StreamingResponse):
 async def _until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
     """Run ``work`` unless the client goes away first; then cancel it (and with it the upstream call).
 
-    The work runs in this task; one watcher task cancels it on a disconnect (one task per request, not two:
-    on two cores every task costs throughput).
+    The work runs in this task; a watcher task cancels it on a disconnect. The watcher is only started once
+    the work has taken ``WATCH_AFTER`` seconds: most answers are faster, and on two cores a task per request
+    costs throughput, while a generation that runs on for a client that left costs the engine far more.
     """
     current = asyncio.current_task()
     gone = False
+    watcher: asyncio.Task[None] | None = None
 
     async def watch() -> None:
         nonlocal gone
@@ -94,7 +97,11 @@ async def _until_disconnect(request: Request, work: Awaitable[Response]) -> Resp
         if current is not None:
             current.cancel()
 
-    watcher = asyncio.create_task(watch())
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = asyncio.ensure_future(watch())
+
+    timer = asyncio.get_running_loop().call_later(WATCH_AFTER, start_watching)
     try:
         return await work
     except asyncio.CancelledError:
@@ -105,7 +112,9 @@ async def _until_disconnect(request: Request, work: Awaitable[Response]) -> Resp
                 return Response(status_code=499)  # nobody is listening any more
         raise
     finally:
-        watcher.cancel()
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
 class Api:
@@ -159,8 +168,9 @@ class Api:
     # ------------------------------------------------------------------------------ model routes
 
     def _model_endpoint(self, route: ModelRoute) -> Callable[[Request], Awaitable[Response]]:
+        # Reached only when ModelRouteDispatch (app.py) is not in front, e.g. an app built without it.
         async def endpoint(request: Request) -> Response:
-            return await self._handle(request, route)
+            return await self.handle(request, route)
 
         endpoint.__name__ = "relay_" + route.path.strip("/").replace("/", "_")
         return endpoint
@@ -208,7 +218,8 @@ class Api:
             )
         return model
 
-    async def _handle(self, request: Request, route: ModelRoute) -> Response:
+    async def handle(self, request: Request, route: ModelRoute) -> Response:
+        """A request to a model route: validate, pick the model, lease the engine, relay."""
         raw = await self._read_body(request)
         body = validation.parse_json_body(raw, request.headers.get("content-type"))
         route.validate(body)

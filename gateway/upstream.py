@@ -1,17 +1,24 @@
 """The HTTP client to the engine, behind a small interface with two implementations.
 
-``AiohttpUpstream`` is the default: PERF.md measured httpx's AsyncClient at 6.5 ms of CPU per request at
-concurrency 32 against 0.3 ms for aiohttp, and on two cores that CPU is taken from the engine and the
-clients. ``HttpxUpstream`` takes any httpx transport, which is how unit tests drive the relay with
-``httpx.MockTransport``. Each translates its library's failures into the three ``Upstream*`` errors below,
-so that the relay maps them to the gateway's error tree in exactly one place.
+``H1Upstream`` is the default: a keep-alive HTTP/1.1 client on asyncio protocols, parsed by httptools. The
+gateway's throughput on two cores is set by its CPU per request (shared/PERF.md: httpx's AsyncClient spent
+6.5 ms per request at concurrency 32), and a client that only ever speaks plain HTTP/1.1 to one local engine
+can be several times cheaper than a general one (aiohttp was the previous default; tests/bench/README.md has
+the numbers). ``HttpxUpstream`` takes any httpx transport, which is how unit tests drive the relay with
+``httpx.MockTransport``. Each translates its failures into the three ``Upstream*`` errors below, so that the
+relay maps them to the gateway's error tree in exactly one place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast
+from urllib.parse import urlsplit
+
+import httptools
 
 if TYPE_CHECKING:  # httpx is imported only when used: the gateway at rest does without it
     import httpx
@@ -56,93 +63,370 @@ class Upstream(Protocol):
     async def aclose(self) -> None: ...
 
 
-# --------------------------------------------------------------------------------------------- aiohttp
+# ------------------------------------------------------------------------------------ HTTP/1.1 client
+
+_HIGH_WATER = 1 << 20  # bytes of an answer buffered for a slow reader before the engine is made to wait
 
 
-class _AiohttpResponse:
-    def __init__(self, response: Any) -> None:
-        self._response = response
-        self.status: int = response.status
-        self.content_type: str = response.headers.get("content-type", "application/json")
+@dataclass(frozen=True)
+class _Target:
+    host: str
+    port: int
+    path: bytes
+    host_header: bytes
+
+
+@functools.lru_cache(maxsize=256)
+def _target(url: str) -> _Target:
+    """A URL split once (the gateway calls a handful of distinct URLs, millions of times)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise UpstreamConnectError(f"The engine URL {url!r} is not a plain http:// URL.")
+    port = parts.port or 80
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    return _Target(host, port, path.encode(), f"{shown}:{port}".encode())
+
+
+class _H1Response:
+    """One answer arriving on a connection: status and content type, then the body, decoded from chunked
+    encoding by the parser, buffered until the reader takes it.
+
+    A stream's reader is woken for each piece, and reading stops (``pause_reading``) when more than
+    ``_HIGH_WATER`` bytes wait for it, so that a client that reads slowly applies back-pressure to the engine
+    instead of filling the gateway's memory. A whole-body reader is woken once, at the end.
+    """
+
+    __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_error", "_framed", "_headers", "_last", "_paused",
+                 "_stream", "_timeout", "_timer", "_waiter", "content_type", "status")  # fmt: skip
+
+    def __init__(self, conn: _Connection, timeout: float, stream: bool) -> None:
+        self.status = 0
+        self._stream = stream
+        self.content_type = "application/json"
+        self._conn = conn
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._headers: asyncio.Future[None] = conn.loop.create_future()
+        self._done = False
+        self._error: UpstreamError | None = None
+        self._framed = False  # a Content-Length or chunked encoding ends the body; otherwise the connection's end
+        self._paused = False
+        self._timeout = timeout
+        self._last = conn.loop.time()
+        self._timer: asyncio.TimerHandle | None = conn.loop.call_at(self._last + timeout, self._check_idle)
+
+    # -- fed by the connection
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-type":
+            self.content_type = value.decode("latin-1")
+        elif name in (b"content-length", b"transfer-encoding"):
+            self._framed = True
+
+    def headers_complete(self, status: int) -> None:
+        self.status = status
+        if status in (204, 304):
+            self._framed = True
+        if not self._headers.done():
+            self._headers.set_result(None)
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        if self._stream:
+            self._buffered += len(data)
+            if self._buffered > _HIGH_WATER and not self._paused:
+                self._paused = True
+                self._conn.pause_reading()
+            self._wake()
+
+    def finish(self) -> None:
+        self._done = True
+        self._stop_timer()
+        self._wake()
+
+    def fail(self, error: UpstreamError) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._error = error
+        self._stop_timer()
+        if not self._headers.done():
+            self._headers.set_exception(error)
+            self._headers.exception()  # retrieved: nobody may be waiting any more
+        self._wake()
+
+    def connection_ended(self) -> None:
+        """The connection closed: the end of an unframed body, otherwise a broken answer."""
+        if self._headers.done() and not self._framed:
+            self.finish()
+        else:
+            self.fail(UpstreamBroken("The engine closed the connection before the end of its answer."))
+
+    def touched(self) -> None:
+        self._last = self._conn.loop.time()
+
+    def _check_idle(self) -> None:
+        """One timer per answer, re-armed from the time of the last byte, rather than one per chunk."""
+        self._timer = None
+        if self._done:
+            return
+        now = self._conn.loop.time()
+        if self._paused:  # the reader is slow, not the engine
+            self._last = now
+        if now - self._last >= self._timeout:
+            self.fail(UpstreamTimeout(f"The engine sent nothing for {self._timeout:g} s."))
+            self._conn.close()
+            return
+        self._timer = self._conn.loop.call_at(self._last + self._timeout, self._check_idle)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- read by the relay
+
+    async def wait_headers(self) -> None:
+        await self._headers
+
+    def _take(self) -> bytes:
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        if self._paused:
+            self._paused = False
+            self._conn.resume_reading()
+        return data
+
+    async def _wait(self) -> None:
+        self._waiter = self._conn.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     async def read(self) -> bytes:
+        self._stream = False  # the whole body is wanted (e.g. an error answer to a stream): no back-pressure
+        if self._paused:
+            self._paused = False
+            self._conn.resume_reading()
         try:
-            data: bytes = await self._response.read()
-            return data
-        except Exception as exc:
-            raise _aiohttp_error(exc) from exc
-        finally:
-            self._response.release()
+            while not self._done:
+                await self._wait()
+        except BaseException:
+            self._conn.close()  # cancelled half-way: the engine must see the client leave
+            raise
+        if self._error is not None:
+            raise self._error
+        return self._take() if self._chunks else b""
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except Exception as exc:
-            raise _aiohttp_error(exc) from exc
+        while True:
+            if self._chunks:
+                yield self._take()
+            elif self._error is not None:
+                raise self._error
+            elif self._done:
+                return
+            else:
+                await self._wait()
 
     async def close(self) -> None:
-        self._response.close()
+        if not self._done:
+            self.fail(UpstreamBroken("abandoned"))
+            self._conn.close()
 
 
-def _aiohttp_error(exc: BaseException) -> UpstreamError:
-    import aiohttp
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to the engine; httptools parses the answers."""
 
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamConnectError(str(exc))
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
-        return UpstreamTimeout(str(exc) or "read timeout")
-    return UpstreamBroken(str(exc) or type(exc).__name__)
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: H1Upstream, key: tuple[str, int]) -> None:
+        self.loop = loop
+        self._pool = pool
+        self.key = key
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._response: _H1Response | None = None
+        self.closed = False
+        self.idle_since = 0.0
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        response = self._response
+        if response is None:  # bytes nobody asked for: the connection cannot be trusted any more
+            self.close()
+            return
+        response.touched()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            response.fail(UpstreamBroken(f"The engine sent a malformed answer: {exc}"))
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._pool.forget(self)
+        response, self._response = self._response, None
+        if response is not None:
+            response.connection_ended()
+
+    # -- httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._response is not None:
+            self._response.header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._response is not None:
+            self._response.headers_complete(self._parser.get_status_code())
+
+    def on_body(self, body: bytes) -> None:
+        if self._response is not None:
+            self._response.feed(body)
+
+    def on_message_complete(self) -> None:
+        response, self._response = self._response, None
+        if response is None:
+            return
+        response.finish()
+        if self._parser.should_keep_alive() and not self.closed:
+            self._pool.release(self)
+        else:
+            self.close()
+
+    # -- used by the client and the response
+
+    def send(self, data: bytes, timeout: float, stream: bool) -> _H1Response:
+        assert self._transport is not None and self._response is None
+        response = _H1Response(self, timeout, stream)
+        self._response = response
+        self._transport.write(data)
+        return response
+
+    def pause_reading(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._transport.resume_reading()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self._transport is not None:
+                self._transport.close()
 
 
-class AiohttpUpstream:
-    """One pooled aiohttp session, created on first use (it must be made inside the running loop)."""
+class H1Upstream:
+    """Keep-alive HTTP/1.1 to the engine on asyncio protocols, with httptools' parser (the one uvicorn uses).
+
+    Why not a general HTTP client: on two cores the gateway's CPU per request is taken from the engine and the
+    clients. httpx spent 6.5 ms per request at concurrency 32 (shared/PERF.md) and aiohttp about 0.12 ms; this
+    client, which only ever talks plain HTTP/1.1 to one local engine, spends a fraction of that (the numbers
+    are in tests/bench/README.md). It writes each request with one ``write`` and hands the body to the relay
+    as it arrives; timeouts are one timer per answer.
+    """
 
     def __init__(self, *, max_idle: int = 256, keepalive: float = 30.0, connect_timeout: float = 10.0) -> None:
-        self._session: Any = None
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._open: set[_Connection] = set()
         self._max_idle = max_idle
-        self._keepalive = keepalive
+        self._keepalive = keepalive  # below the engine's idle timeout, so the engine never closes one we pick
         self._connect_timeout = connect_timeout
 
-    def _get_session(self) -> Any:
-        if self._session is None:
-            import aiohttp
+    def release(self, conn: _Connection) -> None:
+        """An answer is complete and the connection may carry the next request."""
+        idle = self._idle.setdefault(conn.key, [])
+        if len(idle) >= self._max_idle:
+            conn.close()
+            return
+        conn.idle_since = conn.loop.time()
+        idle.append(conn)
 
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=self._keepalive,
-                                             enable_cleanup_closed=True)  # fmt: skip
-            # No automatic decompression or cookie handling: bodies pass through untouched.
-            self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-                skip_auto_headers=("User-Agent",),
-            )  # fmt: skip
-        return self._session
+    def forget(self, conn: _Connection) -> None:
+        self._open.discard(conn)  # a closed idle connection stays in its list until it is skipped there
+
+    async def _acquire(self, target: _Target, connect_timeout: float) -> tuple[_Connection, bool]:
+        """The most recently used idle connection (LIFO keeps few connections warm), else a new one."""
+        loop = asyncio.get_running_loop()
+        key = (target.host, target.port)
+        idle = self._idle.get(key)
+        now = loop.time()
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and now - conn.idle_since < self._keepalive:
+                return conn, True
+            conn.close()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(loop, self, key), target.host, target.port),
+                connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise UpstreamConnectError(
+                f"Cannot connect to the engine at {target.host_header.decode()}: {exc or 'timed out'}"
+            ) from exc
+        self._open.add(conn)
+        return conn, False
+
+    async def _exchange(self, url: str, method: bytes, rest: bytes, timeout: float, connect_timeout: float,
+                        stream: bool, retry_stale: bool) -> _H1Response:  # fmt: skip
+        """Send ``method url`` followed by ``rest`` (the remaining headers, blank line and body) and wait for
+        the answer's headers."""
+        target = _target(url)
+        request = b"".join((method, b" ", target.path, b" HTTP/1.1\r\nhost: ", target.host_header, b"\r\n", rest))
+        while True:
+            conn, reused = await self._acquire(target, connect_timeout)
+            response = conn.send(request, timeout, stream)
+            try:
+                await response.wait_headers()
+            except UpstreamBroken:
+                # A pooled connection the engine closed just now, before reading anything: safe to retry only
+                # for a GET (a POST might have reached the engine).
+                if reused and retry_stale:
+                    retry_stale = False
+                    continue
+                raise
+            except BaseException:
+                conn.close()  # cancelled or timed out while waiting: the engine must see us leave
+                raise
+            return response
 
     async def get(self, url: str, *, timeout: float) -> tuple[int, bytes]:
-        import aiohttp
-
-        try:
-            async with self._get_session().get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-                return response.status, await response.read()
-        except Exception as exc:
-            raise _aiohttp_error(exc) from exc
+        response = await self._exchange(url, b"GET", b"\r\n", timeout, timeout, stream=False,
+                                        retry_stale=True)
+        return response.status, await response.read()
 
     async def post(
         self, url: str, body: bytes, *, read_timeout: float, stream: bool, headers: dict[str, str] | None = None
     ) -> UpstreamResponse:
-        import aiohttp
-
-        timeout = aiohttp.ClientTimeout(total=None, connect=self._connect_timeout, sock_read=read_timeout)
-        sent = {"content-type": "application/json", **(headers or {})}
-        try:
-            response = await self._get_session().post(url, data=body, headers=sent, timeout=timeout)
-        except Exception as exc:
-            raise _aiohttp_error(exc) from exc
-        return _AiohttpResponse(response)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode() if headers else b""
+        framing = b"content-type: application/json\r\ncontent-length: %d\r\n%s\r\n" % (len(body), extra)
+        return await self._exchange(url, b"POST", framing + body, read_timeout, self._connect_timeout, stream=stream,
+                                    retry_stale=False)  # fmt: skip
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for conn in list(self._open):
+            conn.close()
+        self._open.clear()
+        self._idle.clear()
 
 
 # ----------------------------------------------------------------------------------------------- httpx

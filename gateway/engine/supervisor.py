@@ -26,7 +26,7 @@ from ..catalog import Catalog, Model
 from ..errors import EngineStartFailed, EngineUnavailable, GatewayError, QueueFull
 from ..events import EventSink, NullSink
 from ..settings import Settings
-from ..upstream import AiohttpUpstream, Upstream, UpstreamError
+from ..upstream import H1Upstream, Upstream, UpstreamError
 from .command import CommandError, EngineCommand, build_command
 from .discovery import EngineProgram, find_engine
 from .process import EngineProcess, ProcessSpawner, SubprocessSpawner
@@ -96,7 +96,7 @@ class Supervisor:
         self._find_program = find_program or (
             lambda: find_engine(choice=settings.engine, binary=settings.engine_binary)
         )
-        self._probe: Upstream = probe or AiohttpUpstream()
+        self._probe: Upstream = probe or H1Upstream()
         self._log = logger
         self._events: EventSink = events or NullSink()
         self._make_downloader = downloader
@@ -322,7 +322,7 @@ class Supervisor:
         if isinstance(exc, GatewayError):
             raise exc
         if exc is not None:
-            raise EngineStartFailed(f"The engine failed to start: {exc}", retry_after=1) from exc
+            raise EngineStartFailed(f"The engine failed to start: {exc or type(exc).__name__}", retry_after=1) from exc
 
     async def _start(self) -> Endpoint:
         began = self._clock()
@@ -351,7 +351,7 @@ class Supervisor:
         state.attempt_number = self._failures
         delay = self._backoff(state)
         self._retry_at = self._clock() + delay
-        self._last_error = exc.message if isinstance(exc, GatewayError) else str(exc)
+        self._last_error = exc.message if isinstance(exc, GatewayError) else str(exc) or type(exc).__name__
         self._log.error(
             "engine start failed (%d in a row; next try in %.0f s): %s",
             self._failures,
