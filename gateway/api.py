@@ -78,14 +78,14 @@ class _LeasedStream(StreamingResponse):
             self._lease.release(self._keep_alive)
 
 
-async def _until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+async def _until_disconnect(loop: asyncio.AbstractEventLoop, request: Request, work: Awaitable[Response]) -> Response:
     """Run ``work`` unless the client goes away first; then cancel it (and with it the upstream call).
 
     The work runs in this task; a watcher task cancels it on a disconnect. The watcher is only started once
     the work has taken ``WATCH_AFTER`` seconds: most answers are faster, and on two cores a task per request
     costs throughput, while a generation that runs on for a client that left costs the engine far more.
     """
-    current = asyncio.current_task()
+    current = asyncio.current_task(loop)
     gone = False
     watcher: asyncio.Task[None] | None = None
 
@@ -99,9 +99,9 @@ async def _until_disconnect(request: Request, work: Awaitable[Response]) -> Resp
 
     def start_watching() -> None:
         nonlocal watcher
-        watcher = asyncio.ensure_future(watch())
+        watcher = loop.create_task(watch())
 
-    timer = asyncio.get_running_loop().call_later(WATCH_AFTER, start_watching)
+    timer = loop.call_later(WATCH_AFTER, start_watching)
     try:
         return await work
     except asyncio.CancelledError:
@@ -140,6 +140,7 @@ class Api:
         self._max_body = int(settings.max_body_mb * 1024 * 1024)
         self._created = int(time.time())
         self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def routes(self) -> list[BaseRoute]:
         routes: list[BaseRoute] = [Route(r.path, self._model_endpoint(r), methods=["POST"]) for r in MODEL_ROUTES]
@@ -161,6 +162,12 @@ class Api:
                 Route(prefix + "/{rest:path}", self.not_implemented, methods=ALL_METHODS),
             ]
         return routes
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        # Looked up once: on Python 3.11 every get_running_loop() is a getpid() system call.
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def start_draining(self) -> None:
         self._draining = True
@@ -258,7 +265,7 @@ class Api:
         lease = self._supervisor.lease()
         if route.path == "/v1/embeddings":
             try:
-                return await _until_disconnect(request, self._embed(request, body, model))
+                return await _until_disconnect(self._event_loop(), request, self._embed(request, body, model))
             finally:
                 lease.release(keep_alive)
         if route.streams and body.get("stream") is True:
@@ -268,7 +275,8 @@ class Api:
                 lease.release(keep_alive)
                 raise
         try:
-            return await _until_disconnect(request, self._forward(request, route.path, encode, wanted_image))
+            forward = self._forward(request, route.path, encode, wanted_image)
+            return await _until_disconnect(self._event_loop(), request, forward)
         finally:
             lease.release(keep_alive)
 

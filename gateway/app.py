@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -47,7 +46,7 @@ def create_app(
     catalog: Catalog | None = None,
     supervisor: Supervisor | None = None,
     transport: httpx.AsyncBaseTransport | None = None,  # tests: an httpx transport instead of H1Upstream
-) -> Starlette:
+) -> GatewayApp:
     """The ASGI app. Parts not passed in are built from ``settings``."""
     if catalog is None:
         catalog = load_catalog(
@@ -107,14 +106,8 @@ def create_app(
     async def serve_metrics(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    middleware = [Middleware(RequestObserver, metrics=metrics, log_format=settings.log_format)]
-    api_keys = load_keys(settings.api_keys)
-    if api_keys or settings.admin_key:  # a layer costs CPU on every request: none when nothing is guarded
-        middleware.append(Middleware(KeyGuard, api_keys=api_keys, admin_key=settings.admin_key))
-    middleware.append(Middleware(ModelRouteDispatch, api=api))  # innermost: after the observer and the key check
-    app = Starlette(
+    routed = Starlette(
         routes=[*api.routes(), Route("/metrics", serve_metrics, methods=["GET"])],
-        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
             GatewayError: _gateway_error,
@@ -122,20 +115,35 @@ def create_app(
             Exception: _unexpected_error,
         },
     )
-    app.state.supervisor = supervisor
-    app.state.catalog = catalog
-    return app
+    # The layers every request crosses, outermost first: observer -> key guard -> model routes -> Starlette.
+    stack: ASGIApp = ModelRouteDispatch(routed, api=api)
+    api_keys = load_keys(settings.api_keys)
+    if api_keys or settings.admin_key:  # a layer costs CPU on every request: none when nothing is guarded
+        stack = KeyGuard(stack, api_keys=api_keys, admin_key=settings.admin_key)
+    stack = RequestObserver(stack, metrics=metrics, log_format=settings.log_format)
+    return GatewayApp(stack, supervisor=supervisor, catalog=catalog)
+
+
+class GatewayApp:
+    """The ASGI app that uvicorn serves, with the parts the command line needs to reach."""
+
+    def __init__(self, app: ASGIApp, *, supervisor: Supervisor, catalog: Catalog) -> None:
+        self.app = app
+        self.supervisor = supervisor
+        self.catalog = catalog
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 class ModelRouteDispatch:
-    """Plain-ASGI dispatch of a POST to a model route, ahead of Starlette's router.
+    """Plain-ASGI dispatch of a POST to a model route, in front of Starlette.
 
-    The model routes are the gateway's hot path and exact paths, so one dict lookup finds them. Starlette's
-    router tries each route's pattern in turn and wraps the endpoint in two more exception-handling layers; on
-    two cores that was about 15 % of the gateway's CPU per request (py-spy, tests/bench/README.md). Anything
-    else (other routes, another method or a trailing slash on a model route) goes through the router as
-    before. Errors are answered by the same handler as everywhere else; an unexpected exception goes on up
-    to Starlette's outermost layer, which answers 500.
+    The model routes are the gateway's hot path and exact paths, so one dict lookup finds them. Starlette
+    wraps every request in its error layer, tries each route's pattern in turn and wraps the endpoint in two
+    more exception-handling layers; on two cores that was about 15 % of the gateway's CPU per request (py-spy,
+    tests/bench/README.md). Anything else (other routes, another method or a trailing slash on a model route,
+    the lifespan) goes to Starlette as before. Errors are answered by the same handlers as there.
     """
 
     def __init__(self, app: ASGIApp, *, api: Api) -> None:
@@ -154,6 +162,10 @@ class ModelRouteDispatch:
             response = await self._api.handle(request, route)
         except GatewayError as exc:
             response = await _gateway_error(request, exc)
+        except Exception as exc:
+            response = await _unexpected_error(request, exc)
+        # Errors past this point happen after the answer has begun (a stream's are events already): uvicorn
+        # logs them and closes the connection, as it would behind Starlette.
         await response(scope, receive, send)
 
 

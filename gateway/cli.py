@@ -224,7 +224,7 @@ def serve(settings: Settings) -> int:
     for noisy in ("httpx", "httpx2", "huggingface_hub"):  # one INFO line per HTTP request each
         logging.getLogger(noisy).setLevel(logging.WARNING)
     app = create_app(settings)
-    supervisor = app.state.supervisor
+    supervisor = app.supervisor
     config = uvicorn.Config(
         app,
         host=settings.host,

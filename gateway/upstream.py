@@ -350,6 +350,7 @@ class H1Upstream:
         self._max_idle = max_idle
         self._keepalive = keepalive  # below the engine's idle timeout, so the engine never closes one we pick
         self._connect_timeout = connect_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def release(self, conn: _Connection) -> None:
         """An answer is complete and the connection may carry the next request."""
@@ -365,7 +366,10 @@ class H1Upstream:
 
     async def _acquire(self, target: _Target, connect_timeout: float) -> tuple[_Connection, bool]:
         """The most recently used idle connection (LIFO keeps few connections warm), else a new one."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            # Looked up once: on Python 3.11 every get_running_loop() is a getpid() system call.
+            loop = self._loop = asyncio.get_running_loop()
         key = (target.host, target.port)
         idle = self._idle.get(key)
         now = loop.time()

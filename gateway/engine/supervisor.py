@@ -103,7 +103,8 @@ class Supervisor:
         self._downloader: Downloader | None = None
         self._make_hub = hub or self._default_hub
         self._hub: HubFetcher | None = None
-        self._activity = asyncio.Event()
+        self._activity = asyncio.Event()  # wakes the idle stopper
+        self._stopper_parked = False
         self._sm = StateMachine(on_change=self._on_state_change)
         self._backoff = wait_exponential(multiplier=1, min=1, max=settings.backoff_max)
 
@@ -144,8 +145,9 @@ class Supervisor:
         return self._in_flight
 
     def lease(self) -> Lease:
+        # No wake-up for the idle stopper: a request only moves the idle deadline later, which the stopper finds
+        # when it wakes (waking it for every request cost a task per request).
         self._in_flight += 1
-        self._activity.set()
         return Lease(self)
 
     def keep_alive(self, seconds: float) -> None:
@@ -205,7 +207,12 @@ class Supervisor:
         await asyncio.wait({self._stop_task})
 
     async def run_idle_stopper(self) -> None:
-        """Background task: stop the engine once it has been idle long enough."""
+        """Background task: stop the engine once it has been idle long enough.
+
+        It sleeps until the idle deadline and then checks again, since requests can only have moved the deadline
+        later. Without a deadline (engine not ready, or busy) it is parked until something may have set one: a
+        state change, the last request ending, a keep_alive.
+        """
         while True:
             self._activity.clear()
             delay = self.seconds_until_idle_stop()
@@ -213,6 +220,7 @@ class Supervisor:
                 self._log.info("engine idle for %.0f s: stopping it", self._settings.idle_timeout)
                 await self.stop("idle")
                 continue
+            self._stopper_parked = delay is None
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._activity.wait(), delay)
 
@@ -290,6 +298,8 @@ class Supervisor:
         self._last_activity = self._clock()
         if keep_alive is not None:
             self.keep_alive(keep_alive)
+        elif self._in_flight == 0 and self._stopper_parked:
+            self._activity.set()
         self._activity.set()
 
     def _on_state_change(self, previous: EngineState, current: EngineState) -> None:
