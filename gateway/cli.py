@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -225,6 +226,10 @@ def serve(settings: Settings) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     app = create_app(settings)
     supervisor = app.supervisor
+    # What is loaded by now (modules, settings, the catalog) lives as long as the process: keep it out of the
+    # garbage collector's passes, which otherwise rescan it as requests allocate.
+    gc.collect()
+    gc.freeze()
     config = uvicorn.Config(
         app,
         host=settings.host,
