@@ -3,8 +3,8 @@
 ``H1Upstream`` is the default: a keep-alive HTTP/1.1 client on asyncio protocols, parsed by httptools. The
 gateway's throughput on two cores is set by its CPU per request (shared/PERF.md: httpx's AsyncClient spent
 6.5 ms per request at concurrency 32), and a client that only ever speaks plain HTTP/1.1 to one local engine
-can be several times cheaper than a general one (aiohttp was the previous default; tests/bench/README.md has
-the numbers). ``HttpxUpstream`` takes any httpx transport, which is how unit tests drive the relay with
+spends half of aiohttp's CPU per request (aiohttp was the previous default; the numbers are in
+tests/bench/README.md). ``HttpxUpstream`` takes any httpx transport, which is how unit tests drive the relay with
 ``httpx.MockTransport``. Each translates its failures into the three ``Upstream*`` errors below, so that the
 relay maps them to the gateway's error tree in exactly one place.
 """
@@ -12,7 +12,6 @@ relay maps them to the gateway's error tree in exactly one place.
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
@@ -76,9 +75,7 @@ class _Target:
     host_header: bytes
 
 
-@functools.lru_cache(maxsize=256)
 def _target(url: str) -> _Target:
-    """A URL split once (the gateway calls a handful of distinct URLs, millions of times)."""
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise UpstreamConnectError(f"The engine URL {url!r} is not a plain http:// URL.")
@@ -93,13 +90,14 @@ class _H1Response:
     """One answer arriving on a connection: status and content type, then the body, decoded from chunked
     encoding by the parser, buffered until the reader takes it.
 
-    A stream's reader is woken for each piece, and reading stops (``pause_reading``) when more than
-    ``_HIGH_WATER`` bytes wait for it, so that a client that reads slowly applies back-pressure to the engine
-    instead of filling the gateway's memory. A whole-body reader is woken once, at the end.
+    A stream's reader is woken once the headers are in and then for each piece, and reading stops
+    (``pause_reading``) when more than ``_HIGH_WATER`` bytes wait for it, so that a client that reads slowly
+    applies back-pressure to the engine instead of filling the gateway's memory. A whole-body reader is woken
+    once, when the answer is complete (not at the headers too: a task wake-up is worth saving on every request).
     """
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_error", "_framed", "_headers", "_last", "_paused",
-                 "_stream", "_timeout", "_timer", "_waiter", "content_type", "status")  # fmt: skip
+    __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_error", "_framed", "_last", "_paused",
+                 "_ready", "_stream", "_timeout", "_timer", "_waiter", "content_type", "status")  # fmt: skip
 
     def __init__(self, conn: _Connection, timeout: float, stream: bool) -> None:
         self.status = 0
@@ -109,7 +107,7 @@ class _H1Response:
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
-        self._headers: asyncio.Future[None] = conn.loop.create_future()
+        self._ready: asyncio.Future[None] = conn.loop.create_future()  # see wait_ready()
         self._done = False
         self._error: UpstreamError | None = None
         self._framed = False  # a Content-Length or chunked encoding ends the body; otherwise the connection's end
@@ -136,8 +134,8 @@ class _H1Response:
         self.status = status
         if status in (204, 304):
             self._framed = True
-        if not self._headers.done():
-            self._headers.set_result(None)
+        if self._stream and not self._ready.done():
+            self._ready.set_result(None)
 
     def feed(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -151,6 +149,8 @@ class _H1Response:
     def finish(self) -> None:
         self._done = True
         self._stop_timer()
+        if not self._ready.done():
+            self._ready.set_result(None)
         self._wake()
 
     def fail(self, error: UpstreamError) -> None:
@@ -159,14 +159,14 @@ class _H1Response:
         self._done = True
         self._error = error
         self._stop_timer()
-        if not self._headers.done():
-            self._headers.set_exception(error)
-            self._headers.exception()  # retrieved: nobody may be waiting any more
+        if not self._ready.done():
+            self._ready.set_exception(error)
+            self._ready.exception()  # retrieved: nobody may be waiting any more
         self._wake()
 
     def connection_ended(self) -> None:
         """The connection closed: the end of an unframed body, otherwise a broken answer."""
-        if self._headers.done() and not self._framed:
+        if self.status and not self._framed:
             self.finish()
         else:
             self.fail(UpstreamBroken("The engine closed the connection before the end of its answer."))
@@ -195,8 +195,9 @@ class _H1Response:
 
     # -- read by the relay
 
-    async def wait_headers(self) -> None:
-        await self._headers
+    async def wait_ready(self) -> None:
+        """Until a stream's headers are in, or a whole-body answer is complete."""
+        await self._ready
 
     def _take(self) -> bytes:
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
@@ -338,10 +339,10 @@ class H1Upstream:
     """Keep-alive HTTP/1.1 to the engine on asyncio protocols, with httptools' parser (the one uvicorn uses).
 
     Why not a general HTTP client: on two cores the gateway's CPU per request is taken from the engine and the
-    clients. httpx spent 6.5 ms per request at concurrency 32 (shared/PERF.md) and aiohttp about 0.12 ms; this
-    client, which only ever talks plain HTTP/1.1 to one local engine, spends a fraction of that (the numbers
-    are in tests/bench/README.md). It writes each request with one ``write`` and hands the body to the relay
-    as it arrives; timeouts are one timer per answer.
+    clients. Measured as a client against the fast fake engine (``python -m tests.bench.upstream``), CPU per
+    small request: httpx 0.7-2.9 ms, aiohttp 0.08-0.21 ms, this client 0.04-0.09 ms. It only ever speaks plain
+    HTTP/1.1 to one local engine, writes each request with one ``write``, hands the body to the relay as it
+    arrives, and keeps one timer per answer for the read timeout.
     """
 
     def __init__(self, *, max_idle: int = 256, keepalive: float = 30.0, connect_timeout: float = 10.0) -> None:
@@ -351,6 +352,7 @@ class H1Upstream:
         self._keepalive = keepalive  # below the engine's idle timeout, so the engine never closes one we pick
         self._connect_timeout = connect_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._targets: dict[str, _Target] = {}  # URLs split once: a handful of them, called millions of times
 
     def release(self, conn: _Connection) -> None:
         """An answer is complete and the connection may carry the next request."""
@@ -394,13 +396,17 @@ class H1Upstream:
                         stream: bool, retry_stale: bool) -> _H1Response:  # fmt: skip
         """Send ``method url`` followed by ``rest`` (the remaining headers, blank line and body) and wait for
         the answer's headers."""
-        target = _target(url)
+        target = self._targets.get(url)
+        if target is None:
+            if len(self._targets) > 1024:  # URLs follow the engine's port; old ones are dropped, not kept forever
+                self._targets.clear()
+            target = self._targets[url] = _target(url)
         request = b"".join((method, b" ", target.path, b" HTTP/1.1\r\nhost: ", target.host_header, b"\r\n", rest))
         while True:
             conn, reused = await self._acquire(target, connect_timeout)
             response = conn.send(request, timeout, stream)
             try:
-                await response.wait_headers()
+                await response.wait_ready()
             except UpstreamBroken:
                 # A pooled connection the engine closed just now, before reading anything: safe to retry only
                 # for a GET (a POST might have reached the engine).
