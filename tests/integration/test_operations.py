@@ -100,6 +100,7 @@ def test_request_logs_and_request_ids(gateways: Start) -> None:
         return None
 
     entry = wait_for(lambda: line_for("abc-123"), 10, "the request's log line")
+    assert entry is not None
     assert entry["method"] == "POST" and entry["path"] == "/v1/chat/completions"
     assert entry["model"] == "tiny-chat" and entry["status"] == 200 and entry["bytes"] > 0  # type: ignore[operator]
     assert isinstance(entry["duration_ms"], float)

@@ -131,12 +131,14 @@ def test_embeddings_forms_and_default_model(gw: Gateway) -> None:
 
 def test_images_url_and_b64(gw: Gateway) -> None:
     b64 = sdk(gw).images.generate(model="tiny-flux", prompt="a cat", size="32x16", response_format="b64_json")
+    assert b64.data is not None
     png = base64.b64decode(b64.data[0].b64_json or "")
     assert png.startswith(b"\x89PNG")
     sent = [r["body"] for r in gw.upstream_requests() if r["path"] == "/v1/images/generations"][-1]
     assert (sent["width"], sent["height"], sent["response_format"]) == (32, 16, "B64Json") and "size" not in sent
 
     by_url = sdk(gw).images.generate(model="tiny-flux", prompt="a dog")
+    assert by_url.data is not None
     url = by_url.data[0].url or ""
     assert url.startswith(gw.url + "/images/image-")
     fetched = httpx.get(url)

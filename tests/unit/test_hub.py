@@ -219,7 +219,7 @@ class EnvSpawner(FakeSpawner):
 
 def supervisor(tmp_path: Path, toml: str, hub: MemoryHub, **settings: Any) -> tuple[Supervisor, EnvSpawner]:
     spawner = EnvSpawner()
-    config = Settings(_env_file=None, model_dir=tmp_path / "models", **settings)  # type: ignore[call-arg]
+    config = Settings(_env_file=None, model_dir=tmp_path / "models", **settings)
     catalog = parse_catalog(toml, origin="m.toml", model_dir=config.model_dir)
     sup = Supervisor(
         config,

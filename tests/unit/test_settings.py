@@ -18,7 +18,7 @@ def test_env_example_lists_every_setting_with_its_default(monkeypatch: pytest.Mo
         if line.startswith("GATEWAY_"):
             key, value = line.split("=", 1)
             monkeypatch.setenv(key, value)
-    from_example = Settings(_env_file=None)  # type: ignore[call-arg]
+    from_example = Settings(_env_file=None)
     defaults = Settings.model_construct()
     for name in Settings.model_fields:
         if name == "model_dir":
@@ -28,7 +28,7 @@ def test_env_example_lists_every_setting_with_its_default(monkeypatch: pytest.Mo
 
 
 def test_defaults_serve_on_loopback_8080() -> None:
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     assert (settings.host, settings.port, settings.idle_timeout, settings.startup_timeout) == (
         "127.0.0.1",
         8080,
@@ -41,13 +41,13 @@ def test_defaults_serve_on_loopback_8080() -> None:
 def test_dotenv_file_is_read(tmp_path: Path) -> None:
     env = tmp_path / ".env"
     env.write_text("GATEWAY_PORT=9999\nGATEWAY_IDLE_TIMEOUT=0\nGATEWAY_ENGINE_URL=\n")
-    settings = Settings(_env_file=env)  # type: ignore[call-arg]
+    settings = Settings(_env_file=env)
     assert settings.port == 9999 and settings.idle_timeout == 0 and settings.engine_url is None
 
 
 def test_models_file_defaults_to_models_toml_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     assert settings.resolved_models_file() is None
     (tmp_path / "models.toml").write_text("")
     assert settings.resolved_models_file() == Path("models.toml")

@@ -6,6 +6,7 @@ import asyncio
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -81,8 +82,8 @@ class Clock:
         return self.now
 
 
-def make(tmp_path: Path, spawner: FakeSpawner, clock: Clock, **settings: object) -> Supervisor:
-    config = Settings(_env_file=None, **settings)  # type: ignore[call-arg]
+def make(tmp_path: Path, spawner: FakeSpawner, clock: Clock, **settings: Any) -> Supervisor:
+    config = Settings(_env_file=None, **settings)
     # Models the engine fetches itself: nothing for the supervisor to download or find on disk.
     catalog = parse_catalog('[[models]]\nid = "chat"\nkind = "plain"\nrepo = "org/chat"\n', origin="m.toml",
                             model_dir=tmp_path)  # fmt: skip
@@ -105,7 +106,7 @@ async def test_many_cold_requests_share_one_spawn(tmp_path: Path) -> None:
     assert sup.state is EngineState.READY and sup.starts == 1
     await sup.aclose()
     assert spawner.procs[0].signals[0] == signal.SIGTERM
-    assert sup.state is EngineState.STOPPED
+    assert sup.state is EngineState.STOPPED  # type: ignore[comparison-overlap]  # mypy keeps the assert's narrowing
 
 
 async def test_start_failure_backs_off_then_retries(tmp_path: Path) -> None:
@@ -201,7 +202,7 @@ async def test_sigterm_then_sigkill_when_ignored(tmp_path: Path) -> None:
 
 
 async def test_no_engine_installed_is_a_503_that_says_what_to_install(tmp_path: Path) -> None:
-    config = Settings(_env_file=None, engine_binary="/nonexistent/mistralrs-server")  # type: ignore[call-arg]
+    config = Settings(_env_file=None, engine_binary="/nonexistent/mistralrs-server")
     sup = Supervisor(config, load_catalog(None, model_dir=tmp_path), run_dir=tmp_path, spawner=FakeSpawner())
     with pytest.raises(EngineNotInstalled) as info:
         await sup.ensure_ready()
