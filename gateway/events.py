@@ -8,7 +8,8 @@ loses events instead of slowing the gateway down, and is told how many it lost b
 
 Event types and their details:
 
-- ``download.present``  file, path, bytes, verified (True when a sha256 was checked)
+- ``download.present``  file, path, bytes, verified (True when a sha256 was checked); for a repo loaded from
+  huggingface_hub's cache because the hub could not be reached, also files and source
 - ``download.waiting``  file, path, lock: another process holds the file's lock and is downloading it
 - ``download.started``  url, file, path, total (None if unknown), resumed_from, attempt
 - ``download.progress`` file, bytes, total, rate (bytes/s), eta (s; None if unknown)
@@ -224,7 +225,9 @@ class EventBus:
             state.update(state="retrying", rate=None, eta=None, error=details.get("error"))
         elif kind in ("done", "present"):
             state.update(state=kind, bytes=details.get("bytes"), total=details.get("bytes"), rate=None, eta=None)
-            state["error"] = None
+            state.update(error=None, path=details.get("path"))  # where the model loads from
+            if "source" in details:
+                state["source"] = details["source"]
         elif kind == "failed":
             state.update(state="failed", rate=None, eta=None, error=details.get("error"))
 

@@ -14,6 +14,9 @@ round trip to the hub at every start. Prefetching gives repo models what ``url``
 - Repo not found, private, gated, unknown revision, a refused token: fail at once with a message that names the
   repo and the fix. Network trouble, 5xx and 429 are retried with backoff; an attempt that completed files
   resets the count, so a flaky link still finishes a big repo.
+- When the hub cannot be asked (no network, hub errors, ``HF_HUB_OFFLINE=1``) and huggingface_hub's own cache
+  (``HF_HOME``, shared with the engine and other tools) holds a complete copy of the revision, that copy is
+  loaded at once, with a warning, instead of retrying: a machine that used a model before keeps working offline.
 - The token goes to huggingface_hub only, never to a log line; without one, huggingface_hub uses ``HF_TOKEN`` or
   its saved login.
 """
@@ -85,6 +88,30 @@ class Hub(Protocol):
     def listing(self, snapshot: Snapshot) -> Listing: ...
 
     def download(self, snapshot: Snapshot, commit: str) -> None: ...
+
+    def cached(self, snapshot: Snapshot) -> Path | None:
+        """A complete copy of the snapshot's revision in the hub client's own cache, found without the network."""
+        ...
+
+
+class _FoundInCache(Exception):
+    """Ends the retries: the hub cannot be asked, but its client's cache holds the snapshot."""
+
+    def __init__(self, folder: Path, reason: str) -> None:
+        super().__init__(reason)
+        self.folder = folder
+        self.reason = reason
+
+
+def _unreachable(exc: BaseException, error: DownloadError) -> bool:
+    """The hub could not be asked (network, its own errors, offline mode), as opposed to a refusal or a miss."""
+    if error.retryable:
+        return True
+    try:
+        from huggingface_hub import errors
+    except ImportError:
+        return False
+    return isinstance(exc, errors.OfflineModeIsEnabled)
 
 
 def snapshot_of(model: Model, model_dir: Path) -> Snapshot:
@@ -264,6 +291,22 @@ class HfHub:
             tqdm_class=Quiet,
         )
 
+    def cached(self, snapshot: Snapshot) -> Path | None:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            # Offline, huggingface_hub resolves the revision through the cache's refs and checks the snapshot
+            # against the file listing it cached when it downloaded it: a partial copy is not returned.
+            folder = Path(snapshot_download(
+                snapshot.repo, revision=snapshot.revision,
+                allow_patterns=list(snapshot.patterns) if snapshot.patterns else None,
+                cache_dir=self._cache_dir, local_files_only=True,
+            ))  # fmt: skip
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            return None
+        return folder if any(p.is_file() for p in folder.rglob("*")) else None
+
 
 @dataclass
 class _Job:
@@ -332,7 +375,15 @@ class HubFetcher:
                 self._events.publish("download.present", file=repo, path=str(snapshot.folder),
                                      bytes=sum(present.values()), verified=False, files=len(present))  # fmt: skip
                 return snapshot.folder
-            await self._fetch(_Job(snapshot, began=self._clock()))
+            try:
+                await self._fetch(_Job(snapshot, began=self._clock()))
+            except _FoundInCache as found:
+                self._log.warning("%s cannot be fetched (%s): loading the copy in huggingface_hub's cache, %s",
+                                  repo, found.reason, found.folder)  # fmt: skip
+                sizes = [p.stat().st_size for p in found.folder.rglob("*") if p.is_file()]
+                self._events.publish("download.present", file=repo, path=str(found.folder), bytes=sum(sizes),
+                                     verified=False, files=len(sizes), source="huggingface_hub cache")  # fmt: skip
+                return found.folder
             return snapshot.folder
         except DownloadError as exc:
             self._fail(repo, exc.url, exc.message)
@@ -394,7 +445,12 @@ class HubFetcher:
             job.listing = listing
             await self._download(job, listing, job.url)
         except Exception as exc:
-            raise explain(exc, snapshot, job.url or snapshot.repo) from exc
+            error = explain(exc, snapshot, job.url or snapshot.repo)
+            if _unreachable(exc, error):
+                cached = await self._in_thread(lambda: self._hub.cached(snapshot), f"hub-cache {snapshot.repo}")
+                if cached is not None:
+                    raise _FoundInCache(cached, error.message) from exc
+            raise error from exc
 
     async def _download(self, job: _Job, listing: Listing, url: str) -> None:
         snapshot = job.snapshot

@@ -145,6 +145,33 @@ async def test_hub_errors_and_an_unreachable_hub_are_retried(hub: FakeHub, tmp_p
     )
 
 
+def fill_hf_cache(hub: FakeHub, cache_dir: Path, patterns: list[str] | None = None) -> Path:
+    """What a machine that used the repo before holds: huggingface_hub's own cache (no local_dir)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(REPO, allow_patterns=patterns, cache_dir=cache_dir, endpoint=hub.url))
+
+
+async def test_an_unreachable_hub_loads_a_complete_copy_from_huggingface_hubs_cache(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    cached = fill_hf_cache(hub, tmp_path / "hf-cache", ["*.json", "*.safetensors"])
+    hub.status = 503  # from now on the hub answers nothing useful
+    sleep = FakeSleep()
+    fetch, bus = fetcher(hub, tmp_path, sleep=sleep)
+    folder = await fetch.ensure(snapshot(tmp_path, ("*.json", "*.safetensors")))
+    assert folder == cached and (folder / "model.safetensors").read_bytes() == FILES["model.safetensors"]
+    assert sleep.delays == []  # at once, not after the retries
+    present = next(e for e in bus.history() if e.type == "download.present").details
+    assert present["source"] == "huggingface_hub cache" and present["files"] == 3
+    assert not (tmp_path / "models" / REPO).exists()
+
+    # What the cache does not hold completely is not taken from it: the onnx file was never fetched.
+    with pytest.raises(DownloadError, match="after 2 attempts"):
+        await HubFetcher(tmp_path / "models", hub=HfHub(endpoint=hub.url, cache_dir=tmp_path / "hf-cache"),
+                         sleep=FakeSleep(), attempts=2).ensure(snapshot(tmp_path, ("onnx/*",)))  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------- the gateway
 
 
@@ -238,6 +265,22 @@ def test_a_missing_or_gated_repo_is_a_clear_503_naming_it(gateways: Start, hub: 
     message = reply.json()["error"]["message"]
     assert f"Hugging Face repo {REPO!r} is gated" in message and "GATEWAY_HF_TOKEN" in message
     assert gated.spawns() == []
+
+
+def test_offline_a_gateway_serves_a_repo_model_from_huggingface_hubs_cache(
+    gateways: Start, hub: FakeHub, tmp_path: Path
+) -> None:
+    cached = fill_hf_cache(hub, tmp_path / "hf-home" / "hub", ["*.json", "*.safetensors"])
+    before = len(repo_requests(hub))
+    gw = gateways(models_toml(), env=hub_env(hub, tmp_path, HF_HUB_OFFLINE="1"))
+    reply = chat(gw)
+    assert reply.status_code == 200, reply.text
+    argv = gw.spawns()[0]["argv"]
+    assert argv[argv.index("--model-id") + 1] == str(cached)
+    assert len(repo_requests(hub)) == before  # offline means offline
+    download = gw.status()["downloads"][REPO]
+    assert download["state"] == "present" and download["path"] == str(cached)
+    assert "loading the copy in huggingface_hub's cache" in gw.log()
 
 
 def test_pull_fetches_repo_models_ahead(hub: FakeHub, tmp_path: Path) -> None:

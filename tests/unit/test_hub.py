@@ -100,13 +100,15 @@ def test_errors_are_worded_and_sorted_into_retry_or_not(tmp_path: Path) -> None:
 
 
 class MemoryHub:
-    """The Hub protocol over a dict of files; ``failures`` are raised by the next listings, one each."""
+    """The Hub protocol over a dict of files; ``failures`` are raised by the next listings, one each;
+    ``cache`` is what ``cached()`` finds (None: nothing in the hub client's cache)."""
 
     def __init__(self, files: Mapping[str, bytes] = FILES) -> None:
         self.files = dict(files)
         self.calls: list[str] = []
         self.failures: list[BaseException] = []
         self.leave_out: set[str] = set()  # files download() does not write (a download that lies)
+        self.cache: Path | None = None
 
     def url(self, repo: str) -> str:
         return f"https://hub.test/{repo}"
@@ -121,6 +123,10 @@ class MemoryHub:
             if snapshot.patterns is None or any(fnmatch.fnmatch(name, p) for p in snapshot.patterns)
         }
         return Listing("c" * 40, chosen)
+
+    def cached(self, snapshot: Snapshot) -> Path | None:
+        self.calls.append("cached")
+        return self.cache
 
     def download(self, snapshot: Snapshot, commit: str) -> None:
         self.calls.append("download")
@@ -163,6 +169,34 @@ async def test_network_trouble_is_retried_with_backoff_and_events(tmp_path: Path
     assert sleep.delays == [1, 2] and [e["attempt"] for e in events.of("download.retry")] == [1, 2]
     assert "ConnectionError" in events.of("download.retry")[0]["error"]
     assert events.types()[-1] == "download.done"
+
+
+async def test_an_unreachable_hub_falls_back_at_once_to_a_complete_copy_in_its_clients_cache(tmp_path: Path) -> None:
+    hub = MemoryHub()
+    hub.cache = tmp_path / "hf" / "snapshots" / "c0ffee"
+    (hub.cache / "sub").mkdir(parents=True)
+    (hub.cache / "config.json").write_bytes(b"{}")
+    (hub.cache / "sub" / "model.safetensors").write_bytes(b"w" * 100)
+    hub.failures = [ConnectionError("refused")] * 5
+    fetch, events, sleep = fetcher(tmp_path, hub)
+    snap = Snapshot("org/x", None, None, tmp_path / "org" / "x")
+    assert await fetch.ensure(snap) == hub.cache
+    assert sleep.delays == [] and hub.calls == ["listing", "cached"]  # no retry, no download
+    present = events.of("download.present")[0]
+    assert (present["path"], present["bytes"], present["files"]) == (str(hub.cache), 102, 2)
+    assert present["source"] == "huggingface_hub cache" and not (tmp_path / "org" / "x").exists()
+
+
+async def test_a_refusal_does_not_fall_back_to_the_cache(tmp_path: Path) -> None:
+    hub = MemoryHub()
+    hub.cache = tmp_path / "cached"
+    hub.cache.mkdir()
+    (hub.cache / "config.json").write_bytes(b"{}")
+    hub.failures = [ValueError("Repo id must be in the form 'repo_name'")]
+    fetch, _, _ = fetcher(tmp_path, hub)
+    with pytest.raises(DownloadError):
+        await fetch.ensure(Snapshot("org/x", None, None, tmp_path / "org" / "x"))
+    assert "cached" not in hub.calls
 
 
 async def test_gives_up_after_attempts_that_complete_nothing(tmp_path: Path) -> None:
