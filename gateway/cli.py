@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
 from . import __version__
 from .catalog import load_catalog
 from .errors import ConfigError, EngineNotInstalled
@@ -72,6 +74,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mistral-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    except ValidationError as exc:  # a setting from the environment, .env or a flag that does not parse
+        print(f"mistral-gateway: configuration error: {_explain_settings(exc)}", file=sys.stderr)
+        return 2
+
+
+def _explain_settings(exc: ValidationError) -> str:
+    """One line per bad setting, named as it is set (GATEWAY_PORT), without pydantic's links."""
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        message = error["msg"].removeprefix("Value error, ")
+        shown = "" if "(got " in message else f" (got {error.get('input')!r})"
+        lines.append(f"GATEWAY_{field.upper()}: {message}{shown}")
+    return "; ".join(lines)
 
 
 def check(settings: Settings) -> int:

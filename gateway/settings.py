@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -111,6 +112,19 @@ class Settings(BaseSettings):
     def _blank_is_none(cls, value: object) -> object:
         # An empty line in .env (GATEWAY_ENGINE_URL=) means "not set", as it reads.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("engine_url", mode="after")
+    @classmethod
+    def _plain_http(cls, value: str | None) -> str | None:
+        # The engine speaks plain HTTP on this machine or a private network, and so does the gateway's client to
+        # it (gateway/upstream.py): anything else would only fail at the first request.
+        if value is not None:
+            parts = urlsplit(value.strip())
+            if parts.scheme != "http" or not parts.hostname or parts.path.strip("/") or parts.query:
+                raise ValueError(f"must be the engine's plain http:// address, such as http://127.0.0.1:1234 (got "
+                                 f"{value!r})")  # fmt: skip
+            return value.strip().rstrip("/")
+        return value
 
     def resolved_models_file(self) -> Path | None:
         """The models file to read: the configured one, or ``models.toml`` here when present."""

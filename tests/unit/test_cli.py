@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.cli import _parser, _settings
+from gateway.cli import _parser, _settings, main
 
 
 @pytest.mark.parametrize(
@@ -33,3 +33,30 @@ def test_environment_is_used_when_no_flag_is_given(monkeypatch: pytest.MonkeyPat
     monkeypatch.chdir("/")
     assert _settings(_parser().parse_args(["serve"])).port == 7777
     assert _settings(_parser().parse_args(["serve", "--port", "7778"])).port == 7778
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"GATEWAY_PORT": "abc"}, "GATEWAY_PORT: Input should be a valid integer"),
+        ({"GATEWAY_ENGINE_URL": "https://127.0.0.1:1234"}, "GATEWAY_ENGINE_URL: must be the engine's plain http://"),
+        ({"GATEWAY_ENGINE_URL": "127.0.0.1:1234"}, "(got '127.0.0.1:1234')"),
+        ({"GATEWAY_IDLE_TIMEOUT": "soon"}, "GATEWAY_IDLE_TIMEOUT: Input should be a valid number"),
+    ],
+)
+def test_a_bad_setting_is_one_clear_line_and_exit_2_not_a_traceback(
+    env: dict[str, str], says: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir("/")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mistral-gateway: configuration error: ") and says in err
+    assert "Traceback" not in err and "errors.pydantic.dev" not in err and err.count("\n") == 1
+
+
+def test_an_engine_url_is_kept_without_its_trailing_slash(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir("/")
+    monkeypatch.setenv("GATEWAY_ENGINE_URL", " http://127.0.0.1:1234/ ")
+    assert _settings(_parser().parse_args(["serve"])).engine_url == "http://127.0.0.1:1234"
