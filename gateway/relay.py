@@ -136,11 +136,14 @@ class Relay:
         buffer = b""
         try:
             async for chunk in response.chunks():
-                buffer += chunk
-                end = buffer.rfind(b"\n\n")
-                if end < 0:
-                    continue
-                ready, buffer = buffer[: end + 2], buffer[end + 2 :]
+                if not buffer and chunk.endswith(b"\n\n"):
+                    ready = chunk  # whole events, the usual case: no copy
+                else:
+                    buffer += chunk
+                    end = buffer.rfind(b"\n\n")
+                    if end < 0:
+                        continue
+                    ready, buffer = buffer[: end + 2], buffer[end + 2 :]
                 out, error = _check_events(ready)
                 if out:
                     yield rename(out)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -77,6 +78,25 @@ async def test_stream_relays_events_and_turns_a_plain_text_error_into_a_final_er
     error = json.loads(events[3][len(b"data: ") :])
     assert error["error"]["message"] == "engine exploded"
     assert b"[DONE]" not in out  # the stream ends at the error
+
+
+@pytest.mark.parametrize("piece", [1, 5, 7, 64])
+async def test_events_cut_anywhere_by_the_transport_are_relayed_whole_and_renamed(piece: int) -> None:
+    body = b'data: {"model":"engine-id","n":1}\n\ndata: {"model":"engine-id","n":2}\n\ndata: [DONE]\n\n'
+
+    class Pieces(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for start in range(0, len(body), piece):
+                yield body[start : start + piece]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=Pieces(), headers={"content-type": "text/event-stream"})
+
+    relay = relay_for(httpx.MockTransport(handler))
+    upstream = await relay.open_stream("http://e", "/v1/chat/completions", b"{}")
+    sent = [chunk async for chunk in relay.events(upstream, ModelRename.of("engine-id", "client"))]
+    assert all(chunk.endswith(b"\n\n") for chunk in sent)  # never half an event
+    assert b"".join(sent) == body.replace(b"engine-id", b"client")
 
 
 async def test_error_status_raises_before_the_stream_starts() -> None:
