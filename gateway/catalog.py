@@ -8,15 +8,20 @@ engine that fails minutes later on the first request.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (Ubuntu 22.04's, e.g. in CUDA images): the same parser, from PyPI
+    import tomli as tomllib
 
 ModelKind = Literal["plain", "gguf", "vision-plain", "diffusion", "embedding", "speech"]
 KINDS: tuple[str, ...] = ("plain", "gguf", "vision-plain", "diffusion", "embedding", "speech")

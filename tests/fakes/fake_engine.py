@@ -690,10 +690,10 @@ def _spec_from_toml(path: str) -> EngineSpec:
             bad(f"{where}{key}: invalid type, expected a string")
         return value
 
-    try:
-        import tomllib  # imported here: the project still allows Python 3.10, which lacks it
-    except ModuleNotFoundError:  # pragma: no cover
-        _fail("from-config needs Python 3.11 or later (tomllib)")
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10: the same parser, from PyPI (a dependency of the gateway there)
+        import tomli as tomllib
     try:
         with open(path, "rb") as handle:
             config = tomllib.load(handle)

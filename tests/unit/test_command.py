@@ -16,14 +16,19 @@ Every flag and config field below was checked against mistral.rs's own argument 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from gateway.catalog import Catalog, parse_catalog
 from gateway.engine.command import CommandError, build_command
 from gateway.engine.discovery import EngineProgram
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 LEGACY = EngineProgram(("mistralrs-server",), "legacy", "mistralrs-server", (0, 8, 4))
 LEGACY_07 = EngineProgram(("mistralrs-server",), "legacy", "mistralrs-server", (0, 7, 0))

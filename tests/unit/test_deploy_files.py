@@ -8,16 +8,21 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 import yaml
 
 from gateway.catalog import parse_catalog
 from gateway.errors import BodyTooLarge
 from gateway.settings import Settings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -67,9 +67,10 @@ async def serving(handler: Handler) -> AsyncIterator[Server]:
 
 
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
 
 
 def answer(body: bytes, *, content_type: bytes = b"application/json", extra: bytes = b"") -> bytes:
