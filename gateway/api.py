@@ -175,7 +175,8 @@ class Api:
     # ------------------------------------------------------------------------------ model routes
 
     def _model_endpoint(self, route: ModelRoute) -> Callable[[Request], Awaitable[Response]]:
-        # Reached only when ModelRouteDispatch (app.py) is not in front, e.g. an app built without it.
+        # The router keeps the model routes so that another method on them answers 405; their POSTs are taken by
+        # ModelRouteDispatch (app.py) before the router sees them, so this runs only in an app built without it.
         async def endpoint(request: Request) -> Response:
             return await self.handle(request, route)
 
