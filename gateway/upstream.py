@@ -12,6 +12,7 @@ relay maps them to the gateway's error tree in exactly one place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
@@ -364,7 +365,15 @@ class H1Upstream:
         idle.append(conn)
 
     def forget(self, conn: _Connection) -> None:
-        self._open.discard(conn)  # a closed idle connection stays in its list until it is skipped there
+        """A connection closed: drop every reference to it. Each engine start listens on a new port, so lists of
+        dead connections kept per address would grow with every idle stop."""
+        self._open.discard(conn)
+        idle = self._idle.get(conn.key)
+        if idle is not None:
+            with contextlib.suppress(ValueError):
+                idle.remove(conn)
+            if not idle:
+                del self._idle[conn.key]
 
     async def _acquire(self, target: _Target, connect_timeout: float) -> tuple[_Connection, bool]:
         """The most recently used idle connection (LIFO keeps few connections warm), else a new one."""

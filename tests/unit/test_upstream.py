@@ -259,3 +259,23 @@ async def test_a_get_is_retried_once_on_a_pooled_connection_that_dies_but_a_post
             await upstream.post(server.url + "/x", b"{}", read_timeout=5, stream=False)
         assert server.connections == 2
         await upstream.aclose()
+
+
+async def test_connections_the_engine_closes_leave_nothing_behind_in_the_pool() -> None:
+    engine_stops = asyncio.Event()
+
+    async def answer_then_idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await read_request(reader, server)
+        writer.write(answer(b"ok"))
+        await writer.drain()
+        await engine_stops.wait()  # then the connection is closed, as by an engine that stops
+
+    upstream = H1Upstream()
+    async with serving(answer_then_idle) as first, serving(answer_then_idle) as second:
+        await asyncio.gather(*(upstream.get(first.url + "/health", timeout=5) for _ in range(3)))
+        await upstream.get(second.url + "/health", timeout=5)
+        assert first.connections == 3 and len(upstream._idle[("127.0.0.1", first.port)]) == 3
+        engine_stops.set()
+        # Every connection is dropped, not kept in a list per address (each engine start has a new port).
+        await until(lambda: not upstream._idle and not upstream._open)
+    await upstream.aclose()
