@@ -299,8 +299,7 @@ class Supervisor:
         if keep_alive is not None:
             self.keep_alive(keep_alive)
         elif self._in_flight == 0 and self._stopper_parked:
-            self._activity.set()
-        self._activity.set()
+            self._activity.set()  # the stopper waits with no deadline (it saw the engine busy): one may apply now
 
     def _on_state_change(self, previous: EngineState, current: EngineState) -> None:
         self._log.info("engine %s -> %s", previous.value, current.value)
@@ -332,7 +331,8 @@ class Supervisor:
         if isinstance(exc, GatewayError):
             raise exc
         if exc is not None:
-            raise EngineStartFailed(f"The engine failed to start: {exc or type(exc).__name__}", retry_after=1) from exc
+            raise EngineStartFailed(f"The engine failed to start: {str(exc) or type(exc).__name__}",
+                                  retry_after=1) from exc
 
     async def _start(self) -> Endpoint:
         began = self._clock()
