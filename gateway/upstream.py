@@ -401,16 +401,17 @@ class H1Upstream:
         self._open.add(conn)
         return conn, False
 
-    async def _exchange(self, url: str, method: bytes, rest: bytes, timeout: float, connect_timeout: float,
-                        stream: bool, retry_stale: bool) -> _H1Response:  # fmt: skip
-        """Send ``method url`` followed by ``rest`` (the remaining headers, blank line and body) and wait for
-        the answer's headers."""
+    async def _exchange(self, url: str, method: bytes, headers: bytes, body: bytes, timeout: float,
+                        connect_timeout: float, stream: bool, retry_stale: bool) -> _H1Response:  # fmt: skip
+        """Send ``method url`` with ``headers`` (header lines, each ending in CRLF) and ``body``, and wait until
+        the answer is ready (see :meth:`_H1Response.wait_ready`)."""
         target = self._targets.get(url)
         if target is None:
             if len(self._targets) > 1024:  # URLs follow the engine's port; old ones are dropped, not kept forever
                 self._targets.clear()
             target = self._targets[url] = _target(url)
-        request = b"".join((method, b" ", target.path, b" HTTP/1.1\r\nhost: ", target.host_header, b"\r\n", rest))
+        request = b"".join((method, b" ", target.path, b" HTTP/1.1\r\nhost: ", target.host_header, b"\r\n", headers,
+                            b"\r\n", body))  # one copy of the body, one write
         while True:
             conn, reused = await self._acquire(target, connect_timeout)
             response = conn.send(request, timeout, stream)
@@ -429,16 +430,15 @@ class H1Upstream:
             return response
 
     async def get(self, url: str, *, timeout: float) -> tuple[int, bytes]:
-        response = await self._exchange(url, b"GET", b"\r\n", timeout, timeout, stream=False,
-                                        retry_stale=True)
+        response = await self._exchange(url, b"GET", b"", b"", timeout, timeout, stream=False, retry_stale=True)
         return response.status, await response.read()
 
     async def post(
         self, url: str, body: bytes, *, read_timeout: float, stream: bool, headers: dict[str, str] | None = None
     ) -> UpstreamResponse:
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode() if headers else b""
-        framing = b"content-type: application/json\r\ncontent-length: %d\r\n%s\r\n" % (len(body), extra)
-        return await self._exchange(url, b"POST", framing + body, read_timeout, self._connect_timeout, stream=stream,
+        framing = b"content-type: application/json\r\ncontent-length: %d\r\n%s" % (len(body), extra)
+        return await self._exchange(url, b"POST", framing, body, read_timeout, self._connect_timeout, stream=stream,
                                     retry_stale=False)  # fmt: skip
 
     async def aclose(self) -> None:
