@@ -95,11 +95,12 @@ class Hub(Protocol):
 
 
 class _FoundInCache(Exception):
-    """Ends the retries: the hub cannot be asked, but its client's cache holds the snapshot."""
+    """Ends the retries: the hub cannot be asked, but its client's cache holds the snapshot (``sizes``: its files')."""
 
-    def __init__(self, folder: Path, reason: str) -> None:
+    def __init__(self, folder: Path, sizes: list[int], reason: str) -> None:
         super().__init__(reason)
         self.folder = folder
+        self.sizes = sizes
         self.reason = reason
 
 
@@ -380,9 +381,9 @@ class HubFetcher:
             except _FoundInCache as found:
                 self._log.warning("%s cannot be fetched (%s): loading the copy in huggingface_hub's cache, %s",
                                   repo, found.reason, found.folder)  # fmt: skip
-                sizes = [p.stat().st_size for p in found.folder.rglob("*") if p.is_file()]
-                self._events.publish("download.present", file=repo, path=str(found.folder), bytes=sum(sizes),
-                                     verified=False, files=len(sizes), source="huggingface_hub cache")  # fmt: skip
+                self._events.publish("download.present", file=repo, path=str(found.folder),
+                                     bytes=sum(found.sizes), verified=False, files=len(found.sizes),
+                                     source="huggingface_hub cache")  # fmt: skip
                 return found.folder
             return snapshot.folder
         except DownloadError as exc:
@@ -447,10 +448,17 @@ class HubFetcher:
         except Exception as exc:
             error = explain(exc, snapshot, job.url or snapshot.repo)
             if _unreachable(exc, error):
-                cached = await self._in_thread(lambda: self._hub.cached(snapshot), f"hub-cache {snapshot.repo}")
-                if cached is not None:
-                    raise _FoundInCache(cached, error.message) from exc
+                found = await self._in_thread(lambda: self._look_in_cache(snapshot), f"hub-cache {snapshot.repo}")
+                if found is not None:
+                    raise _FoundInCache(*found, error.message) from exc
             raise error from exc
+
+    def _look_in_cache(self, snapshot: Snapshot) -> tuple[Path, list[int]] | None:
+        """In a worker thread: the hub client's cached copy and the sizes of its files (disk I/O off the loop)."""
+        folder = self._hub.cached(snapshot)
+        if folder is None:
+            return None
+        return folder, [p.stat().st_size for p in folder.rglob("*") if p.is_file()]
 
     async def _download(self, job: _Job, listing: Listing, url: str) -> None:
         snapshot = job.snapshot
