@@ -27,9 +27,22 @@ from typing import Any, TypeVar
 
 from ...catalog import quantized_gguf
 from .args import EngineArgs, ModelLoad
+from .requests import (
+    GenerationError,
+    RequestError,
+    argument_error,
+    clean_message,
+    completion_prompt,
+    engine_error,
+    engine_messages,
+    logit_bias,
+    output_grammar,
+    stop_sequences,
+    submission_error,
+    tool_options,
+)
 
 T = TypeVar("T")
-_BACKTRACE = re.compile(r"\n\s*(0:|Stack backtrace:)")
 _END = object()
 
 # Fields of an OpenAI chat request and the ChatCompletionRequest argument each becomes.
@@ -57,37 +70,6 @@ _CHAT_FIELDS = {
 }
 
 
-class RequestError(Exception):
-    """The request is invalid for the engine (HTTP 422 ``{"message"}``, as mistral.rs answers)."""
-
-
-class GenerationError(Exception):
-    """The engine failed while generating (HTTP 500, or a plain-text error event in a stream)."""
-
-
-def clean_message(exc: BaseException) -> str:
-    """The engine's message without the Rust backtrace it appends."""
-    return _BACKTRACE.split(str(exc), maxsplit=1)[0].strip() or type(exc).__name__
-
-
-def _jsonable(obj: Any) -> Any:
-    """A pyo3 response object as plain JSON data (they have no __dict__ and no dump method)."""
-    if obj is None or isinstance(obj, str | int | float | bool):
-        return obj
-    if isinstance(obj, list | tuple):
-        return [_jsonable(x) for x in obj]
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    out = {}
-    for name in dir(obj):
-        if name.startswith("_"):
-            continue
-        value = getattr(obj, name)
-        if not callable(value):
-            out[name] = _jsonable(value)
-    return out
-
-
 class LoadedModel:
     """A Runner, its lock, its prefill gate, and the OpenAI <-> mistralrs translation."""
 
@@ -113,40 +95,40 @@ class LoadedModel:
 
     # ------------------------------------------------------------------------------------- chat
 
-    def _chat_request(self, body: dict[str, Any], messages: Any) -> Any:
+    def _chat_request(self, body: dict[str, Any]) -> tuple[Any, str | None]:
+        """The package's request for an OpenAI chat body, and the field its grammar comes from (if any)."""
         import mistralrs
 
-        kwargs: dict[str, Any] = {"messages": messages, "model": self.id, "stream": True}
+        kwargs: dict[str, Any] = {"messages": engine_messages(body.get("messages"), media=self.kind == "multimodal"),
+                                  "model": self.id, "stream": True}  # fmt: skip
+        names = {"messages": "messages", "stop_seqs": "stop", "logit_bias": "logit_bias", "tool_schemas": "tools"}
         for key, arg in _CHAT_FIELDS.items():
             if body.get(key) is not None:
                 kwargs[arg] = body[key]
+                names[arg] = key
         if self._enable_thinking is not None and "enable_thinking" not in kwargs:
             kwargs["enable_thinking"] = self._enable_thinking
-        stop = body.get("stop")
-        if stop is not None:
-            kwargs["stop_seqs"] = [stop] if isinstance(stop, str) else list(stop)
-        if isinstance(body.get("logit_bias"), dict):
-            kwargs["logit_bias"] = {int(k): float(v) for k, v in body["logit_bias"].items()}
-        tools = body.get("tools")
-        if tools:
-            kwargs["tool_schemas"] = [json.dumps(tool) for tool in tools]
-            choice = body.get("tool_choice")
-            kwargs["tool_choice"] = mistralrs.ToolChoice.NoTools if choice == "none" else mistralrs.ToolChoice.Auto
-        fmt = body.get("response_format")
-        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-            schema = (fmt.get("json_schema") or {}).get("schema", {})
-            kwargs["grammar"], kwargs["grammar_type"] = json.dumps(schema), "json_schema"
-        if isinstance(body.get("grammar"), dict):  # mistral.rs's own extension
-            kwargs["grammar_type"] = body["grammar"].get("type")
-            kwargs["grammar"] = body["grammar"].get("value")
+        if (stop := stop_sequences(body.get("stop"))) is not None:
+            kwargs["stop_seqs"] = stop
+        if (bias := logit_bias(body.get("logit_bias"))) is not None:
+            kwargs["logit_bias"] = bias
+        tools = tool_options(body)
+        if tools.schemas is not None:
+            kwargs["tool_schemas"] = tools.schemas
+            kwargs["tool_choice"] = mistralrs.ToolChoice.NoTools if tools.no_tools else mistralrs.ToolChoice.Auto
+        grammar = output_grammar(body, tools)
+        source = None
+        if grammar is not None:
+            kwargs["grammar"], kwargs["grammar_type"], source = grammar
+            names["grammar"] = names["grammar_type"] = source
         try:
-            return mistralrs.ChatCompletionRequest(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(clean_message(exc)) from exc
+            return mistralrs.ChatCompletionRequest(**kwargs), source
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise argument_error(exc, kwargs, names) from exc
 
-    async def stream_chat(self, body: dict[str, Any], messages: Any) -> AsyncGenerator[Any, None]:
+    async def stream_chat(self, body: dict[str, Any]) -> AsyncGenerator[Any, None]:
         """Yield the engine's chunk objects as they come; raises RequestError before the first one."""
-        request = self._chat_request(body, messages)
+        request, grammar_source = self._chat_request(body)
         gate = self._prefill
         if gate is not None:
             await gate.acquire()
@@ -156,12 +138,13 @@ class LoadedModel:
             try:
                 iterator = await self._call(lambda: self._runner.send_chat_completion_request(request))
             except Exception as exc:
-                raise RequestError(clean_message(exc)) from exc
+                raise submission_error(exc, grammar_source) from exc
             except BaseException as exc:  # a Rust panic (pyo3 PanicException derives from BaseException)
                 if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError | GeneratorExit):
                     raise
-                raise RequestError(clean_message(exc)) from exc
+                raise submission_error(exc, grammar_source) from exc
             loop = asyncio.get_running_loop()
+            first = True
             while True:
                 chunk = await loop.run_in_executor(self._executor, _next, iterator)
                 if gated and gate is not None:
@@ -170,7 +153,10 @@ class LoadedModel:
                 if chunk is _END:
                     return
                 if isinstance(chunk, BaseException):
-                    raise GenerationError(clean_message(chunk))
+                    # The engine validates a request after accepting it: its refusal comes as the first item.
+                    error = engine_error(chunk, prompt="messages", grammar_source=grammar_source)
+                    raise error if first else GenerationError(clean_message(chunk))
+                first = False
                 yield chunk
         finally:
             if gated and gate is not None:
@@ -179,45 +165,45 @@ class LoadedModel:
             # cancelled request's exception keeps this frame, and so its locals, alive through its traceback.
             iterator = None
 
-    @staticmethod
-    def validate_messages(messages: Any) -> None:
-        """Reject what would make the engine panic (a message without role or content)."""
-        if isinstance(messages, str):
-            return
-        if not isinstance(messages, list) or not messages:
-            raise RequestError("Failed to deserialize the JSON body: `messages` must be a non-empty array")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or "role" not in message:
-                raise RequestError(f"messages[{i}] needs a `role`")
-            if message.get("content") is None and not message.get("tool_calls"):
-                message["content"] = ""
-
-    async def complete(self, body: dict[str, Any], prompt: str) -> Any:
+    async def complete(self, body: dict[str, Any]) -> Any:
         """A raw-prompt completion. The package has no streaming form of it, and a string sent as chat
         messages gets the chat template applied, so it runs as one blocking call (one at a time)."""
         import mistralrs
 
-        kwargs: dict[str, Any] = {"prompt": prompt, "model": self.id}
+        if body.get("logprobs") not in (None, False):
+            raise RequestError("The mistralrs Python package has no log-probabilities for raw completions: ask "
+                               "/v1/chat/completions with `logprobs`, or run a mistralrs binary as the engine",
+                               "logprobs")  # fmt: skip
+        kwargs: dict[str, Any] = {"prompt": completion_prompt(body.get("prompt")), "model": self.id}
+        names = {"prompt": "prompt", "stop_seqs": "stop", "logit_bias": "logit_bias", "echo_prompt": "echo",
+                 "n_choices": "n"}  # fmt: skip
         for key in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "suffix", "best_of"):  # fmt: skip
             if body.get(key) is not None:
                 kwargs[key] = body[key]
+                names[key] = key
         if body.get("n") is not None:
             kwargs["n_choices"] = body["n"]
-            kwargs["best_of"] = max(int(body["n"]), int(kwargs.get("best_of", 1)))
+            if isinstance(body["n"], int) and isinstance(kwargs.get("best_of", 1), int):
+                kwargs["best_of"] = max(body["n"], kwargs.get("best_of", 1))
         if body.get("echo"):
             kwargs["echo_prompt"] = True
-        stop = body.get("stop")
-        if stop is not None:
-            kwargs["stop_seqs"] = [stop] if isinstance(stop, str) else list(stop)
+        if (stop := stop_sequences(body.get("stop"))) is not None:
+            kwargs["stop_seqs"] = stop
+        if (bias := logit_bias(body.get("logit_bias"))) is not None:
+            kwargs["logit_bias"] = bias
         try:
             request = mistralrs.CompletionRequest(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(clean_message(exc)) from exc
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise argument_error(exc, kwargs, names) from exc
         try:
             return await self._call(lambda: self._runner.send_completion_request(request))
         except ValueError as exc:
-            raise RequestError(clean_message(exc)) from exc
+            raise engine_error(exc, prompt="prompt") from exc
+        except BaseException as exc:  # a Rust panic
+            if isinstance(exc, KeyboardInterrupt | SystemExit | asyncio.CancelledError):
+                raise
+            raise GenerationError(clean_message(exc)) from exc
 
     # ------------------------------------------------------------------------------- embeddings
 
@@ -393,4 +379,4 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-__all__ = ["GenerationError", "LoadedModel", "RequestError", "_jsonable", "is_quantized", "load_model", "new_id"]
+__all__ = ["GenerationError", "LoadedModel", "RequestError", "clean_message", "is_quantized", "load_model", "new_id"]

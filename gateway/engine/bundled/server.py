@@ -2,7 +2,9 @@
 
 Errors follow the engine's own conventions (``{"message": ...}`` bodies; 422 for a request the engine
 refuses; 500 for an unknown model or a failure while generating; a plain-text ``data:`` event inside a
-stream), so the gateway translates them exactly as it translates the real engine's.
+stream), so the gateway translates them exactly as it translates the real engine's. Where the package
+cannot do what a field asks, the 422 names it (``{"message", "param"}``, docs/engine-contract.md) rather
+than the field being ignored.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from .args import ArgsError, parse_args
-from .runners import GenerationError, LoadedModel, RequestError, _jsonable, clean_message, load_model, new_id
+from .runners import GenerationError, LoadedModel, RequestError, clean_message, load_model, new_id
+from .wire import ChatCollector, chunk_json, completion_json
 
 _CHAT_KINDS = frozenset({"plain", "gguf", "multimodal"})
 _SSE = "text/event-stream"
@@ -36,11 +39,9 @@ def _message(status: int, text: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"message": text, **extra}, status_code=status)
 
 
-def _usage(usage: Any) -> dict[str, int] | None:
-    if usage is None:
-        return None
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}  # fmt: skip
+def _refused(exc: RequestError) -> JSONResponse:
+    """422, naming the field when one is at fault (the gateway answers its client 400 with that ``param``)."""
+    return _message(422, str(exc)) if exc.param is None else _message(422, str(exc), param=exc.param)
 
 
 def _sse(data: dict[str, Any]) -> bytes:
@@ -117,26 +118,18 @@ class EngineApp:
         if isinstance(parsed, Response):
             return parsed
         body, model = parsed
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            return _message(422, "The bundled engine takes a completion prompt as one string.")
         try:
-            response = await model.complete(body, prompt)
+            response = await model.complete(body)
         except RequestError as exc:
-            return _message(422, str(exc))
-        meta = {"id": new_id("cmpl"), "created": int(time.time()), "model": model.id}
-        choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-                   for c in response.choices]  # fmt: skip
-        usage = _usage(response.usage)
+            return _refused(exc)
+        except GenerationError as exc:
+            return _message(500, str(exc))
+        answer = completion_json(response, {"id": new_id("cmpl"), "created": int(time.time()), "model": model.id})
         if body.get("stream") is not True:
-            return JSONResponse({**meta, "object": "text_completion", "system_fingerprint": "local",
-                                 "choices": choices, "usage": usage})  # fmt: skip
+            return JSONResponse(answer)
 
         async def one_chunk() -> AsyncIterator[bytes]:
-            yield _sse({**meta, "object": "text_completion", "system_fingerprint": "local", "choices": choices,
-                        "usage": usage})  # fmt: skip
+            yield _sse(answer)
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(one_chunk(), media_type=_SSE)
@@ -147,30 +140,28 @@ class EngineApp:
         if isinstance(parsed, Response):
             return parsed
         body, model = parsed
-        messages = body.get("messages")
-        if messages is None:
+        if body.get("messages") is None:
             return PlainTextResponse("Failed to deserialize the JSON body: missing field `messages`", 422)
         try:
-            LoadedModel.validate_messages(messages)
-            chunks = model.stream_chat(body, messages)
+            chunks = model.stream_chat(body)
             first = await anext(chunks, None)
         except RequestError as exc:
-            return _message(422, str(exc))
+            return _refused(exc)
         except GenerationError as exc:
             return _message(500, str(exc))
         meta = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": model.id}
         if body.get("stream") is True:
             return StreamingResponse(self._events(first, chunks, meta), media_type=_SSE)
-        return await self._collect(request, first, chunks, meta)
+        return await self._collect(request, first, chunks, meta, logprobs=body.get("logprobs") is True)
 
     async def _events(
         self, first: Any, chunks: AsyncGenerator[Any, None], meta: dict[str, Any]
     ) -> AsyncIterator[bytes]:
         try:
             if first is not None:
-                yield _sse(_chunk(first, meta))
+                yield _sse(chunk_json(first, meta))
                 async for chunk in chunks:
-                    yield _sse(_chunk(chunk, meta))
+                    yield _sse(chunk_json(chunk, meta))
         except GenerationError as exc:
             # The engine's own way: a plain-text error event, then the end of the stream.
             yield f"data: {exc}\n\n".encode()
@@ -179,13 +170,10 @@ class EngineApp:
         yield b"data: [DONE]\n\n"
 
     async def _collect(
-        self, request: Request, first: Any, chunks: AsyncGenerator[Any, None], meta: dict[str, Any]
-    ) -> Response:
-        texts: dict[int, list[str]] = {}
-        reasoning: dict[int, list[str]] = {}
-        tools: dict[int, Any] = {}
-        finish: dict[int, str | None] = {}
-        usage = None
+        self, request: Request, first: Any, chunks: AsyncGenerator[Any, None], meta: dict[str, Any], *,
+        logprobs: bool,
+    ) -> Response:  # fmt: skip
+        collector = ChatCollector()
         count = 0
         try:
             chunk = first
@@ -195,32 +183,11 @@ class EngineApp:
                     # The client (the gateway) went away: stop generating for nobody.
                     await chunks.aclose()
                     return Response(status_code=499)
-                for choice in chunk.choices:
-                    delta = choice.delta
-                    texts.setdefault(choice.index, []).append(delta.content or "")
-                    if getattr(delta, "reasoning_content", None):
-                        reasoning.setdefault(choice.index, []).append(delta.reasoning_content)
-                    if getattr(delta, "tool_calls", None):
-                        tools[choice.index] = _jsonable(delta.tool_calls)
-                    finish[choice.index] = choice.finish_reason or finish.get(choice.index)
-                usage = chunk.usage or usage
+                collector.add(chunk)
                 chunk = await anext(chunks, None)
         except GenerationError as exc:
-            partial = {i: "".join(t) for i, t in texts.items()}
-            return _message(500, str(exc), partial_response=partial)
-        choices = []
-        for index in sorted(texts):
-            message: dict[str, Any] = {"role": "assistant", "content": "".join(texts[index])}
-            if index in reasoning:
-                message["reasoning_content"] = "".join(reasoning[index])
-            if index in tools:
-                message["tool_calls"] = tools[index]
-            choices.append({"index": index, "message": message, "finish_reason": finish.get(index),
-                            "logprobs": None})  # fmt: skip
-        return JSONResponse({
-            **meta, "object": "chat.completion", "system_fingerprint": "local",
-            "choices": choices, "usage": _usage(usage),
-        })  # fmt: skip
+            return _message(500, str(exc), partial_response=collector.partial())
+        return JSONResponse(collector.answer(meta, logprobs=logprobs))
 
     # ----------------------------------------------------------------------- embeddings, images
 
@@ -269,21 +236,6 @@ class EngineApp:
         except GenerationError as exc:
             return _message(500, str(exc))
         return Response(_wav(pcm, rate, channels), media_type="audio/wav")
-
-
-def _chunk(chunk: Any, meta: dict[str, Any]) -> dict[str, Any]:
-    choices = []
-    for choice in chunk.choices:
-        delta = choice.delta
-        out: dict[str, Any] = {"role": delta.role or "assistant", "content": delta.content}
-        if getattr(delta, "reasoning_content", None):
-            out["reasoning_content"] = delta.reasoning_content
-        if getattr(delta, "tool_calls", None):
-            out["tool_calls"] = _jsonable(delta.tool_calls)
-        choices.append({"index": choice.index, "delta": out, "finish_reason": choice.finish_reason,
-                        "logprobs": None})  # fmt: skip
-    return {**meta, "object": "chat.completion.chunk", "system_fingerprint": "local", "choices": choices,
-            "usage": _usage(chunk.usage)}  # fmt: skip
 
 
 def _wav(pcm: list[float], rate: int, channels: int) -> bytes:
