@@ -44,6 +44,48 @@ decides what happens:
                    non-streaming: HTTP 500 {"message": ..., "partial_response": ...}
     anything else  reply "echo: <text>", cut to max_tokens words
 
+Tools (chat, with `tools` given; a `call:`/`calls:` prompt is the last user message):
+
+    call:NAME      tool_choice "auto" (or absent): one call of NAME (a tool not in `tools` is called
+                   all the same, with arguments "{}")
+    calls:N        tool_choice "auto": N parallel calls of the first N tools in order, cycling when
+                   there are fewer; indexes 0..N-1, distinct ids
+    tool_choice "required" / {"type": "function", "function": {"name": X}}: always a call of the first
+                   tool / of X, whatever the prompt; X not among `tools`, or "required" without tools: 422
+    tool_choice "none": never a call
+    last message a `tool` message (second turn of a tool loop): reply "tool said: <its content>" (unless
+                   the choice forces a call)
+
+A call answers `content: null`, `finish_reason: "tool_calls"`, `tool_calls: [{"index", "id": "call-<uuid>",
+"type": "function", "function": {"name", "arguments": "<compact JSON>"}}]`, the arguments an instance of the
+tool's `parameters` (see schema_instance); streamed, all the calls come in ONE chunk with that finish_reason
+and the usage, then [DONE]. Usage and logprobs count one token per call. The failure prompts (crash, hang,
+error, slow) keep their behaviour when tools are given.
+
+What other request fields do (chat and completions unless said otherwise):
+
+    response_format  chat: {"type": "json_schema", "json_schema": {"name", "schema": S}} makes the content
+                     a compact JSON instance of S (schema_instance; an object schema without properties
+                     gives {"answer": "<the usual reply>"}), streamed in chunks of up to 8 characters;
+                     {"type": "json_object"} is refused with 422 {"message", "param"} (mistral.rs refuses
+                     it: the gateway must rewrite it); {"type": "text"} changes nothing
+    grammar          mistral.rs's {"type": "json_schema", "value": S}: as the json_schema response format;
+                     regex / lark / llguidance are accepted and change nothing; with response_format: 422
+    stop             a string or a list of strings: the reply is cut before the first occurrence of any
+                     of them (which is not sent), finish_reason "stop"; applied before max_tokens
+    logprobs         chat: true (+ top_logprobs N, default 1); completions: the integer N. Per token a
+                     mistral.rs ResponseLogprob {"token", "logprob", "bytes": [utf-8 ints],
+                     "top_logprobs": N x {"token": <id>, "logprob", "bytes": "<text>"}}, the first top entry
+                     the token itself, values from a hash of the token, descending. Non-streaming:
+                     {"content": [one per token]}; each chunk: the ResponseLogprob of its piece, or null
+    n                n identical choices (index 0..n-1, their own tool call ids), usage counting all of
+                     them; every stream chunk carries the n choices; n = 0: 422 naming `n`
+    seed, stream_options, parallel_tool_calls, user, metadata: accepted and ignored
+
+Usage rides on the chat chunk that has finish_reason; completion chunks have no usage field (mistral.rs).
+A completions `prompt` must be one string: a list, even of strings, is a 422 deserialize error.
+Chat deltas are mistral.rs's: {"role": "assistant", "content": piece or null, "tool_calls": null or [...]}.
+
 Streamed pieces keep their leading space, so the deltas joined together equal the non-streaming text.
 
 Models answer only the requests of their category (text and multimodal: chat, completions, responses;
@@ -72,7 +114,7 @@ import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 import uvicorn
@@ -838,20 +880,42 @@ def _open_log(path: str | None) -> int | None:
 _PIECE = re.compile(r"\s*\S+")
 _COUNT = re.compile(r"count:(\d+)")
 _SLOW = re.compile(r"slow:(\d+(?:\.\d*)?|\.\d+)")
+_CALL = re.compile(r"call:(\S+)")
+_CALLS = re.compile(r"calls:(\d+)")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What one generation request will produce."""
+    """What one generation request will produce (one choice; n > 1 choices are copies of it)."""
 
     pieces: tuple[str, ...]  # stream deltas; "".join(pieces) is the whole reply
     finish_reason: str = "stop"
     scenario: str = "normal"  # normal | slow | crash | hang | error
     interval: float = 0.0  # seconds between chunks (slow)
+    calls: tuple[tuple[str, str], ...] = ()  # (name, arguments JSON) of each tool call; no pieces then
 
     @property
     def text(self) -> str:
         return "".join(self.pieces)
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """The generated tokens (usage, logprobs): the pieces, or one JSON object per tool call."""
+        if self.calls:
+            return tuple(_json_text({"name": name, "arguments": json.loads(args)}) for name, args in self.calls)
+        return self.pieces
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The request fields of chat and completions that shape the answer (see the HTTP API for parsing)."""
+
+    n: int = 1
+    max_tokens: int | None = None
+    stops: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 1  # mistral.rs: `top_logprobs.unwrap_or(1)`
+    schema: Any = None  # the JSON schema the content must follow (response_format / grammar), or None
 
 
 def _words(count: int) -> tuple[str, ...]:
@@ -868,8 +932,8 @@ def _split(text: str) -> tuple[str, ...]:
     return tuple(pieces)
 
 
-def plan_reply(prompt: str, max_tokens: int | None) -> Plan:
-    """Decide the reply to `prompt` (see "Magic prompts" in the module docstring)."""
+def reply_plan(prompt: str) -> Plan:
+    """The reply to `prompt` before any limit (see "Magic prompts" in the module docstring)."""
     command = prompt.strip()
     if command in ("crash", "hang"):
         return Plan(_words(3 if command == "crash" else 2), scenario=command)
@@ -877,13 +941,243 @@ def plan_reply(prompt: str, max_tokens: int | None) -> Plan:
         return Plan(_words(2), scenario="error")
     slow = _SLOW.match(command)
     if slow:
-        plan = Plan(_words(10), scenario="slow", interval=float(slow.group(1)) / 10)
-    else:
-        count = _COUNT.match(command)
-        plan = Plan(_words(int(count.group(1))) if count else _split("echo: " + prompt))
+        return Plan(_words(10), scenario="slow", interval=float(slow.group(1)) / 10)
+    count = _COUNT.match(command)
+    return Plan(_words(int(count.group(1))) if count else _split("echo: " + prompt))
+
+
+def _limit(plan: Plan, max_tokens: int | None) -> Plan:
     if max_tokens is not None and len(plan.pieces) > max_tokens:
-        return Plan(plan.pieces[:max_tokens], "length", plan.scenario, plan.interval)
+        return replace(plan, pieces=plan.pieces[:max_tokens], finish_reason="length")
     return plan
+
+
+def plan_reply(prompt: str, max_tokens: int | None) -> Plan:
+    """Decide the reply to `prompt`, cut to `max_tokens` pieces."""
+    return _limit(reply_plan(prompt), max_tokens)
+
+
+def finish_plan(plan: Plan, gen: Generation) -> Plan:
+    """Apply the request's constraints to a text reply: JSON schema, then stop strings, then max_tokens."""
+    if plan.calls:
+        return plan
+    if gen.schema is not None and plan.scenario == "normal":
+        plan = replace(plan, pieces=_json_pieces(_json_text(schema_instance(gen.schema, plan.text))))
+    return _limit(cut_at_stop(plan, gen.stops), gen.max_tokens)
+
+
+def chat_plan(messages: list[Any] | str, tools: ToolRequest, gen: Generation) -> Plan:
+    """The reply to a conversation: a forced tool call, the answer to a tool result, an asked-for call, or text."""
+    prompt = messages if isinstance(messages, str) else _last_user_text(messages)
+    plan = reply_plan(prompt)
+    if plan.scenario == "normal":
+        result = None if isinstance(messages, str) else _tool_result(messages)
+        called = tools.forced() or (tools.asked(prompt) if result is None else ())
+        if called:
+            calls = tuple((tool.name, _json_text(schema_instance(tool.parameters, None))) for tool in called)
+            return Plan((), "tool_calls", calls=calls)
+        if result is not None:
+            plan = Plan(_split("tool said: " + result))
+    return finish_plan(plan, gen)
+
+
+# --- stop strings ----------------------------------------------------------------------------------
+
+
+def cut_at_stop(plan: Plan, stops: Sequence[str]) -> Plan:
+    """Cut the reply before the first occurrence of any stop string (which is not sent), finish "stop"."""
+    text = plan.text
+    found = [text.find(stop) for stop in stops if stop and stop in text]
+    if not found:
+        return plan
+    end, used, pieces = min(found), 0, []
+    for piece in plan.pieces:
+        if used >= end:
+            break
+        pieces.append(piece[: end - used])
+        used += len(piece)
+    return replace(plan, pieces=tuple(pieces), finish_reason="stop")
+
+
+# --- structured output: a JSON instance of a schema --------------------------------------------------
+
+_STRING_FORMATS = {
+    "date": "2024-01-01",
+    "date-time": "2024-01-01T00:00:00Z",
+    "time": "00:00:00Z",
+    "email": "user@example.com",
+    "uri": "https://example.com",
+    "uuid": "00000000-0000-4000-8000-000000000000",
+}
+
+
+def schema_instance(schema: Any, answer: str | None, root: Any = None, depth: int = 0) -> Any:
+    """A small JSON value that `schema` accepts, the same every time.
+
+    An object schema without properties becomes ``{"answer": answer}`` (the reply the request would
+    have had without a schema), or ``{}`` when `answer` is None (tool arguments).
+    """
+    root = schema if root is None else root
+    if not isinstance(schema, dict) or depth > 16:
+        return {"answer": answer} if answer is not None else {}
+
+    def sub(inner: Any) -> Any:
+        return schema_instance(inner, answer, root, depth + 1)
+
+    if isinstance(schema.get("$ref"), str):
+        target: Any = root
+        for part in schema["$ref"].removeprefix("#/").split("/"):
+            target = target.get(part) if isinstance(target, dict) and part else target
+        return sub(target)
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return sub(schema[key][0])
+    if isinstance(schema.get("allOf"), list):
+        merged = {k: v for k, v in schema.items() if k != "allOf"}
+        for part in schema["allOf"]:
+            merged.update(part if isinstance(part, dict) else {})
+        return sub(merged)
+    kind = schema.get("type")
+    if isinstance(kind, list):  # ["string", "null"]: the first non-null type
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind is None:
+        kind = "array" if "items" in schema else "object"
+    if kind == "object":
+        properties = schema.get("properties")
+        if not isinstance(properties, dict) or not properties:
+            if answer is None or schema.get("additionalProperties") is False:
+                return {}
+            return {"answer": answer}
+        required = [name for name in schema.get("required") or () if isinstance(name, str)] or list(properties)
+        return {name: sub(properties.get(name, {"type": "string"})) for name in required}
+    if kind == "array":
+        count = max(1, int(schema.get("minItems") or 0))
+        if schema.get("maxItems") == 0:
+            count = 0
+        return [sub(schema.get("items", {"type": "string"})) for _ in range(count)]
+    if kind == "string":
+        text = _STRING_FORMATS.get(str(schema.get("format")), "word")
+        text += "x" * max(0, int(schema.get("minLength") or 0) - len(text))
+        maximum = schema.get("maxLength")
+        return text[:maximum] if isinstance(maximum, int) else text
+    if kind in ("number", "integer"):
+        value: float = 0
+        if isinstance(schema.get("minimum"), (int, float)):
+            value = schema["minimum"]
+        elif isinstance(schema.get("exclusiveMinimum"), (int, float)):
+            value = schema["exclusiveMinimum"] + 1
+        if isinstance(schema.get("maximum"), (int, float)) and value > schema["maximum"]:
+            value = schema["maximum"]
+        return math.ceil(value) if kind == "integer" else value
+    if kind == "boolean":
+        return True
+    return None
+
+
+def _json_text(value: Any) -> str:
+    # What a model writes: compact, UTF-8 (not \u escapes), as serde_json prints it.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _json_pieces(text: str) -> tuple[str, ...]:
+    """Structured output streams as a few chunks of up to 8 characters."""
+    return tuple(text[start : start + 8] for start in range(0, len(text), 8))
+
+
+# --- tools -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    parameters: Any = None  # the JSON schema of its arguments
+
+
+@dataclass(frozen=True)
+class ToolRequest:
+    """`tools` and `tool_choice` of a chat request."""
+
+    tools: tuple[Tool, ...] = ()
+    choice: str = "auto"  # none | auto | required | named
+    name: str | None = None  # the tool a named choice forces
+
+    def forced(self) -> tuple[Tool, ...]:
+        """The call `tool_choice` forces: the named tool, or the first tool for "required"."""
+        if self.choice == "named":
+            return tuple(tool for tool in self.tools if tool.name == self.name)[:1]
+        return self.tools[:1] if self.choice == "required" else ()
+
+    def asked(self, prompt: str) -> tuple[Tool, ...]:
+        """The calls the prompt asks for with `call:NAME` / `calls:N` (tool_choice "auto" only)."""
+        if self.choice != "auto" or not self.tools:
+            return ()
+        command = prompt.strip()
+        many = _CALLS.match(command)
+        if many:
+            return tuple(self.tools[i % len(self.tools)] for i in range(int(many.group(1))))
+        one = _CALL.match(command)
+        if one:  # a tool that is not offered is still called, with no arguments (a model can do that)
+            return (next((tool for tool in self.tools if tool.name == one.group(1)), Tool(one.group(1))),)
+        return ()
+
+
+def _tool_result(messages: list[Any]) -> str | None:
+    """The content of the last message when it is a tool result (the second turn of a tool loop)."""
+    last = messages[-1] if messages else None
+    if isinstance(last, dict) and last.get("role") == "tool":
+        return _message_text(last.get("content"))
+    return None
+
+
+def _tool_call_objects(plan: Plan) -> list[dict[str, Any]] | None:
+    """mistral.rs `ToolCallResponse`s for the plan's calls, with new ids (each choice has its own)."""
+    if not plan.calls:
+        return None
+    return [
+        {"index": index, "id": f"call-{uuid.uuid4()}", "type": "function",
+         "function": {"name": name, "arguments": arguments}}
+        for index, (name, arguments) in enumerate(plan.calls)
+    ]  # fmt: skip
+
+
+# --- logprobs --------------------------------------------------------------------------------------
+
+VOCAB_SIZE = 32000
+
+
+def token_logprob(piece: str, top: int) -> dict[str, Any]:
+    """mistral.rs `ResponseLogprob` for one generated token, derived from a hash of its text.
+
+    Generation is greedy, so the token itself heads `top_logprobs` (TopLogprob: token id, logprob,
+    text); the alternatives share the rest of the probability mass, halving each time.
+    """
+    digest = hashlib.sha256(piece.encode()).digest()
+    chosen = -0.05 - digest[0] / 2550  # a probability between 0.86 and 0.95
+    rest = math.log(-math.expm1(chosen))  # log(1 - p)
+    first_id = int.from_bytes(digest[1:4], "big") % VOCAB_SIZE
+    alternatives = [
+        {"token": (first_id + rank * 7919) % VOCAB_SIZE,  # 7919 is prime to VOCAB_SIZE: distinct ids
+         "logprob": round(chosen if rank == 0 else rest - rank * math.log(2), 6),
+         "bytes": piece if rank == 0 else f"alt{rank}"}
+        for rank in range(min(top, VOCAB_SIZE))
+    ]  # fmt: skip
+    return {"token": piece, "logprob": round(chosen, 6), "bytes": list(piece.encode()), "top_logprobs": alternatives}
+
+
+def _logprobs_whole(plan: Plan, gen: Generation) -> dict[str, Any] | None:
+    """A non-streaming choice's `logprobs`: `{"content": [one ResponseLogprob per token]}`."""
+    if not gen.logprobs:
+        return None
+    return {"content": [token_logprob(token, gen.top_logprobs) for token in plan.tokens]}
+
+
+def _logprob_of_piece(piece: str | None, gen: Generation) -> dict[str, Any] | None:
+    """A chunk's `logprobs`: ONE ResponseLogprob, for the chunk's piece (null without one)."""
+    return token_logprob(piece, gen.top_logprobs) if gen.logprobs and piece is not None else None
 
 
 def embedding_vector(item: str | list[int], dim: int) -> tuple[float, ...]:
@@ -978,6 +1272,122 @@ def _uint_field(body: Mapping[str, Any], key: str) -> int | None:
     return int(value)
 
 
+# --- generation fields of chat and completions requests --------------------------------------------
+
+
+def _generation(body: Mapping[str, Any], *, chat: bool) -> Generation:
+    """Read n, max_tokens, stop, logprobs and the output constraint, as serde and mistral.rs do.
+
+    Chat: `logprobs` is a boolean and `top_logprobs` a count; completions: `logprobs` is the count.
+    `seed`, `stream_options`, `parallel_tool_calls`, `user`, `metadata` are accepted and ignored.
+    """
+    n = _uint_field(body, "n")
+    if n == 0:
+        raise _message(422, "`n` must be at least 1.", param="n")
+    if chat:
+        logprobs = bool(_field(body, "logprobs", (bool,), "a boolean"))
+        top = _uint_field(body, "top_logprobs")
+        top_logprobs = 1 if top is None else top
+    else:
+        count = _uint_field(body, "logprobs")
+        logprobs, top_logprobs = count is not None, count or 0
+    return Generation(
+        n=1 if n is None else n,
+        max_tokens=_uint_field(body, "max_tokens"),
+        stops=_stops(body),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        schema=_output_schema(body, chat=chat),
+    )
+
+
+def _stops(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """`stop`: one string or a list of strings (serde's untagged `StopTokens`)."""
+    value = body.get("stop")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise _deserialize_error("stop: data did not match any variant of untagged enum StopTokens")
+
+
+def _output_schema(body: Mapping[str, Any], *, chat: bool) -> Any:
+    """The JSON schema a `response_format` (chat only) or a `grammar` (mistral.rs's extension) imposes."""
+    grammar = body.get("grammar")
+    response_format = body.get("response_format") if chat else None
+    if grammar is not None and response_format is not None:
+        raise _message(422, "Request `grammar` and `response_format` were both provided but are mutually exclusive.")
+    if grammar is not None:
+        if not isinstance(grammar, dict):
+            given = _json_kind(grammar)
+            raise _deserialize_error(f"grammar: invalid type: {given}, expected adjacently tagged enum Grammar")
+        kind = grammar.get("type")
+        if kind not in ("regex", "json_schema", "llguidance", "lark"):
+            raise _deserialize_error(
+                f"grammar: unknown variant `{kind}`, expected one of `regex`, `json_schema`, `llguidance`, `lark`"
+            )
+        if "value" not in grammar:
+            raise _deserialize_error("grammar: missing field `value`")
+        # The other grammars constrain the text in ways the fake does not imitate: it answers as usual.
+        return grammar["value"] if kind == "json_schema" else None
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        given = _json_kind(response_format)
+        raise _deserialize_error(
+            f"response_format: invalid type: {given}, expected internally tagged enum ResponseFormat"
+        )
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        # The gateway rewrites json_object into a json_schema; reaching an engine with it is a gateway bug.
+        raise _message(
+            422,
+            "response_format `json_object` is not supported; send a `json_schema` response format",
+            param="response_format",
+        )
+    if kind != "json_schema":
+        raise _deserialize_error(
+            f"response_format: unknown variant `{kind}`, expected one of `text`, `json_object`, `json_schema`"
+        )
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise _deserialize_error("response_format: missing field `json_schema`")
+    for name in ("name", "schema"):
+        if name not in spec:
+            raise _deserialize_error(f"response_format: json_schema: missing field `{name}`")
+    return spec["schema"]
+
+
+def _tool_request(body: Mapping[str, Any]) -> ToolRequest:
+    """`tools` (Chat Completions form) and `tool_choice`, checked as mistral.rs checks them."""
+    given = body.get("tools")
+    if given is not None and not isinstance(given, list):
+        raise _deserialize_error(f"tools: invalid type: {_json_kind(given)}, expected a sequence")
+    tools = []
+    for item in given or ():
+        function = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _deserialize_error("tools: data did not match any variant of untagged enum OpenAiTool")
+        tools.append(Tool(function["name"], function.get("parameters")))
+    choice = body.get("tool_choice")
+    if choice is None or choice in ("none", "auto", "required"):
+        request = ToolRequest(tuple(tools), choice or "auto")
+    else:
+        function = choice.get("function") if isinstance(choice, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _deserialize_error("tool_choice: data did not match any variant of untagged enum ToolChoice")
+        request = ToolRequest(tuple(tools), "named", function["name"])
+    if request.choice == "required" and not tools:
+        raise _message(422, 'tool_choice="required" requires at least one tool.')
+    if request.choice == "named" and not request.forced():
+        raise _message(422, f"tool_choice references unknown function tool `{request.name}`.")
+    return request
+
+
 def _compact(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
@@ -1003,6 +1413,35 @@ def _count_words(messages: list[Any] | str) -> int:
     if isinstance(messages, str):
         return len(messages.split())
     return sum(len(_message_text(message.get("content")).split()) for message in messages if isinstance(message, dict))
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _chat_choice(index: int, plan: Plan, gen: Generation, finish_reason: str) -> dict[str, Any]:
+    """One choice of a non-streaming chat answer (mistral.rs `Choice`)."""
+    calls = _tool_call_objects(plan)
+    message = {"role": "assistant", "content": None if calls else plan.text, "tool_calls": calls}
+    return {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": _logprobs_whole(plan, gen)}
+
+
+def _chat_chunk_choice(
+    index: int, plan: Plan, gen: Generation, piece: str | None, finish: str | None
+) -> dict[str, Any]:
+    """One choice of a chat chunk (mistral.rs `ChunkChoice`): tool calls arrive whole with their finish_reason."""
+    calls = _tool_call_objects(plan) if finish == "tool_calls" else None
+    delta = {"role": "assistant", "content": piece, "tool_calls": calls}
+    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": _logprob_of_piece(piece, gen)}
+
+
+def _completion_choice(index: int, text: str, finish: str | None, logprobs: Any) -> dict[str, Any]:
+    """One choice of a completions answer or chunk (mistral.rs `CompletionChoice` / `CompletionChunkChoice`)."""
+    return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
 
 
 class FakeEngine:
@@ -1172,99 +1611,66 @@ class FakeEngine:
                 f"messages: invalid type: {_json_kind(messages)}, expected a sequence of messages or a string"
             )
         stream = _field(body, "stream", (bool,), "a boolean")
-        max_tokens = _uint_field(body, "max_tokens")
+        gen = _generation(body, chat=True)
+        tools = _tool_request(body)
         model = self._model(body, unknown_status=500)
         self._require_category(model, (TEXT, MULTIMODAL))
-        prompt = messages if isinstance(messages, str) else _last_user_text(messages)
-        plan = plan_reply(prompt, max_tokens)
+        plan = chat_plan(messages, tools, gen)
         request_id, created = self._new_id("chatcmpl"), int(time.time())
-        prompt_tokens = _count_words(messages)
+        usage = _usage(_count_words(messages), gen.n * len(plan.tokens))
 
-        def usage(completion_tokens: int) -> dict[str, int]:
-            return {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            }
-
-        def completion(text: str, finish_reason: str, tokens: int) -> dict[str, Any]:
-            return {
-                "id": request_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": model.model_id,
-                "system_fingerprint": "local",
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": finish_reason,
-                        "logprobs": None,
-                    }
-                ],
-                "usage": usage(tokens),
-            }
+        def head(kind: str) -> dict[str, Any]:
+            return {"id": request_id, "object": kind, "created": created, "model": model.model_id,
+                    "system_fingerprint": "local"}  # fmt: skip
 
         if stream:
 
             def frame(index: int, piece: str | None, finish: str | None) -> dict[str, Any]:
-                delta: dict[str, str] = {"role": "assistant"} if index == 0 else {}
-                if piece is not None:
-                    delta["content"] = piece
-                return {
-                    "id": request_id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": model.model_id,
-                    "system_fingerprint": "local",
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-                    "usage": usage(len(plan.pieces)) if finish else None,
-                }
+                choices = [_chat_chunk_choice(i, plan, gen, piece, finish) for i in range(gen.n)]
+                return {**head("chat.completion.chunk"), "choices": choices, "usage": usage if finish else None}
 
             return self._sse(self._stream(plan, frame))
-        await self._settle(plan, lambda: completion(plan.text, "error", len(plan.pieces)))
-        return JSONResponse(completion(plan.text, plan.finish_reason, len(plan.pieces)))
+
+        def completion(finish_reason: str) -> dict[str, Any]:
+            choices = [_chat_choice(i, plan, gen, finish_reason) for i in range(gen.n)]
+            return {**head("chat.completion"), "choices": choices, "usage": usage}
+
+        await self._settle(plan, lambda: completion("error"))
+        return JSONResponse(completion(plan.finish_reason))
 
     async def completions(self, request: Request) -> Response:
         body = await self._body(request, "CompletionRequest", ("prompt",))
         prompt = body["prompt"]
-        if isinstance(prompt, list) and all(isinstance(item, str) for item in prompt):
-            prompt = " ".join(prompt)
-        if not isinstance(prompt, str):
+        if not isinstance(prompt, str):  # one string: the engine takes no list, not even of strings
             raise _deserialize_error(f"prompt: invalid type: {_json_kind(prompt)}, expected a string")
         stream = _field(body, "stream", (bool,), "a boolean")
-        max_tokens = _uint_field(body, "max_tokens")
+        gen = _generation(body, chat=False)
         model = self._model(body, unknown_status=500)
         self._require_category(model, (TEXT, MULTIMODAL))
-        plan = plan_reply(prompt, max_tokens)
+        plan = finish_plan(reply_plan(prompt), gen)
         request_id, created = self._new_id("cmpl"), int(time.time())
-        prompt_tokens = len(prompt.split())
 
-        def completion(text: str | None, finish: str | None, tokens: int | None) -> dict[str, Any]:
-            return {
-                "id": request_id,
-                "object": "text_completion",
-                "created": created,
-                "model": model.model_id,
-                "system_fingerprint": "local",
-                "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}],
-                "usage": None
-                if tokens is None
-                else {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": tokens,
-                    "total_tokens": prompt_tokens + tokens,
-                },
-            }
+        def head() -> dict[str, Any]:
+            return {"id": request_id, "object": "text_completion", "created": created, "model": model.model_id,
+                    "system_fingerprint": "local"}  # fmt: skip
 
         if stream:
 
             def frame(index: int, piece: str | None, finish: str | None) -> dict[str, Any]:
-                return completion(piece, finish, len(plan.pieces) if finish else None)
+                # mistral.rs's CompletionChunkResponse has no usage field at all.
+                logprobs = _logprob_of_piece(piece, gen)
+                choices = [_completion_choice(i, piece or "", finish, logprobs) for i in range(gen.n)]
+                return {**head(), "choices": choices}
 
             return self._sse(self._stream(plan, frame))
-        await self._settle(plan, lambda: completion(plan.text, "error", len(plan.pieces)))
-        return JSONResponse(completion(plan.text, plan.finish_reason, len(plan.pieces)))
+
+        def completion(finish_reason: str) -> dict[str, Any]:
+            logprobs = _logprobs_whole(plan, gen)
+            choices = [_completion_choice(i, plan.text, finish_reason, logprobs) for i in range(gen.n)]
+            return {**head(), "choices": choices, "usage": _usage(len(prompt.split()), gen.n * len(plan.tokens))}
+
+        await self._settle(plan, lambda: completion("error"))
+        return JSONResponse(completion(plan.finish_reason))
 
     async def embeddings(self, request: Request) -> Response:
         body = await self._body(request, "EmbeddingRequest", ("input",))
