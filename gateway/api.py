@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
@@ -34,6 +35,8 @@ from .errors import (
     UnsupportedForModel,
 )
 from .events import EventBus
+from .openai import checks, responses, serving
+from .openai.requests import plan_chat, plan_completion
 from .openapi import openapi_document
 from .relay import ModelRename, Relay, error_event
 from .settings import Settings
@@ -41,6 +44,10 @@ from .settings import Settings
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 LOADING = b": loading\n\n"
 _Encoder = Callable[[Endpoint], tuple[bytes, ModelRename]]
+# Opens a stream's engine side once the engine is ready (raising GatewayError before anything is sent), giving the
+# bytes to send; the stream's dialect also says how an error after the start is written.
+_Opener = Callable[[Endpoint], Awaitable[AsyncIterator[bytes]]]
+_ErrorEvent = Callable[[GatewayError], bytes]
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 WATCH_AFTER = 0.05  # seconds before a request starts watching for its client to leave
 
@@ -54,9 +61,9 @@ class ModelRoute:
 
 
 MODEL_ROUTES = (
-    ModelRoute("/v1/chat/completions", CHAT_KINDS, validation.chat),
-    ModelRoute("/v1/completions", CHAT_KINDS, validation.completion),
-    ModelRoute("/v1/responses", CHAT_KINDS, validation.responses),
+    ModelRoute("/v1/chat/completions", CHAT_KINDS, checks.chat),
+    ModelRoute("/v1/completions", CHAT_KINDS, checks.completion),
+    ModelRoute("/v1/responses", CHAT_KINDS, responses.check),
     ModelRoute("/v1/embeddings", frozenset({"embedding"}), validation.embedding, streams=False),
     ModelRoute("/v1/images/generations", frozenset({"diffusion"}), validation.image, streams=False),
     ModelRoute("/v1/audio/speech", frozenset({"speech"}), validation.speech, streams=False),
@@ -240,8 +247,8 @@ class Api:
             keep_alive = validation.parse_keep_alive(body.pop("keep_alive"), "keep_alive")
             edited = True
         header = request.headers.get("x-keep-alive")
-        if header is not None:
-            keep_alive = max(keep_alive or 0.0, validation.parse_keep_alive(header, "X-Keep-Alive"))
+        if header is not None and keep_alive is None:
+            keep_alive = validation.parse_keep_alive(header, "X-Keep-Alive")
         thinking = self._catalog.engine.enable_thinking
         if thinking is not None and route.path == "/v1/chat/completions" and "enable_thinking" not in body:
             # [engine] enable_thinking, applied per request: the HTTP servers of both engine CLIs ignore the
@@ -269,9 +276,11 @@ class Api:
                 return await _until_disconnect(self._event_loop(), request, self._embed(request, body, model))
             finally:
                 lease.release(keep_alive)
+        if route.path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
+            return await self._openai(request, route, body, model, lease, keep_alive)
         if route.streams and body.get("stream") is True:
             try:
-                return await self._stream(route.path, encode, lease, keep_alive)
+                return await self._stream(self._relay_opener(route.path, encode), error_event, lease, keep_alive)
             except BaseException:
                 lease.release(keep_alive)
                 raise
@@ -280,6 +289,69 @@ class Api:
             return await _until_disconnect(self._event_loop(), request, forward)
         finally:
             lease.release(keep_alive)
+
+    async def _openai(self, request: Request, route: ModelRoute, body: dict[str, Any], model: Model, lease: Lease,
+                      keep_alive: float | None) -> Response:  # fmt: skip
+        """Chat, completions and responses: the plan of engine requests, then one answer or one stream, made
+        OpenAI's (chat completions and completions) or the Responses API's."""
+        dialect: responses.Dialect | None = None
+        try:
+            if route.path == "/v1/completions":
+                plan = plan_completion(body, model.id)
+            else:
+                if route.path == "/v1/responses":
+                    dialect = responses.Dialect(body, model.id)
+                    body = dialect.chat
+                plan = plan_chat(body, model.id, takes_images=model.kind == "vision-plain")
+        except BaseException:
+            lease.release(keep_alive)
+            raise
+        if plan.stream:
+
+            async def open_(endpoint: Endpoint) -> AsyncIterator[bytes]:
+                engine_id = endpoint.engine_ids.get(model.id, model.id)
+                if plan.whole:
+                    result = await serving.answer(self._relay, endpoint.base_url, plan, engine_id)
+                    return serving.whole_as_sse(result, plan.shape)
+                stream = await serving.open_stream(self._relay, endpoint.base_url, plan, engine_id)
+                return serving.openai_sse(stream) if dialect is None else dialect.sse(stream)
+
+            try:
+                return await self._stream(open_, error_event if dialect is None else dialect.failed, lease, keep_alive)
+            except BaseException:
+                lease.release(keep_alive)
+                raise
+
+        async def whole() -> Response:
+            endpoint = await self._supervisor.ensure_ready()
+            engine_id = endpoint.engine_ids.get(model.id, model.id)
+            result = await serving.answer(self._relay, endpoint.base_url, plan, engine_id)
+            if dialect is not None:
+                result = dialect.answer(result)
+            return Response(orjson.dumps(result), media_type="application/json")
+
+        try:
+            return await _until_disconnect(self._event_loop(), request, whole())
+        finally:
+            lease.release(keep_alive)
+
+    def _relay_opener(self, path: str, encode: _Encoder) -> _Opener:
+        """A stream relayed as the engine sends it (the routes that are not OpenAI's chat family)."""
+
+        async def open_(endpoint: Endpoint) -> AsyncIterator[bytes]:
+            payload, rename = encode(endpoint)
+            upstream = await self._relay.open_stream(endpoint.base_url, path, payload)
+
+            async def relayed() -> AsyncIterator[bytes]:
+                try:
+                    async for block in self._relay.events(upstream):
+                        yield rename(block)
+                except GatewayError as exc:
+                    yield error_event(exc)
+
+            return relayed()
+
+        return open_
 
     async def _embed(self, request: Request, body: dict[str, Any], model: Model) -> Response:
         # The engine is started only when some item is not cached: a warm cache answers with it stopped.
@@ -299,19 +371,17 @@ class Api:
             return Response(rename(json.dumps(answer).encode()), media_type="application/json")
         return Response(rename(reply.content), status_code=reply.status, media_type=reply.content_type)
 
-    async def _stream(self, path: str, encode: _Encoder, lease: Lease, keep_alive: float | None) -> Response:
+    async def _stream(self, open_: _Opener, on_error: _ErrorEvent, lease: Lease, keep_alive: float | None) -> Response:
         ready = asyncio.ensure_future(self._supervisor.ensure_ready())
         # Errors that come at once (no engine installed, backoff) still get a proper status code; only a
         # start that takes a while commits the answer to a 200 event stream with `: loading` comments.
         done, _ = await asyncio.wait({ready}, timeout=min(1.0, self._settings.loading_interval))
         if done:
-            endpoint = ready.result()
-            payload, rename = encode(endpoint)
-            upstream = await self._relay.open_stream(endpoint.base_url, path, payload)
-            return _LeasedStream(self._relay.events(upstream, rename), lease, keep_alive)
-        return _LeasedStream(self._cold_stream(ready, path, encode), lease, keep_alive)
+            return _LeasedStream(await open_(ready.result()), lease, keep_alive)
+        return _LeasedStream(self._cold_stream(ready, open_, on_error), lease, keep_alive)
 
-    async def _cold_stream(self, ready: asyncio.Future[Endpoint], path: str, encode: _Encoder) -> AsyncIterator[bytes]:
+    async def _cold_stream(self, ready: asyncio.Future[Endpoint], open_: _Opener,
+                           on_error: _ErrorEvent) -> AsyncIterator[bytes]:  # fmt: skip
         try:
             yield self._loading()
             while not ready.done():
@@ -319,13 +389,11 @@ class Api:
                 if not ready.done():
                     yield self._loading()
             try:
-                endpoint = ready.result()
-                payload, rename = encode(endpoint)
-                upstream = await self._relay.open_stream(endpoint.base_url, path, payload)
+                events = await open_(ready.result())
             except GatewayError as exc:
-                yield error_event(exc)
+                yield on_error(exc)
                 return
-            async for event in self._relay.events(upstream, rename):
+            async for event in events:
                 yield event
         finally:
             if not ready.done():

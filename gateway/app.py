@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -172,7 +173,7 @@ class ModelRouteDispatch:
 def _downloader(settings: Settings, events: EventBus) -> Downloader:
     from .models.download import Downloader
 
-    return Downloader(settings.model_dir, events=events)
+    return Downloader(settings.model_dir, events=events, hf_endpoint=os.environ.get("HF_ENDPOINT"))
 
 
 def error_response(error: GatewayError) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -173,7 +174,7 @@ def pull_models(settings: Settings, names: list[str], *, every: bool) -> int:
         from .models.hub import HubFetcher
 
         bus = EventBus()
-        downloader = Downloader(settings.model_dir, events=bus)
+        downloader = Downloader(settings.model_dir, events=bus, hf_endpoint=os.environ.get("HF_ENDPOINT"))
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         hub = HubFetcher(settings.model_dir, token=token, events=bus)
         names = [str(m.entry.file) for m in files] + [m.source.model_id for m in repos]

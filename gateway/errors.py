@@ -14,7 +14,8 @@
       EngineError                     the engine answered with an error (status kept, body translated)
       EngineUnavailable               503 - no engine to talk to, with Retry-After
         EngineNotInstalled            503 - no engine program found
-        EngineStartFailed             503 - it exited or timed out while starting
+        EngineStartFailed             503 - it exited or timed out while starting; never retried by SDKs
+          ModelDownloadFailed         503 - a model could not be downloaded before the start
       QueueFull                       429 - too many requests already wait for the engine, with Retry-After
       EngineCrashed                   502 - it died or broke the connection mid-request
       EngineStalled                   504 - no byte from the engine for too long
@@ -75,6 +76,7 @@ class GatewayError(Exception):
 class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
+    code = "invalid_value"  # the usual case; checks that know better say invalid_type, invalid_json, ...
 
 
 class BodyTooLarge(InvalidRequest):
@@ -145,7 +147,18 @@ class EngineNotInstalled(EngineUnavailable):
 
 
 class EngineStartFailed(EngineUnavailable):
+    """The engine could not be started. An SDK retrying within seconds would only meet the same failure (and, before
+    the backoff ends, the same answer): ``x-should-retry: false`` tells the OpenAI SDKs not to."""
+
     code = "engine_start_failed"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("x-should-retry", "false")
+
+
+class ModelDownloadFailed(EngineStartFailed):
+    code = "model_download_failed"
 
 
 class QueueFull(GatewayError):

@@ -70,7 +70,7 @@ def openapi_document(catalog: Catalog) -> dict[str, Any]:
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": 4096},
         "n": {"type": "integer", "minimum": 1, "maximum": 4},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        "keep_alive": {"type": "number", "minimum": 0, "maximum": 3600},
+        "keep_alive": {"type": "number", "minimum": -1, "maximum": 3600},
     }
     message = _body(["role", "content"], {"role": {"type": "string", "enum": ["system", "user", "assistant"]},
                                           "content": {"type": "string"}})  # fmt: skip

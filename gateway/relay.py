@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from .errors import EngineCrashed, EngineError, EngineStalled, GatewayError, error_body
 from .upstream import Upstream, UpstreamConnectError, UpstreamError, UpstreamResponse, UpstreamTimeout
-
-DONE = b"[DONE]"
 
 
 @dataclass(frozen=True)
@@ -69,10 +67,12 @@ def engine_error(status: int, content: bytes) -> EngineError:
         elif isinstance(inner, str):
             message = inner
     message = message or f"The engine answered HTTP {status} with no explanation."
-    if "incompatible for this model's category" in message:
+    param = parsed.get("param") if isinstance(parsed, dict) and isinstance(parsed.get("param"), str) else None
+    if "incompatible for this model's category" in message or 400 <= status < 500:
+        # The engine refused the request: OpenAI says 400 for that (the engine's own 415 and 422 included).
         status = 400
-    error = EngineError(message, status=status)
-    if 400 <= status < 500:
+    error = EngineError(message, status=status, param=param, code="unsupported_parameter" if param else None)
+    if status == 400:
         error.type = "invalid_request_error"
     return error
 
@@ -127,40 +127,26 @@ class Relay:
             raise engine_error(response.status, content)
         return response
 
-    async def events(self, response: UpstreamResponse, rename: ModelRename) -> AsyncIterator[bytes]:
-        """Relay SSE events as they arrive, whole events at a time.
-
-        A plain-text ``data:`` event is how the engine reports an error mid-stream; it and any transport
-        failure become one final OpenAI error event, and the stream ends.
-        """
+    async def events(self, response: UpstreamResponse) -> AsyncGenerator[bytes, None]:
+        """The engine's SSE bytes as they arrive, in blocks of whole events; a transport failure raises
+        :class:`GatewayError` (what an event says is for the dialect reading them: gateway/openai/streams.py)."""
         buffer = b""
         try:
             async for chunk in response.chunks():
                 if not buffer and chunk.endswith(b"\n\n"):
-                    ready = chunk  # whole events, the usual case: no copy
-                else:
-                    buffer += chunk
-                    end = buffer.rfind(b"\n\n")
-                    if end < 0:
-                        continue
+                    yield chunk  # whole events, the usual case: no copy
+                    continue
+                buffer += chunk
+                end = buffer.rfind(b"\n\n")
+                if end >= 0:
                     ready, buffer = buffer[: end + 2], buffer[end + 2 :]
-                out, error = _check_events(ready)
-                if out:
-                    yield rename(out)
-                if error is not None:
-                    yield error_event(error)
-                    return
+                    yield ready
         except UpstreamError as exc:
-            yield error_event(self._translate(exc, self._stall_timeout, "GATEWAY_STALL_TIMEOUT"))
-            return
+            raise self._translate(exc, self._stall_timeout, "GATEWAY_STALL_TIMEOUT") from exc
         finally:
             await response.close()
         if buffer.strip():
-            out, error = _check_events(buffer + b"\n\n")
-            if out:
-                yield rename(out)
-            if error is not None:
-                yield error_event(error)
+            yield buffer + b"\n\n"
 
     def _translate(self, exc: UpstreamError, timeout: float, setting: str) -> GatewayError:
         """The one boundary where transport failures become the gateway's errors."""
@@ -179,24 +165,4 @@ class Relay:
         )
 
 
-def _check_events(block: bytes) -> tuple[bytes, GatewayError | None]:
-    """Split off the first plain-text error event in ``block`` (whole events ending in a blank line)."""
-    if b"data:" not in block:
-        return block, None
-    start = 0
-    while start < len(block):
-        end = block.find(b"\n\n", start)
-        if end < 0:
-            end = len(block)
-        event = block[start:end]
-        for line in event.split(b"\n"):
-            if line.startswith(b"data:"):
-                payload = line[5:].strip()
-                if payload and payload[:1] not in (b"{", b"[") and payload != DONE:
-                    message = payload.decode("utf-8", "replace")
-                    return block[:start], EngineError(message, status=500)
-        start = end + 2
-    return block, None
-
-
-__all__ = ["DONE", "ModelRename", "Relay", "Reply", "engine_error", "error_body", "error_event"]
+__all__ = ["ModelRename", "Relay", "Reply", "engine_error", "error_body", "error_event"]

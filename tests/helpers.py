@@ -196,3 +196,66 @@ def start_gateway(
 
     wait_serving(proc, gateway.url + "/healthz", gateway.log, 20, "the gateway")
     return gateway
+
+
+def is_json_prefix(text: str) -> bool:
+    """Whether ``text`` is the beginning of some JSON value: what a JSON grammar lets a model write before
+    ``max_tokens`` cuts it off. A small scanner (strings, escapes, numbers, literals, nesting), not a parser."""
+    stack: list[str] = []
+    i, n = 0, len(text)
+    expect_value = True
+    while i < n:
+        c = text[i]
+        if c in " \t\r\n":
+            i += 1
+        elif c == '"':
+            if not expect_value:
+                return False
+            i += 1
+            while i < n and text[i] != '"':
+                if text[i] == "\\":
+                    i += 1
+                    if i < n and text[i] not in '"\\/bfnrtu':
+                        return False
+                elif ord(text[i]) < 0x20:
+                    return False
+                i += 1
+            if i >= n:
+                return True  # cut inside a string
+            i += 1
+            expect_value = False
+        elif c in "{[":
+            if not expect_value:
+                return False
+            stack.append("}" if c == "{" else "]")
+            i += 1
+        elif c in "}]":
+            if not stack or stack.pop() != c:
+                return False
+            i += 1
+            expect_value = False
+        elif c in ",:":
+            if expect_value or not stack:
+                return False
+            expect_value = True
+            i += 1
+        elif c in "-0123456789":
+            j = i
+            while j < n and text[j] in "-+.eE0123456789":
+                j += 1
+            if not expect_value:
+                return False
+            i, expect_value = j, False
+        else:
+            for word in ("true", "false", "null"):
+                piece = text[i : i + len(word)]
+                if word.startswith(piece):
+                    if not expect_value:
+                        return False
+                    i, expect_value = i + len(piece), False
+                    if len(piece) < len(word):
+                        return i == n
+                    break
+            else:
+                return False
+    return True

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -23,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 from tenacity import RetryCallState, wait_exponential
 
 from ..catalog import Catalog, Model
-from ..errors import EngineStartFailed, EngineUnavailable, GatewayError, QueueFull
+from ..errors import (
+    EngineStartFailed,
+    EngineUnavailable,
+    GatewayError,
+    ModelDownloadFailed,
+    QueueFull,
+    retry_after_header,
+)
 from ..events import EventSink, NullSink
 from ..settings import Settings
 from ..upstream import H1Upstream, Upstream, UpstreamError
@@ -40,6 +48,9 @@ Clock = Callable[[], float]
 ProgramFinder = Callable[[], EngineProgram]
 
 _logger = logging.getLogger("gateway.engine")
+# A download that failed (after the downloader's own retries) waits at least this long before the next try: the
+# network or the mirror it needs rarely comes back within seconds, and every try costs the requests waiting on it.
+DOWNLOAD_RETRY_MIN = 30.0
 
 
 @dataclass(frozen=True)
@@ -121,11 +132,12 @@ class Supervisor:
         self._in_flight = 0
         self._waiting = 0
         self._last_activity = clock()
-        self._keep_until = 0.0
+        self._expiry: float | None = None  # a keep_alive's stop time (inf: until further notice); None: idle timeout
         self._ready_since: float | None = None
         self._failures = 0
         self._retry_at = 0.0
         self._last_error: str | None = None
+        self._failure: type[EngineUnavailable] = EngineStartFailed  # what the last failed start raised
         self.starts = 0
         self.crashes = 0
         self.last_start_seconds: float | None = None
@@ -151,8 +163,11 @@ class Supervisor:
         return Lease(self)
 
     def keep_alive(self, seconds: float) -> None:
-        """Keep the engine up at least ``seconds`` from now (a request's ``keep_alive``)."""
-        self._keep_until = max(self._keep_until, self._clock() + seconds)
+        """A request's ``keep_alive``, meant as Ollama means it: stop the engine ``seconds`` from now instead of
+        after the idle timeout; a negative value keeps it up until a request says otherwise, 0 stops it as soon as
+        no request is in flight. The newest request's keep_alive wins, and one without sets the idle timeout back.
+        """
+        self._expiry = math.inf if seconds < 0 else self._clock() + seconds
         self._activity.set()
 
     async def ensure_ready(self) -> Endpoint:
@@ -184,7 +199,7 @@ class Supervisor:
             if state is EngineState.FAILED:
                 wait = self._retry_at - self._clock()
                 if wait > 0:
-                    raise EngineStartFailed(f"The engine failed to start: {self._last_error}", retry_after=wait)
+                    raise self._failed_start(wait)
             # The transition happens here, synchronously, so that every later caller sees STARTING
             # and joins this start instead of creating its own.
             self._sm.transition(frozenset({EngineState.STOPPED, EngineState.FAILED}), EngineState.STARTING)
@@ -217,7 +232,8 @@ class Supervisor:
             self._activity.clear()
             delay = self.seconds_until_idle_stop()
             if delay is not None and delay <= 0:
-                self._log.info("engine idle for %.0f s: stopping it", self._settings.idle_timeout)
+                reason = "its keep_alive has run out" if self._expiry is not None else "it is idle"
+                self._log.info("stopping the engine: %s", reason)
                 await self.stop("idle")
                 continue
             self._stopper_parked = delay is None
@@ -225,16 +241,15 @@ class Supervisor:
                 await asyncio.wait_for(self._activity.wait(), delay)
 
     def seconds_until_idle_stop(self) -> float | None:
-        """None while nothing would stop the engine: not ready, adopted, busy, or idle stop disabled."""
-        if (
-            self._settings.idle_timeout <= 0
-            or self._sm.state is not EngineState.READY
-            or self._external
-            or self._in_flight > 0
-        ):
+        """None while nothing would stop the engine: not ready, adopted, busy, kept alive until further notice, or
+        idle stop disabled."""
+        if self._sm.state is not EngineState.READY or self._external or self._in_flight > 0:
             return None
-        deadline = max(self._last_activity + self._settings.idle_timeout, self._keep_until)
-        return deadline - self._clock()
+        if self._expiry is not None:
+            return None if self._expiry == math.inf else self._expiry - self._clock()
+        if self._settings.idle_timeout <= 0:
+            return None
+        return self._last_activity + self._settings.idle_timeout - self._clock()
 
     def status(self) -> dict[str, Any]:
         now = self._clock()
@@ -248,7 +263,9 @@ class Supervisor:
             "uptime": round(now - self._ready_since, 3) if self._ready_since is not None else None,
             "idle_timeout": self._settings.idle_timeout,
             "seconds_until_idle_stop": round(until_idle, 3) if until_idle is not None else None,
-            "keep_alive_until": round(self._keep_until - now, 3) if self._keep_until > now else None,
+            # Seconds a keep_alive still holds the engine up; -1 (as Ollama writes it): until further notice.
+            "keep_alive": None if self._expiry is None else -1 if self._expiry == math.inf else round(
+                max(0.0, self._expiry - now), 3),
             "in_flight": self._in_flight,
             "waiting": self._waiting,
             "starts": self.starts,
@@ -298,6 +315,9 @@ class Supervisor:
         self._last_activity = self._clock()
         if keep_alive is not None:
             self.keep_alive(keep_alive)
+        elif self._expiry is not None:
+            self._expiry = None  # a request without keep_alive: the idle timeout again, which may come sooner
+            self._activity.set()
         elif self._in_flight == 0 and self._stopper_parked:
             self._activity.set()  # the stopper waits with no deadline (it saw the engine busy): one may apply now
 
@@ -327,7 +347,7 @@ class Supervisor:
         exc = task.exception()
         if isinstance(exc, EngineUnavailable):
             # A fresh exception per waiter: the same instance raised in many tasks tangles tracebacks.
-            raise type(exc)(exc.message, retry_after=max(0.0, self._retry_at - self._clock()))
+            raise self._failed_start(max(0.0, self._retry_at - self._clock()))
         if isinstance(exc, GatewayError):
             raise exc
         if exc is not None:
@@ -355,13 +375,23 @@ class Supervisor:
         self._log.info("engine ready at %s after %.2f s", endpoint.base_url, self.last_start_seconds)
         return endpoint
 
+    def _failed_start(self, wait: float) -> EngineUnavailable:
+        """What a request meets while a failed start's backoff runs: the failure, and when the next try comes."""
+        return self._failure(f"{self._last_error} Next try in {retry_after_header(wait)} s.", retry_after=wait)
+
     def _fail_start(self, exc: BaseException) -> None:
         self._failures += 1
         state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
         state.attempt_number = self._failures
         delay = self._backoff(state)
+        self._failure = type(exc) if isinstance(exc, EngineUnavailable) else EngineStartFailed
+        if isinstance(exc, ModelDownloadFailed):
+            delay = max(delay, min(DOWNLOAD_RETRY_MIN, self._settings.backoff_max))
         self._retry_at = self._clock() + delay
-        self._last_error = exc.message if isinstance(exc, GatewayError) else str(exc) or type(exc).__name__
+        if isinstance(exc, GatewayError):
+            self._last_error = exc.message
+        else:
+            self._last_error = f"The engine failed to start: {str(exc) or type(exc).__name__}"
         self._log.error(
             "engine start failed (%d in a row; next try in %.0f s): %s",
             self._failures,
@@ -466,7 +496,9 @@ class Supervisor:
                     self._hub = self._hub or self._make_hub()
                     folders[model.id] = await self._hub.ensure_model(model)
             except DownloadError as exc:
-                raise EngineStartFailed(f"Model {model.id!r}: {exc.message}") from exc
+                reason = exc.message if exc.message.endswith(".") else exc.message + "."
+                help_ = f" {_OFFLINE}" if exc.network else ""
+                raise ModelDownloadFailed(f"Model {model.id!r} could not be downloaded: {reason}{help_}") from exc
         return folders
 
     def _default_hub(self) -> HubFetcher:
@@ -562,7 +594,7 @@ class Supervisor:
         if self._watch_task is not None:
             self._watch_task.cancel()
             self._watch_task = None
-        self._keep_until = 0.0
+        self._expiry = None
         self._sm.transition(EngineState.STOPPING, EngineState.STOPPED)
 
     async def _terminate(self, proc: EngineProcess) -> None:
@@ -582,6 +614,13 @@ class Supervisor:
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
             await self._terminate(proc)
+
+
+_OFFLINE = (
+    "To serve it: run `mistral-gateway pull` once this machine is online; or set HF_ENDPOINT to a Hugging Face "
+    "mirror, or HTTPS_PROXY (and NO_PROXY) if the network needs a proxy; or copy the file here and give the model "
+    "a local `path` in a models file (GATEWAY_MODELS_FILE)."
+)
 
 
 def engine_catalog(catalog: Catalog, folders: Mapping[str, Path], token_source: str | None) -> Catalog:

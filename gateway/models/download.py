@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -58,30 +59,58 @@ _HASH_BLOCK = 4 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
+_HUB = "https://huggingface.co/"
 
 
 class DownloadError(Exception):
     """A model file could not be provided; ``message`` names the file, what was expected and what was found.
 
     ``retryable`` marks trouble that another attempt may cure (a cut connection, a 503); the downloader
-    only lets non-retryable ones, or the last retryable one, escape.
+    only lets non-retryable ones, or the last retryable one, escape. ``network``: the network, not the request,
+    is the trouble (no route to the server, no name resolution, retries used up), so a user offline, behind a proxy
+    or in need of a mirror is told what to do about it.
     """
 
-    def __init__(self, message: str, *, file: str | None = None, url: str | None = None, retryable: bool = False):
+    def __init__(self, message: str, *, file: str | None = None, url: str | None = None, retryable: bool = False,
+                 network: bool = False):  # fmt: skip
         super().__init__(message)
         self.message = message
         self.file = file
         self.url = url
         self.retryable = retryable
+        self.network = network
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Whether another attempt may succeed: network trouble and server-side errors, not client errors."""
+    """Whether another attempt may succeed: network trouble and server-side errors, not client errors.
+
+    A host name that does not resolve is not retried either: that is a machine without network (or one that needs a
+    proxy or a mirror), which the seconds of a retry do not cure, and a request waits on every attempt.
+    """
     if isinstance(exc, DownloadError):
         return exc.retryable
     if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError)):
         return False  # our request is wrong; it will be wrong again
-    return isinstance(exc, httpx.TransportError)
+    return isinstance(exc, httpx.TransportError) and not name_not_resolved(exc)
+
+
+def name_not_resolved(exc: BaseException) -> bool:
+    """Whether a connection failed because the host name did not resolve (a ``socket.gaierror`` underneath)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx -> httpcore -> the OS error
+        if seen is None:
+            return False
+        if isinstance(seen, socket.gaierror):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def mirrored(url: str, endpoint: str | None) -> str:
+    """``url`` on the Hugging Face mirror ``endpoint`` (``HF_ENDPOINT``) when it points at huggingface.co."""
+    if endpoint and url.startswith(_HUB):
+        return endpoint.rstrip("/") + "/" + url[len(_HUB) :]
+    return url
 
 
 async def retry_while_progressing(
@@ -361,6 +390,7 @@ class Downloader:
         lock_poll: float = 0.25,
         progress_interval: float = 0.5,
         progress_step: float = 0.01,
+        hf_endpoint: str | None = None,
         logger: logging.Logger = _logger,
     ) -> None:
         if attempts < 1:
@@ -378,6 +408,7 @@ class Downloader:
         self._lock_poll = lock_poll
         self._progress_interval = progress_interval
         self._progress_step = progress_step
+        self._hf_endpoint = hf_endpoint
         self._log = logger
 
     # ------------------------------------------------------------------------------------- public
@@ -397,7 +428,7 @@ class Downloader:
         """The local file of a ``url`` model, downloaded if missing; None for models of other sources."""
         if entry.url is None or entry.file is None:
             return None
-        return await self.ensure(entry.url, entry.file, sha256=entry.sha256)
+        return await self.ensure(mirrored(entry.url, self._hf_endpoint), entry.file, sha256=entry.sha256)
 
     async def ensure(self, url: str, file: str, *, sha256: str | None = None) -> Path:
         """``<model_dir>/<file>``, complete and checked; downloaded from ``url`` first when it is missing.
@@ -494,9 +525,11 @@ class Downloader:
         kept = _size_of(job.part)
         tail = f" {kept} bytes are kept in {job.part.name}; the next try resumes from there." if kept else ""
         return DownloadError(
-            f"Could not download model file {job.file!r} from {job.url} after {job.attempt} attempts: {reason}.{tail}",
+            f"Could not download model file {job.file!r} from {job.url} after {job.attempt} "
+            f"{'attempt' if job.attempt == 1 else 'attempts'}: {reason}.{tail}",
             file=job.file,
             url=job.url,
+            network=True,
         )
 
     async def _attempt(self, job: _Job) -> None:

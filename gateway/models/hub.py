@@ -41,7 +41,7 @@ from tenacity import RetryCallState
 
 from ..catalog import Model
 from ..events import EventSink, NullSink
-from .download import DownloadError, ProgressMeter, _human, retry_while_progressing
+from .download import DownloadError, ProgressMeter, _human, name_not_resolved, retry_while_progressing
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -175,7 +175,7 @@ def explain(exc: BaseException, snapshot: Snapshot, hub_url: str) -> DownloadErr
         return DownloadError(message, file=repo, url=hub_url)
 
     def retry(reason: str) -> DownloadError:
-        return DownloadError(reason, file=repo, url=hub_url, retryable=True)
+        return DownloadError(reason, file=repo, url=hub_url, retryable=True, network=True)
 
     if isinstance(exc, ImportError):
         return fatal(
@@ -221,6 +221,9 @@ def explain(exc: BaseException, snapshot: Snapshot, hub_url: str) -> DownloadErr
     if isinstance(exc, ValueError):
         return fatal(f"{where}: {_first_line(exc)}")
     if isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _TRANSPORT_MODULES:
+        if name_not_resolved(exc):  # no network, or one that needs a proxy or a mirror: retrying will not cure it
+            return DownloadError(f"{hub_url} cannot be reached: its name does not resolve ({_first_line(exc)})",
+                                 file=repo, url=hub_url, network=True)  # fmt: skip
         return retry(f"{type(exc).__name__} ({_first_line(exc)})")
     return fatal(f"{where}: {type(exc).__name__}: {_first_line(exc)}")
 
@@ -414,6 +417,7 @@ class HubFetcher:
                 f"{job.attempt} attempts: {exc.message}.",
                 file=job.snapshot.repo,
                 url=exc.url,
+                network=exc.network,
             ) from exc
         assert job.listing is not None
         write_record(job.snapshot, job.listing.commit, job.files)

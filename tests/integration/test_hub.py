@@ -251,9 +251,11 @@ def test_a_missing_or_gated_repo_is_a_clear_503_naming_it(gateways: Start, hub: 
     hub.missing.add(REPO)
     gw = gateways(models_toml(), env=hub_env(hub, tmp_path))
     reply = chat(gw)
-    assert reply.status_code == 503 and reply.json()["error"]["code"] == "engine_start_failed"
+    assert reply.status_code == 503 and reply.json()["error"]["code"] == "model_download_failed"
     message = reply.json()["error"]["message"]
-    assert f"Model 'tiny-chat': Hugging Face repo {REPO!r} was not found on the hub (it answered 401)" in message
+    assert f"Model 'tiny-chat' could not be downloaded: Hugging Face repo {REPO!r} was not found on the hub " \
+           "(it answered 401)" in message  # fmt: skip
+    assert "HTTPS_PROXY" not in message  # not a network trouble: no advice about proxies
     assert gw.spawns() == [] and gw.status()["downloads"][REPO]["state"] == "failed"
 
     hub.missing.clear()

@@ -154,12 +154,18 @@ def test_stream_longer_than_the_idle_timeout_completes(gateways: Start) -> None:
     wait_for(lambda: gw.engine()["state"] == "stopped", 10, "idle stop after the stream")
 
 
-def test_keep_alive_extends_the_idle_deadline(gateways: Start) -> None:
+def test_keep_alive_sets_the_idle_deadline_as_in_ollama(gateways: Start) -> None:
     gw = gateways(env={"GATEWAY_IDLE_TIMEOUT": "1"})
     httpx.post(gw.v1 + "/chat/completions", json={**say("x"), "keep_alive": "10m"}, timeout=30).raise_for_status()
     assert "keep_alive" not in gw.upstream_requests()[-1]["body"]
     engine = gw.engine()
-    assert engine["seconds_until_idle_stop"] > 500 and engine["keep_alive_until"] > 500
+    assert engine["seconds_until_idle_stop"] > 500 and engine["keep_alive"] > 500
+    httpx.post(gw.v1 + "/chat/completions", json={**say("x"), "keep_alive": -1}, timeout=30).raise_for_status()
+    assert gw.engine()["keep_alive"] == -1 and gw.engine()["seconds_until_idle_stop"] is None
+    pid = gw.engine()["pid"]
+    httpx.post(gw.v1 + "/chat/completions", json={**say("x"), "keep_alive": 0}, timeout=30).raise_for_status()
+    wait_for(lambda: gw.engine()["state"] == "stopped", 10, "keep_alive 0 to stop the engine")
+    wait_for(lambda: not pid_alive(pid), 10, "the engine process to exit")
     gw2 = gateways(env={"GATEWAY_IDLE_TIMEOUT": "1"})
     headers = {"X-Keep-Alive": "120"}
     httpx.post(gw2.v1 + "/chat/completions", json=say("x"), headers=headers, timeout=30).raise_for_status()

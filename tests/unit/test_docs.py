@@ -21,3 +21,13 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "make test    #" in readme and "make run     #" in readme
     ci = (ROOT / ".ci" / "run").read_text()
     assert ci.rstrip().splitlines()[-1] == "make test"
+
+
+def test_readme_lists_every_error_code_the_gateway_sends() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Errors") :]
+    source = "\n".join(p.read_text() for p in (ROOT / "gateway").rglob("*.py") if "bundled" not in p.parts)
+    codes = set(re.findall(r'\bcode\s*=\s*"([a-z_]+)"', source))
+    assert codes, "no error codes found"
+    missing = sorted(code for code in codes if f"`{code}`" not in table)
+    assert missing == [], f"error codes the README's table does not list: {missing}"

@@ -327,7 +327,7 @@ async def test_a_hub_refusal_fails_the_start_naming_the_model(tmp_path: Path) ->
     hub = MemoryHub()
     hub.failures = [DownloadError("Hugging Face repo 'org/chat' was not found on the hub", file="org/chat")]
     sup, spawner = supervisor(tmp_path, REPO_MODEL, hub)
-    with pytest.raises(EngineStartFailed, match="Model 'chat': Hugging Face repo 'org/chat' was not found"):
+    with pytest.raises(EngineStartFailed, match="Model 'chat' could not be downloaded: Hugging Face repo 'org/chat'"):
         await sup.ensure_ready()
     assert spawner.argvs == []
     await sup.aclose()

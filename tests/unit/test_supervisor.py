@@ -162,7 +162,26 @@ async def test_idle_deadline_counts_from_last_release_and_keep_alive(tmp_path: P
     assert sup.seconds_until_idle_stop() == 30
     sup.lease().release(keep_alive=600)
     assert sup.seconds_until_idle_stop() == 600
-    assert sup.status()["keep_alive_until"] == 600
+    assert sup.status()["keep_alive"] == 600
+    await sup.aclose()
+
+
+async def test_keep_alive_means_what_it_means_in_ollama(tmp_path: Path) -> None:
+    spawner, clock = FakeSpawner(), Clock()
+    sup = make(tmp_path, spawner, clock, idle_timeout=300)
+    await sup.ensure_ready()
+    sup.lease().release(keep_alive=10)  # shorter than the idle timeout: it wins, as in Ollama
+    assert sup.seconds_until_idle_stop() == 10
+    sup.lease().release(keep_alive=-1)  # until further notice
+    clock.now += 10**6
+    assert sup.seconds_until_idle_stop() is None and sup.status()["keep_alive"] == -1
+    busy = sup.lease()
+    sup.lease().release(keep_alive=0)  # stop now ... once no request is in flight
+    assert sup.seconds_until_idle_stop() is None
+    busy.release(keep_alive=0)
+    assert sup.seconds_until_idle_stop() == 0
+    sup.lease().release()  # the newest request says nothing: the idle timeout again
+    assert sup.seconds_until_idle_stop() == 300 and sup.status()["keep_alive"] is None
     await sup.aclose()
 
 
