@@ -5,6 +5,11 @@ missing ones go to the engine, in one request, de-duplicated within the request 
 requests (a key being computed for one request is awaited by the others, not sent twice). The answer is
 merged back in the original order. ``dimensions`` is applied here (Matryoshka truncation and
 re-normalisation for models trained for it), since the engine rejects it; ``encoding_format`` too.
+
+A cached vector is used only if it has the dimension the request expects: ``dimensions`` when given,
+otherwise the model's own dimension, as the engine last answered it for this model (or, until the engine has
+answered in this process, as the first cached vector of the model found says; the engine's answer overrides
+it). A vector of another dimension is a miss: computed again and replaced in the cache.
 """
 
 from __future__ import annotations
@@ -85,6 +90,9 @@ class Embeddings:
         self._memory = memory
         self._shared = shared
         self._inflight: dict[str, asyncio.Future[Entry]] = {}
+        # Per model id: its identity (see cache.keys) and the dimension of its vectors; one per model, so an
+        # identity that changes replaces the old one.
+        self._widths: dict[str, tuple[str, int]] = {}
         self.stats = CacheStats()
 
     @property
@@ -94,6 +102,21 @@ class Embeddings:
     @property
     def shared(self) -> RedisStore | None:
         return self._shared
+
+    @property
+    def rejected(self) -> int:
+        """Cached values refused (not this gateway's format, damaged, wrong dimension), in memory and Redis:
+        each was a miss, computed again and replaced."""
+        return self._memory.rejected + (self._shared.rejected if self._shared is not None else 0)
+
+    def _width(self, model: Model, identity: str) -> int | None:
+        known = self._widths.get(model.id)
+        return known[1] if known is not None and known[0] == identity else None
+
+    def _learn_width(self, model: Model, identity: str, width: int, *, from_engine: bool) -> None:
+        """The engine's answer is the truth; a cached vector only stands in for it until the engine answers."""
+        if from_engine or self._width(model, identity) is None:
+            self._widths[model.id] = (identity, width)
 
     async def handle(
         self,
@@ -126,21 +149,29 @@ class Embeddings:
         unique = list(dict.fromkeys(keys))
         found: dict[str, Entry] = {}
         if read:
-            found = await self._lookup(unique)
+            found = await self._lookup(unique, dimensions or self._width(model, identity))
+            if found and dimensions is None:
+                self._learn_width(model, identity, next(iter(found.values())).dimensions, from_engine=False)
         hits = sum(1 for k in keys if k in found)
         wanted = {k: items[keys.index(k)] for k in unique if k not in found}
         if wanted:
-            found.update(await self._compute(wanted, model, endpoint, body, dimensions, share=read, store=write))
+            computed = await self._compute(wanted, model, endpoint, body, dimensions, share=read, store=write)
+            if dimensions is None:
+                self._learn_width(model, identity, next(iter(computed.values())).dimensions, from_engine=True)
+            found.update(computed)
         self.stats.hits += hits
         self.stats.misses += len(keys) - hits
         status = "hit" if hits == len(keys) else "miss" if hits == 0 else "partial"
         return self._answer(body, model, [found[k] for k in keys]), status
 
-    async def _lookup(self, keys: list[str]) -> dict[str, Entry]:
-        found = await self._memory.get_many(keys)
+    async def _lookup(self, keys: list[str], width: int | None) -> dict[str, Entry]:
+        """The cached entries of ``keys``, all of ``width`` floats (all of one width when it is unknown)."""
+        found = await self._memory.get_many(keys, width)
+        if width is None and found:
+            width = next(iter(found.values())).dimensions
         missing = [k for k in keys if k not in found]
         if missing and self._shared is not None:
-            remote = await self._shared.get_many(missing)
+            remote = await self._shared.get_many(missing, width)
             if remote:
                 await self._memory.set_many(remote)
                 found.update(remote)

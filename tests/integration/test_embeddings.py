@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import shutil
+import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -15,6 +16,10 @@ import numpy as np
 import openai
 import pytest
 
+from gateway.cache.keys import item_key, model_identity
+from gateway.cache.store import BadValue, Entry
+from gateway.catalog import parse_catalog
+from tests.fakes.fake_engine import embedding_vector
 from tests.helpers import Gateway, free_port, wait_for
 
 Start = Callable[..., Gateway]
@@ -198,3 +203,113 @@ def test_redis_is_shared_between_gateways_and_survives_an_outage(
     redis_server.start()  # back, empty: the gateways recover without a restart
     wait_for(lambda: embed(a, ["after"]).status_code == 200 and embed(b, ["after"]).headers["x-cache"] == "hit",
              20, "the shared cache to work again")  # fmt: skip
+
+
+PREFIX = "mistral-gateway:emb:"  # RedisStore's default, as the gateway uses it
+
+
+def redis_key(toml: str, tmp_path: Path, item: str, dimensions: int | None = None) -> str:
+    """The Redis key the gateway uses for ``item`` of qwen3-embed (as gateway/cache/keys.py builds it)."""
+    model = parse_catalog(toml, origin="test", model_dir=tmp_path / "unused").models[0]
+    assert model.id == "qwen3-embed"
+    return PREFIX + item_key(model_identity(model), item, dimensions)
+
+
+def f32(values: Any) -> bytes:
+    return np.asarray(values, dtype="<f4").tobytes()
+
+
+def bad_value(item: str) -> bytes:
+    """The bad value of each item, named after what is wrong with it (the fake engine's vectors are 64-d)."""
+    floats = f32(embedding_vector(item, 64))
+    good = Entry(floats, 1).encode()
+    nan = np.frombuffer(floats, dtype="<f4").copy()
+    nan[5] = np.nan
+    return {
+        "empty": b"",
+        "truncated": good[:-2],
+        "one float short": good[:-4],
+        "a flipped bit": good[:-1] + bytes([good[-1] ^ 0x40]),
+        "unversioned (written by the gateway before)": struct.pack("<I", 1) + floats,
+        "another program's": b"not a vector at all",
+        "32 dimensions": Entry(f32(embedding_vector(item, 32)), 1).encode(),
+        "nan": Entry(nan.tobytes(), 1).encode(),
+    }[item]
+
+
+BAD_ITEMS = ["empty", "truncated", "one float short", "a flipped bit", "unversioned (written by the gateway before)",
+             "another program's", "32 dimensions", "nan"]  # fmt: skip
+
+
+def stored(client: Any, key: str) -> Entry | None:
+    raw = client.get(key)
+    try:
+        return Entry.decode(raw)
+    except BadValue:
+        return None
+
+
+def test_bad_values_in_redis_are_misses_replaced_by_the_engine_s(
+    gateways: Start, tmp_path: Path, redis_server: Redis
+) -> None:
+    import redis
+
+    toml = models(tmp_path / "m")
+    env = {"GATEWAY_CACHE_URL": f"redis://127.0.0.1:{redis_server.port}/0"}
+    gw = gateways(toml, env=env)
+    items = [*BAD_ITEMS, "good"]
+    # What the engine answers with the cache off (this also tells the gateway the model's dimension).
+    expected = vectors(embed(gw, items, headers={"Cache-Control": "no-store"}))
+    assert [f32(v) for v in expected] == [f32(embedding_vector(item, 64)) for item in items]
+    expected_16 = vectors(embed(gw, ["short"], dimensions=16, headers={"Cache-Control": "no-store"}))
+
+    db = redis.Redis(port=redis_server.port)
+    keys = {item: redis_key(toml, tmp_path, item) for item in items}
+    assert db.keys(PREFIX + "*") == []
+    for item in BAD_ITEMS:
+        db.set(keys[item], bad_value(item))
+    db.set(keys["good"], Entry(f32(expected[-1]), 1).encode())  # in the current format: used as it is
+    key_16 = redis_key(toml, tmp_path, "short", 16)
+    db.set(key_16, Entry(f32(embedding_vector("short", 64)), 1).encode())  # 64 floats where 16 are asked
+    asked_before = len(upstream_inputs(gw))
+
+    client = openai.OpenAI(base_url=gw.v1, api_key="x", max_retries=0)
+    raw = client.embeddings.with_raw_response.create(model="qwen3-embed", input=items, encoding_format="float")
+    assert raw.http_response.status_code == 200 and raw.headers["x-cache"] == "partial"
+    assert [d.embedding for d in raw.parse().data] == expected
+    short = client.embeddings.create(model="qwen3-embed", input="short", dimensions=16, encoding_format="float")
+    assert [d.embedding for d in short.data] == expected_16
+    assert upstream_inputs(gw)[asked_before:] == [BAD_ITEMS, ["short"]]
+
+    # Each bad value was logged once, and replaced by the engine's vector.
+    rejected = [line for line in gw.log().splitlines() if "embedding cache: ignored the value of" in line]
+    assert len(rejected) == len(BAD_ITEMS) + 1
+    assert all(sum(keys[item] in line for line in rejected) == 1 for item in BAD_ITEMS)
+    for item, vector in zip(items, expected, strict=True):
+        entry = stored(db, keys[item])
+        assert entry is not None and entry.vector == f32(vector), item
+    entry_16 = stored(db, key_16)
+    assert entry_16 is not None and entry_16.vector == f32(expected_16[0])
+
+    # A gateway started afterwards (a restart, a replica) reads them back: all hits, its engine never started.
+    later = gateways(toml, env=env)
+    again = embed(later, items)
+    assert again.headers["x-cache"] == "hit" and vectors(again) == expected
+    assert later.spawns() == [] and "ignored the value" not in later.log()
+
+
+def test_rejected_values_are_counted_in_status_and_metrics(
+    gateways: Start, tmp_path: Path, redis_server: Redis
+) -> None:
+    import redis
+
+    toml = models(tmp_path / "m")
+    gw = gateways(toml, env={"GATEWAY_CACHE_URL": f"redis://127.0.0.1:{redis_server.port}/0"})
+    db = redis.Redis(port=redis_server.port)
+    for item in ("another program's", "truncated"):
+        db.set(redis_key(toml, tmp_path, item), bad_value(item))
+    assert embed(gw, ["another program's", "truncated"]).status_code == 200
+    cache = gw.status()["embedding_cache"]
+    assert cache["rejected"] == 2 and cache["redis"]["rejected"] == 2 and cache["redis"]["errors"] == 0
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert "gateway_embedding_cache_rejected_total 2.0" in metrics
