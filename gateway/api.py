@@ -38,6 +38,7 @@ from .events import EventBus
 from .openai import checks, responses, serving
 from .openai.requests import plan_chat, plan_completion
 from .openapi import openapi_document
+from .origin import PublicOrigin
 from .relay import ModelRename, Relay, error_event
 from .settings import Settings
 
@@ -145,6 +146,7 @@ class Api:
         self._embeddings = embeddings
         self._events = events
         self._max_body = int(settings.max_body_mb * 1024 * 1024)
+        self._origin = PublicOrigin(settings.public_url, host=settings.host, port=settings.port)
         self._created = int(time.time())
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -366,7 +368,7 @@ class Api:
         reply = await self._relay.request(endpoint.base_url, path, payload)
         if wanted_image is not None:
             answer = images.from_engine_reply(
-                json.loads(reply.content), wanted_image, self._images, str(request.base_url)
+                json.loads(reply.content), wanted_image, self._images, self._origin.of(request.scope)
             )
             return Response(rename(json.dumps(answer).encode()), media_type="application/json")
         return Response(rename(reply.content), status_code=reply.status, media_type=reply.content_type)
@@ -498,7 +500,10 @@ class Api:
             "engine_requests": stats.engine_requests,
             "entries": len(self._embeddings.memory),
             "bytes": self._embeddings.memory.bytes,
-            "redis": None if shared is None else {"available": shared.available, "errors": shared.errors},
+            "rejected": self._embeddings.rejected,
+            "redis": None
+            if shared is None
+            else {"available": shared.available, "errors": shared.errors, "rejected": shared.rejected},
         }
 
     async def status(self, request: Request) -> Response:

@@ -25,16 +25,16 @@ from .cache.store import MemoryStore, RedisStore
 from .catalog import Catalog, load_catalog
 from .embeddings import Embeddings
 from .engine.supervisor import Supervisor
-from .errors import GatewayError, MethodNotAllowed, RouteNotFound, error_body
+from .errors import EngineUnavailable, GatewayError, MethodNotAllowed, RouteNotFound, error_body
 from .events import EventBus
 from .images import ImageStore
-from .observability import Metrics, RequestObserver, cache_metrics, download_metrics, engine_metrics
+from .observability import Metrics, RequestObserver, cache_metrics, download_metrics, engine_metrics, loggable
+from .origin import TrustedProxies
 from .relay import Relay
 from .settings import Settings
-from .upstream import H1Upstream, HttpxUpstream, Upstream
+from .upstream import AiohttpUpstream, Upstream
 
 if TYPE_CHECKING:
-    import httpx
 
     from .models.download import Downloader
 
@@ -46,7 +46,7 @@ def create_app(
     *,
     catalog: Catalog | None = None,
     supervisor: Supervisor | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,  # tests: an httpx transport instead of H1Upstream
+    upstream: Upstream | None = None,
 ) -> GatewayApp:
     """The ASGI app. Parts not passed in are built from ``settings``."""
     if catalog is None:
@@ -63,15 +63,9 @@ def create_app(
             settings, catalog, run_dir=run_dir / "engine", events=events,
             downloader=lambda: _downloader(settings, events),
         )  # fmt: skip
-    # A transport passed in (tests) goes through httpx; in production the lean HTTP/1.1 client is used.
-    upstream: Upstream = HttpxUpstream(transport) if transport is not None else H1Upstream()
-    relay = Relay(
-        upstream,
-        stall_timeout=settings.stall_timeout,
-        request_timeout=settings.request_timeout,
-        on_unreachable=supervisor.engine_unreachable,
-        on_stall=supervisor.engine_stalled,
-    )
+    upstream = upstream or AiohttpUpstream()
+    relay = Relay(upstream, stall_timeout=settings.stall_timeout, request_timeout=settings.request_timeout,
+                  on_failure=supervisor.engine_failed)  # fmt: skip
     memory = MemoryStore(int(settings.embedding_cache_mb * 1024 * 1024), ttl=settings.embedding_cache_ttl)
     shared = RedisStore(settings.cache_url, ttl=settings.embedding_cache_ttl) if settings.cache_url else None
     embeddings = Embeddings(relay, memory, shared)
@@ -116,25 +110,48 @@ def create_app(
             Exception: _unexpected_error,
         },
     )
-    # The layers every request crosses, outermost first: observer -> key guard -> model routes -> Starlette.
+    # No redirect to the path with(out) a trailing slash: its Location would be built from the Host header, and an
+    # API client is better served by a 404 in OpenAI's shape that names the path.
+    routed.router.redirect_slashes = False
+    # The layers every request crosses, outermost first: trusted proxies -> observer -> key guard -> model routes
+    # -> Starlette.
     stack: ASGIApp = ModelRouteDispatch(routed, api=api)
     api_keys = load_keys(settings.api_keys)
     if api_keys or settings.admin_key:  # a layer costs CPU on every request: none when nothing is guarded
         stack = KeyGuard(stack, api_keys=api_keys, admin_key=settings.admin_key)
     stack = RequestObserver(stack, metrics=metrics, log_format=settings.log_format)
-    return GatewayApp(stack, supervisor=supervisor, catalog=catalog)
+    stack = TrustedProxies(stack, allow_ips=settings.forwarded_allow_ips)  # instead of uvicorn's (cli.serve)
+    return GatewayApp(stack, supervisor=supervisor, catalog=catalog, api=api, relay=relay, events=events)
 
 
 class GatewayApp:
     """The ASGI app that uvicorn serves, with the parts the command line needs to reach."""
 
-    def __init__(self, app: ASGIApp, *, supervisor: Supervisor, catalog: Catalog) -> None:
+    def __init__(self, app: ASGIApp, *, supervisor: Supervisor, catalog: Catalog, api: Api, relay: Relay,
+                 events: EventBus) -> None:  # fmt: skip
         self.app = app
         self.supervisor = supervisor
         self.catalog = catalog
+        self._api = api
+        self._relay = relay
+        self._events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: refuse new requests, answer the ones waiting for an engine to start at once, end /events
+        streams; requests being answered get until :meth:`end_drain` (gateway/shutdown.py)."""
+        self._api.start_draining()
+        self.supervisor.begin_shutdown()
+        self._events.close()
+
+    async def end_drain(self) -> None:
+        """The drain deadline: every request still talking to the engine ends now, with an answer in its own shape
+        (a JSON 503, or a stream's final error event), never a connection cut or a plain-text 500."""
+        await self._relay.close(EngineUnavailable(
+            "The gateway is shutting down and this request outlasted GATEWAY_SHUTDOWN_TIMEOUT. Retry it.",
+            retry_after=1))  # fmt: skip
 
 
 class ModelRouteDispatch:
@@ -183,7 +200,8 @@ def error_response(error: GatewayError) -> Response:
 async def _gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
     if exc.status >= 500:
-        _log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
+        method, path = loggable(request.method), loggable(request.url.path)
+        _log.warning("%s %s -> %d: %s", method, path, exc.status, exc.message)
     return error_response(exc)
 
 
@@ -203,7 +221,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
-    _log.exception("unexpected error on %s %s", request.method, request.url.path)
+    _log.exception("unexpected error on %s %s", loggable(request.method), loggable(request.url.path))
     return JSONResponse(
         error_body("The gateway failed unexpectedly; see its log.", "server_error", code="internal_error"),
         status_code=500,

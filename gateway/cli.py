@@ -236,6 +236,8 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
+    from .server import http_protocol
+    from .shutdown import GracefulServer
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per upstream call is noise next to uvicorn's access log.
@@ -252,14 +254,17 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout),
         lifespan="on",
         access_log=False,  # gateway.access logs one richer line per request
         # Longer than any proxy's upstream keep-alive (nginx: 60 s), so the gateway never closes an idle
         # connection at the moment a proxy or client reuses it (which fails that request).
         timeout_keep_alive=75,
+        # A deadline for request heads and a cap on connections (gateway/server.py), on uvicorn's httptools protocol.
+        http=http_protocol(header_timeout=settings.header_timeout, max_connections=settings.max_connections),
+        # The app reads forwarded headers itself, from GATEWAY_FORWARDED_ALLOW_IPS only (gateway/origin.py).
+        proxy_headers=False,
     )
-    server = uvicorn.Server(config)
+    server = GracefulServer(config, gateway=app, drain_timeout=settings.shutdown_timeout)
     try:
         server.run()
     finally:

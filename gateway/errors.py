@@ -19,6 +19,7 @@
       QueueFull                       429 - too many requests already wait for the engine, with Retry-After
       EngineCrashed                   502 - it died or broke the connection mid-request
       EngineStalled                   504 - no byte from the engine for too long
+      TooManyConnections              503 - GATEWAY_MAX_CONNECTIONS reached; sent by the server itself, with Retry-After
     ConfigError                       start-up configuration is broken (never reaches a client)
 
 Foreign errors (httpx, OS) are translated into this tree at exactly one boundary each: the relay for
@@ -179,6 +180,17 @@ class EngineCrashed(GatewayError):
 class EngineStalled(GatewayError):
     status = 504
     code = "engine_stalled"
+
+
+class TooManyConnections(GatewayError):
+    """The gateway holds as many open connections as it may; answered by the HTTP server (gateway/server.py)."""
+
+    status = 503
+    code = "too_many_connections"
+
+    def __init__(self, message: str, *, retry_after: float, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers["Retry-After"] = retry_after_header(retry_after)
 
 
 class ConfigError(Exception):

@@ -38,6 +38,7 @@ WallClock = Callable[[], float]
 _logger = logging.getLogger("gateway.events")
 
 DROPPED = "events.dropped"
+CLOSED = "events.closed"  # internal: ends a follower's stream at shutdown, never sent to a client
 
 # The download events that end a file's story; a follower waiting for a set of files stops on these.
 DOWNLOAD_FINAL = frozenset({"download.done", "download.failed", "download.present"})
@@ -110,6 +111,7 @@ class EventBus:
         self._downloads: dict[str, dict[str, Any]] = {}
         self._last_engine: Event | None = None
         self._seq = 0
+        self._closed = False
         # publish() may be called from a worker thread; the lock keeps seq, history and followers coherent.
         self._lock = threading.Lock()
 
@@ -152,11 +154,26 @@ class EventBus:
         try:
             for event in backlog:
                 yield event
-            while True:
-                yield await follower.queue.get()
+            while not self._closed:
+                event = await follower.queue.get()
+                if event.type == CLOSED:
+                    return
+                yield event
         finally:
             with self._lock:
                 self._followers.remove(follower)
+
+    def close(self) -> None:
+        """End every follower's stream (the gateway is shutting down: a live /events stream would hold its
+        connection open to the end of the drain)."""
+        with self._lock:
+            self._closed = True
+            followers = list(self._followers)
+        for follower in followers:
+            queue = follower.queue
+            if queue.full():
+                queue.get_nowait()  # one event less for a follower that is going away anyway
+            queue.put_nowait(Event(0, CLOSED, _iso(self._clock()), {}))
 
     def summary(self) -> dict[str, Any]:
         """For ``/status``: each file's download state, and the last engine event."""

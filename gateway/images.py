@@ -26,8 +26,13 @@ RESPONSE_FORMATS = {"url": "Url", "b64_json": "B64Json"}
 
 def to_engine_request(body: dict[str, Any]) -> str:
     """Rewrite an OpenAI image request in place for the engine; returns the format the client wants."""
-    wanted = body.pop("response_format", None) or "url"
-    if wanted not in RESPONSE_FORMATS:
+    wanted = body.pop("response_format", None)
+    if wanted is None:  # left out, or null: OpenAI's default
+        wanted = "url"
+    elif not isinstance(wanted, str):
+        raise InvalidRequest("Invalid type for 'response_format': expected 'url' or 'b64_json'.",
+                             param="response_format", code="invalid_type")  # fmt: skip
+    elif wanted not in RESPONSE_FORMATS:  # "" and "URL" too: a slip must not quietly become "url"
         raise InvalidRequest(f"Invalid response_format {wanted!r}: use 'url' or 'b64_json'.", param="response_format")
     body["response_format"] = "B64Json"
     size = body.pop("size", None)

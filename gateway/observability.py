@@ -72,7 +72,13 @@ def cache_metrics(cache: dict[str, Any]) -> list[Metric]:
     size.add_metric([], cache["bytes"])
     errors = CounterMetricFamily("gateway_embedding_cache_redis_errors", "Failed Redis cache operations.")
     errors.add_metric([], (cache["redis"] or {}).get("errors", 0))
-    return [hits, misses, size, errors]
+    rejected = CounterMetricFamily(
+        "gateway_embedding_cache_rejected",
+        "Cached embeddings refused when read back (not this gateway's format, damaged, wrong dimension), "
+        "computed again and replaced.",
+    )
+    rejected.add_metric([], cache["rejected"])
+    return [hits, misses, size, errors, rejected]
 
 
 def download_metrics(downloads: dict[str, dict[str, Any]]) -> list[Metric]:
@@ -171,8 +177,21 @@ class RequestObserver:
             }))  # fmt: skip
         else:
             _access.info('%s %s model=%s status=%d duration_ms=%.1f bytes=%d cache=%s request_id=%s',
-                         scope["method"], scope["path"], model or "-", status, elapsed * 1000, sent, cache or "-",
-                         request_id)  # fmt: skip
+                         loggable(scope["method"]), loggable(scope["path"]), loggable(model or "-"), status,
+                         elapsed * 1000, sent, cache or "-", request_id)  # fmt: skip
+
+
+def loggable(text: str) -> str:
+    """``text`` safe for one field of a text log line: control characters, other unprintable ones and spaces
+    percent-encoded (as UTF-8), so that a client cannot end the line and forge the next one (a ``%0a`` in a path
+    arrives here as a newline), move a terminal's cursor, or add fields. JSON lines need none of this."""
+    if text.isprintable() and " " not in text:  # the usual case, checked in C
+        return text
+    return "".join(c if c.isprintable() and c != " " else _percent(c) for c in text)
+
+
+def _percent(char: str) -> str:
+    return "".join(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
 
 
 def _route_of(scope: Scope) -> str:

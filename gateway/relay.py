@@ -9,11 +9,22 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from .errors import EngineCrashed, EngineError, EngineStalled, GatewayError, error_body
-from .upstream import Upstream, UpstreamConnectError, UpstreamError, UpstreamResponse, UpstreamTimeout
+from .upstream import (
+    Deadline,
+    Upstream,
+    UpstreamBroken,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
+
+MAX_EVENT = 16 << 20  # bytes of one SSE event: more is an engine gone wrong (events carry a token or a tool call)
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,8 @@ def engine_error(status: int, content: bytes) -> EngineError:
         elif isinstance(inner, str):
             message = inner
     message = message or f"The engine answered HTTP {status} with no explanation."
+    if not 400 <= status < 600:  # not an error status, yet no answer either: the engine is the one at fault
+        return EngineError(f"The engine answered HTTP {status} where an answer was expected: {message}", status=502)
     param = parsed.get("param") if isinstance(parsed, dict) and isinstance(parsed.get("param"), str) else None
     if "incompatible for this model's category" in message or 400 <= status < 500:
         # The engine refused the request: OpenAI says 400 for that (the engine's own 415 and 422 included).
@@ -83,7 +96,14 @@ def error_event(error: GatewayError) -> bytes:
 
 
 class Relay:
-    """Sends requests to the engine over one shared, pooled upstream client."""
+    """Sends requests to the engine over one shared, pooled upstream client.
+
+    A whole answer must arrive within ``request_timeout`` (a total deadline: an engine that drips bytes cannot hold a
+    client longer); a stream may run for as long as the engine keeps sending, with no gap longer than
+    ``stall_timeout``. Every transport failure is translated into the gateway's error tree (:meth:`_translate`,
+    which does nothing else) and then reported to ``on_failure``: the supervisor decides what it means for the
+    engine (it checks the engine's health before it restarts anything).
+    """
 
     def __init__(
         self,
@@ -91,35 +111,54 @@ class Relay:
         *,
         stall_timeout: float,
         request_timeout: float,
-        on_unreachable: Callable[[], None] = lambda: None,
-        on_stall: Callable[[], None] = lambda: None,
+        on_failure: Callable[[GatewayError], None] = lambda error: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._upstream = upstream
+        self._clock = clock
+        self._closed: GatewayError | None = None
         self._stall_timeout = stall_timeout
         self._request_timeout = request_timeout
-        self._on_unreachable = on_unreachable
-        self._on_stall = on_stall
+        self._on_failure = on_failure
+
+    def _failed(self, exc: UpstreamError, timeout: float, setting: str) -> GatewayError:
+        if self._closed is not None:
+            return self._closed  # not the engine's doing: the gateway cut it off
+        error = self._translate(exc, timeout, setting)
+        self._on_failure(error)
+        return error
+
+    async def close(self, error: GatewayError) -> None:
+        """End every exchange with the engine now, each with ``error`` (the end of a graceful shutdown): closing the
+        connections makes whatever waits on them, a whole answer or a stream, fail at once."""
+        self._closed = error
+        await self._upstream.aclose()
 
     async def request(self, base_url: str, path: str, body: bytes) -> Reply:
         """One non-streaming call; raises :class:`GatewayError` for any failure."""
+        deadline = Deadline(total=self._request_timeout)
+        if self._closed is not None:
+            raise self._closed
         try:
-            response = await self._upstream.post(base_url + path, body, read_timeout=self._request_timeout,
-                                                 stream=False)  # fmt: skip
+            response = await self._upstream.post(base_url + path, body, deadline=deadline)
             content = await response.read()
         except UpstreamError as exc:
-            raise self._translate(exc, self._request_timeout, "GATEWAY_REQUEST_TIMEOUT") from exc
+            raise self._failed(exc, self._request_timeout, "GATEWAY_REQUEST_TIMEOUT") from exc
         if response.status >= 400:
             raise engine_error(response.status, content)
         return Reply(response.status, content, response.content_type)
 
     async def open_stream(self, base_url: str, path: str, body: bytes) -> UpstreamResponse:
         """Send a streaming call and wait for its headers; an error status raises before any byte is relayed."""
+        deadline = Deadline(gap=self._stall_timeout)
+        if self._closed is not None:
+            raise self._closed
         try:
-            response = await self._upstream.post(base_url + path, body, read_timeout=self._stall_timeout,
-                                                 stream=True, headers={"accept": "text/event-stream"})  # fmt: skip
+            response = await self._upstream.post(base_url + path, body, deadline=deadline,
+                                                 headers={"accept": "text/event-stream"})  # fmt: skip
         except UpstreamError as exc:
-            raise self._translate(exc, self._stall_timeout, "GATEWAY_STALL_TIMEOUT") from exc
-        if response.status >= 400:
+            raise self._failed(exc, self._stall_timeout, "GATEWAY_STALL_TIMEOUT") from exc
+        if response.status != 200:  # an error, or something no stream ever is (204, 304)
             try:
                 content = await response.read()
             except UpstreamError:
@@ -129,39 +168,49 @@ class Relay:
 
     async def events(self, response: UpstreamResponse) -> AsyncGenerator[bytes, None]:
         """The engine's SSE bytes as they arrive, in blocks of whole events; a transport failure raises
-        :class:`GatewayError` (what an event says is for the dialect reading them: gateway/openai/streams.py)."""
+        :class:`GatewayError` (what an event says is for the dialect reading them: gateway/openai/streams.py).
+
+        The stall timeout bounds the silence between two bytes (the upstream's gap) and also the time an event
+        takes to complete: an engine that drips the bytes of an event that never ends is as stalled as a silent one.
+        """
         buffer = b""
+        last_event = self._clock()
         try:
             async for chunk in response.chunks():
                 if not buffer and chunk.endswith(b"\n\n"):
+                    last_event = self._clock()
                     yield chunk  # whole events, the usual case: no copy
                     continue
                 buffer += chunk
                 end = buffer.rfind(b"\n\n")
                 if end >= 0:
                     ready, buffer = buffer[: end + 2], buffer[end + 2 :]
+                    last_event = self._clock()
                     yield ready
+                elif len(buffer) > MAX_EVENT:
+                    raise UpstreamBroken(f"The engine sent an event larger than {MAX_EVENT >> 20} MiB.")
+                elif self._clock() - last_event > self._stall_timeout:
+                    raise UpstreamTimeout("The engine has not finished an event within the stall timeout.")
         except UpstreamError as exc:
-            raise self._translate(exc, self._stall_timeout, "GATEWAY_STALL_TIMEOUT") from exc
+            raise self._failed(exc, self._stall_timeout, "GATEWAY_STALL_TIMEOUT") from exc
         finally:
             await response.close()
         if buffer.strip():
             yield buffer + b"\n\n"
 
-    def _translate(self, exc: UpstreamError, timeout: float, setting: str) -> GatewayError:
-        """The one boundary where transport failures become the gateway's errors."""
+    @staticmethod
+    def _translate(exc: UpstreamError, timeout: float, setting: str) -> GatewayError:
+        """The one boundary where transport failures become the gateway's errors (and nothing else happens)."""
         if isinstance(exc, UpstreamTimeout):
-            self._on_stall()
             return EngineStalled(
-                f"The engine sent nothing for {timeout:g} s ({setting}); the request "
-                "was abandoned and the engine restarted."
+                f"The engine sent nothing for {timeout:g} s ({setting}); the request was abandoned."
+                if setting == "GATEWAY_STALL_TIMEOUT"
+                else f"The engine did not answer within {timeout:g} s ({setting}); the request was abandoned."
             )
         if isinstance(exc, UpstreamConnectError):
-            self._on_unreachable()
             return EngineCrashed("The engine could not be reached; it may have crashed. Retry the request.")
         return EngineCrashed(
-            "The engine closed the connection in the middle of the response (it crashed or was killed). "
-            "Retry the request."
+            f"The engine broke off its answer ({exc}). Retry the request."
         )
 
 

@@ -6,6 +6,7 @@ down; nothing reads the environment after that.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -23,6 +24,22 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8080, ge=0, le=65535, description="Port the gateway listens on.")
+    public_url: str | None = Field(
+        None,
+        description="The gateway's address as clients reach it (https://llm.example.com), for the URLs it hands "
+        "out. Default: the address the client connected to, or what a trusted proxy forwards.",
+    )
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1,::1",
+        description="Proxies (IP addresses or networks, comma-separated; * for any) whose X-Forwarded-For, "
+        "X-Forwarded-Proto and X-Forwarded-Host are believed.",
+    )
+    header_timeout: float = Field(
+        10, gt=0, description="Seconds a client gets to send a request's line and headers; then it is disconnected."
+    )
+    max_connections: int = Field(
+        1000, ge=0, description="Open client connections; more are refused with a 503. 0 = no limit."
+    )
 
     engine: EngineChoice = Field(
         "auto",
@@ -98,6 +115,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "engine_url",
+        "public_url",
         "engine_binary",
         "models_file",
         "default_model",
@@ -125,6 +143,36 @@ class Settings(BaseSettings):
                                  f"{value!r})")  # fmt: skip
             return value.strip().rstrip("/")
         return value
+
+    @field_validator("public_url", mode="after")
+    @classmethod
+    def _public_base_url(cls, value: str | None) -> str | None:
+        # Checked here because every image URL is built on it: a typo would only show as broken links.
+        if value is None:
+            return value
+        value = value.strip().rstrip("/")
+        parts = urlsplit(value)
+        printable = all(c.isprintable() and not c.isspace() for c in value)
+        extras = parts.query or parts.fragment or parts.username is not None
+        # .port raises ValueError (reported as this setting's error) for a port beyond 65535.
+        if not printable or extras or parts.scheme not in ("http", "https") or not parts.hostname or parts.port == 0:
+            raise ValueError(f"must be an http:// or https:// base URL such as https://llm.example.com (got {value!r})")
+        return value
+
+    @field_validator("forwarded_allow_ips", mode="after")
+    @classmethod
+    def _addresses_or_networks(cls, value: str) -> str:
+        # uvicorn takes a malformed entry for a literal that never matches: say so at start-up instead.
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        for item in items:
+            try:
+                if "/" in item:
+                    ipaddress.ip_network(item)
+                elif item != "*":
+                    ipaddress.ip_address(item)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address, a network such as 10.0.0.0/8, or *") from None
+        return ",".join(items)
 
     def resolved_models_file(self) -> Path | None:
         """The models file to read: the configured one, or ``models.toml`` here when present."""

@@ -1,27 +1,31 @@
-"""The HTTP client to the engine, behind a small interface with two implementations.
+"""The HTTP client to the engine: aiohttp's pooled keep-alive client behind a small interface.
 
-``H1Upstream`` is the default: a keep-alive HTTP/1.1 client on asyncio protocols, parsed by httptools. The
-gateway's throughput on two cores is set by its CPU per request (shared/PERF.md: httpx's AsyncClient spent
-6.5 ms per request at concurrency 32), and a client that only ever speaks plain HTTP/1.1 to one local engine
-spends half of aiohttp's CPU per request (aiohttp was the previous default; the numbers are in
-tests/bench/README.md). ``HttpxUpstream`` takes any httpx transport, which is how unit tests drive the relay with
-``httpx.MockTransport``. Each translates its failures into the three ``Upstream*`` errors below, so that the
-relay maps them to the gateway's error tree in exactly one place.
+Framing, pooling, keep-alive and header limits are aiohttp's: a gateway's HTTP client must be the most boring part
+of it. (An earlier hand-written client saved a tenth of a millisecond per request and lost requests when the engine
+misbehaved.) This module adds only what the gateway needs around it:
+
+- two kinds of deadline (:class:`Deadline`): a total one for a whole answer, so that an engine dripping one byte
+  at a time cannot hold a client past it, and a gap between bytes for streams, which may rightly run for hours;
+- a bound on what a whole answer may weigh in memory;
+- the translation of aiohttp's and the OS's failures into the three :class:`UpstreamError` kinds, at one boundary
+  (:func:`_translate`), so that the relay maps them to the gateway's error tree in exactly one place.
+
+Tests drive the relay with a small fake of :class:`Upstream` (tests/unit/test_relay.py) and this client against
+misbehaving engine programs over real sockets (tests/integration/test_hostile_engine.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, cast
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Protocol
 
-import httptools
+if TYPE_CHECKING:  # aiohttp is imported when the first request goes out: `mistral-gateway check` does without it
+    import aiohttp
 
-if TYPE_CHECKING:  # httpx is imported only when used: the gateway at rest does without it
-    import httpx
+MAX_ANSWER = 256 << 20  # bytes of a whole (non-streamed) answer: more is an engine gone wrong, not an answer
 
 
 class UpstreamError(Exception):
@@ -33,11 +37,20 @@ class UpstreamConnectError(UpstreamError):
 
 
 class UpstreamTimeout(UpstreamError):
-    """No byte arrived for the read timeout."""
+    """The deadline passed: the whole answer took too long, or a stream sent nothing for too long."""
 
 
 class UpstreamBroken(UpstreamError):
-    """The connection broke or closed in the middle of the answer."""
+    """The connection broke, or what came over it was not a well-formed HTTP answer."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """``total``: seconds for the whole exchange (None: no limit); ``gap``: the longest silence between two reads
+    (None: no limit). A whole answer gets a total, a stream a gap."""
+
+    total: float | None = None
+    gap: float | None = None
 
 
 class UpstreamResponse(Protocol):
@@ -57,473 +70,134 @@ class Upstream(Protocol):
         ...
 
     async def post(
-        self, url: str, body: bytes, *, read_timeout: float, stream: bool, headers: dict[str, str] | None = None
-    ) -> UpstreamResponse: ...
+        self, url: str, body: bytes, *, deadline: Deadline, headers: dict[str, str] | None = None
+    ) -> UpstreamResponse:
+        """Send ``body`` and wait for the answer's status and headers. Raises :class:`UpstreamError`."""
+        ...
 
     async def aclose(self) -> None: ...
 
 
-# ------------------------------------------------------------------------------------ HTTP/1.1 client
-
-_HIGH_WATER = 1 << 20  # bytes of an answer buffered for a slow reader before the engine is made to wait
-
-
-@dataclass(frozen=True)
-class _Target:
-    host: str
-    port: int
-    path: bytes
-    host_header: bytes
+@contextmanager
+def _translated() -> Iterator[None]:
+    """aiohttp's and the OS's failures as :class:`UpstreamError` (the one boundary where they are translated)."""
+    try:
+        yield
+    except UpstreamError:
+        raise
+    except Exception as exc:
+        raise _translate(exc) from exc
 
 
-def _target(url: str) -> _Target:
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise UpstreamConnectError(f"The engine URL {url!r} is not a plain http:// URL.")
-    port = parts.port or 80
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    host = parts.hostname
-    shown = f"[{host}]" if ":" in host else host
-    return _Target(host, port, path.encode(), f"{shown}:{port}".encode())
+def _translate(exc: Exception) -> UpstreamError:
+    import aiohttp
+
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamConnectError(f"The engine refused the connection ({exc.os_error}).")
+    if isinstance(exc, asyncio.TimeoutError):  # aiohttp's own timeouts derive from it
+        return UpstreamTimeout("The engine took too long.")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return UpstreamBroken(f"The engine sent a malformed answer: {exc.message}")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return UpstreamBroken(f"The connection to the engine broke: {type(exc).__name__} {exc}".strip())
+    raise exc  # anything else is a bug, not the engine's doing: let it surface as one
 
 
-class _H1Response:
-    """One answer arriving on a connection: status and content type, then the body, decoded from chunked
-    encoding by the parser, buffered until the reader takes it.
+class _Response:
+    """One answer from the engine; releases its connection however it ends (a connection with unread bytes is
+    closed, never handed back to the pool)."""
 
-    A stream's reader is woken once the headers are in and then for each piece, and reading stops
-    (``pause_reading``) when more than ``_HIGH_WATER`` bytes wait for it, so that a client that reads slowly
-    applies back-pressure to the engine instead of filling the gateway's memory. A whole-body reader is woken
-    once, when the answer is complete (not at the headers too: a task wake-up is worth saving on every request).
-    """
-
-    __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_error", "_framed", "_last", "_paused",
-                 "_ready", "_stream", "_timeout", "_timer", "_waiter", "content_type", "status")  # fmt: skip
-
-    def __init__(self, conn: _Connection, timeout: float, stream: bool) -> None:
-        self.status = 0
-        self._stream = stream
-        self.content_type = "application/json"
-        self._conn = conn
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self._ready: asyncio.Future[None] = conn.loop.create_future()  # see wait_ready()
-        self._done = False
-        self._error: UpstreamError | None = None
-        self._framed = False  # a Content-Length or chunked encoding ends the body; otherwise the connection's end
-        self._paused = False
-        self._timeout = timeout
-        self._last = conn.loop.time()
-        self._timer: asyncio.TimerHandle | None = conn.loop.call_at(self._last + timeout, self._check_idle)
-
-    # -- fed by the connection
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name == b"content-type":
-            self.content_type = value.decode("latin-1")
-        elif name in (b"content-length", b"transfer-encoding"):
-            self._framed = True
-
-    def headers_complete(self, status: int) -> None:
-        self.status = status
-        if status in (204, 304):
-            self._framed = True
-        if self._stream and not self._ready.done():
-            self._ready.set_result(None)
-
-    def feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        if self._stream:
-            self._buffered += len(data)
-            if self._buffered > _HIGH_WATER and not self._paused:
-                self._paused = True
-                self._conn.pause_reading()
-            self._wake()
-
-    def finish(self) -> None:
-        self._done = True
-        self._stop_timer()
-        if not self._ready.done():
-            self._ready.set_result(None)
-        self._wake()
-
-    def fail(self, error: UpstreamError) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._error = error
-        self._stop_timer()
-        if not self._ready.done():
-            self._ready.set_exception(error)
-            self._ready.exception()  # retrieved: nobody may be waiting any more
-        self._wake()
-
-    def connection_ended(self) -> None:
-        """The connection closed: the end of an unframed body, otherwise a broken answer."""
-        if self.status and not self._framed:
-            self.finish()
-        else:
-            self.fail(UpstreamBroken("The engine closed the connection before the end of its answer."))
-
-    def touched(self) -> None:
-        self._last = self._conn.loop.time()
-
-    def _check_idle(self) -> None:
-        """One timer per answer, re-armed from the time of the last byte, rather than one per chunk."""
-        self._timer = None
-        if self._done:
-            return
-        now = self._conn.loop.time()
-        if self._paused:  # the reader is slow, not the engine
-            self._last = now
-        if now - self._last >= self._timeout:
-            self.fail(UpstreamTimeout(f"The engine sent nothing for {self._timeout:g} s."))
-            self._conn.close()
-            return
-        self._timer = self._conn.loop.call_at(self._last + self._timeout, self._check_idle)
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    # -- read by the relay
-
-    async def wait_ready(self) -> None:
-        """Until a stream's headers are in, or a whole-body answer is complete."""
-        await self._ready
-
-    def _take(self) -> bytes:
-        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
-        if self._paused:
-            self._paused = False
-            self._conn.resume_reading()
-        return data
-
-    async def _wait(self) -> None:
-        self._waiter = self._conn.loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
-
-    async def read(self) -> bytes:
-        self._stream = False  # the whole body is wanted (e.g. an error answer to a stream): no back-pressure
-        if self._paused:
-            self._paused = False
-            self._conn.resume_reading()
-        try:
-            while not self._done:
-                await self._wait()
-        except BaseException:
-            self._conn.close()  # cancelled half-way: the engine must see the client leave
-            raise
-        if self._error is not None:
-            raise self._error
-        return self._take() if self._chunks else b""
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        while True:
-            if self._chunks:
-                yield self._take()
-            elif self._error is not None:
-                raise self._error
-            elif self._done:
-                return
-            else:
-                await self._wait()
-
-    async def close(self) -> None:
-        if not self._done:
-            self.fail(UpstreamBroken("abandoned"))
-            self._conn.close()
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection to the engine; httptools parses the answers."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, pool: H1Upstream, key: tuple[str, int]) -> None:
-        self.loop = loop
-        self._pool = pool
-        self.key = key
-        self._transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
-        self._response: _H1Response | None = None
-        self.closed = False
-        self.idle_since = 0.0
-
-    # -- asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
-
-    def data_received(self, data: bytes) -> None:
-        response = self._response
-        if response is None:  # bytes nobody asked for: the connection cannot be trusted any more
-            self.close()
-            return
-        response.touched()
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            response.fail(UpstreamBroken(f"The engine sent a malformed answer: {exc}"))
-            self.close()
-
-    def eof_received(self) -> bool:
-        return False  # close our side too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._pool.forget(self)
-        response, self._response = self._response, None
-        if response is not None:
-            response.connection_ended()
-
-    # -- httptools callbacks
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._response is not None:
-            self._response.header(name, value)
-
-    def on_headers_complete(self) -> None:
-        if self._response is not None:
-            self._response.headers_complete(self._parser.get_status_code())
-
-    def on_body(self, body: bytes) -> None:
-        if self._response is not None:
-            self._response.feed(body)
-
-    def on_message_complete(self) -> None:
-        response, self._response = self._response, None
-        if response is None:
-            return
-        response.finish()
-        if self._parser.should_keep_alive() and not self.closed:
-            self._pool.release(self)
-        else:
-            self.close()
-
-    # -- used by the client and the response
-
-    def send(self, data: bytes, timeout: float, stream: bool) -> _H1Response:
-        assert self._transport is not None and self._response is None
-        response = _H1Response(self, timeout, stream)
+    def __init__(self, response: aiohttp.ClientResponse, open_: set[_Response]) -> None:
         self._response = response
-        self._transport.write(data)
-        return response
-
-    def pause_reading(self) -> None:
-        if self._transport is not None and not self.closed:
-            self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self._transport is not None and not self.closed:
-            self._transport.resume_reading()
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            if self._transport is not None:
-                self._transport.close()
-
-
-class H1Upstream:
-    """Keep-alive HTTP/1.1 to the engine on asyncio protocols, with httptools' parser (the one uvicorn uses).
-
-    Why not a general HTTP client: on two cores the gateway's CPU per request is taken from the engine and the
-    clients. Measured as a client against the fast fake engine (``python -m tests.bench.upstream``), CPU per
-    small request: httpx 0.7-2.9 ms, aiohttp 0.08-0.21 ms, this client 0.04-0.09 ms. It only ever speaks plain
-    HTTP/1.1 to one local engine, writes each request with one ``write``, hands the body to the relay as it
-    arrives, and keeps one timer per answer for the read timeout.
-    """
-
-    def __init__(self, *, max_idle: int = 256, keepalive: float = 30.0, connect_timeout: float = 10.0) -> None:
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
-        self._open: set[_Connection] = set()
-        self._max_idle = max_idle
-        self._keepalive = keepalive  # below the engine's idle timeout, so the engine never closes one we pick
-        self._connect_timeout = connect_timeout
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._targets: dict[str, _Target] = {}  # URLs split once: a handful of them, called millions of times
-
-    def release(self, conn: _Connection) -> None:
-        """An answer is complete and the connection may carry the next request."""
-        idle = self._idle.setdefault(conn.key, [])
-        if len(idle) >= self._max_idle:
-            conn.close()
-            return
-        conn.idle_since = conn.loop.time()
-        idle.append(conn)
-
-    def forget(self, conn: _Connection) -> None:
-        """A connection closed: drop every reference to it. Each engine start listens on a new port, so lists of
-        dead connections kept per address would grow with every idle stop."""
-        self._open.discard(conn)
-        idle = self._idle.get(conn.key)
-        if idle is not None:
-            with contextlib.suppress(ValueError):
-                idle.remove(conn)
-            if not idle:
-                del self._idle[conn.key]
-
-    async def _acquire(self, target: _Target, connect_timeout: float) -> tuple[_Connection, bool]:
-        """The most recently used idle connection (LIFO keeps few connections warm), else a new one."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            # Looked up once: on Python 3.11 every get_running_loop() is a getpid() system call.
-            loop = self._loop = asyncio.get_running_loop()
-        key = (target.host, target.port)
-        idle = self._idle.get(key)
-        now = loop.time()
-        while idle:
-            conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < self._keepalive:
-                return conn, True
-            conn.close()
-        try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(loop, self, key), target.host, target.port),
-                connect_timeout,
-            )
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise UpstreamConnectError(
-                f"Cannot connect to the engine at {target.host_header.decode()}: {exc or 'timed out'}"
-            ) from exc
-        self._open.add(conn)
-        return conn, False
-
-    async def _exchange(self, url: str, method: bytes, headers: bytes, body: bytes, timeout: float,
-                        connect_timeout: float, stream: bool, retry_stale: bool) -> _H1Response:  # fmt: skip
-        """Send ``method url`` with ``headers`` (header lines, each ending in CRLF) and ``body``, and wait until
-        the answer is ready (see :meth:`_H1Response.wait_ready`)."""
-        target = self._targets.get(url)
-        if target is None:
-            if len(self._targets) > 1024:  # URLs follow the engine's port; old ones are dropped, not kept forever
-                self._targets.clear()
-            target = self._targets[url] = _target(url)
-        request = b"".join((method, b" ", target.path, b" HTTP/1.1\r\nhost: ", target.host_header, b"\r\n", headers,
-                            b"\r\n", body))  # one copy of the body, one write
-        while True:
-            conn, reused = await self._acquire(target, connect_timeout)
-            response = conn.send(request, timeout, stream)
-            try:
-                await response.wait_ready()
-            except UpstreamBroken:
-                # A pooled connection the engine closed just now, before reading anything: safe to retry only
-                # for a GET (a POST might have reached the engine).
-                if reused and retry_stale:
-                    retry_stale = False
-                    continue
-                raise
-            except BaseException:
-                conn.close()  # cancelled or timed out while waiting: the engine must see us leave
-                raise
-            return response
-
-    async def get(self, url: str, *, timeout: float) -> tuple[int, bytes]:
-        response = await self._exchange(url, b"GET", b"", b"", timeout, timeout, stream=False, retry_stale=True)
-        return response.status, await response.read()
-
-    async def post(
-        self, url: str, body: bytes, *, read_timeout: float, stream: bool, headers: dict[str, str] | None = None
-    ) -> UpstreamResponse:
-        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode() if headers else b""
-        framing = b"content-type: application/json\r\ncontent-length: %d\r\n%s" % (len(body), extra)
-        return await self._exchange(url, b"POST", framing, body, read_timeout, self._connect_timeout, stream=stream,
-                                    retry_stale=False)  # fmt: skip
-
-    async def aclose(self) -> None:
-        for conn in list(self._open):
-            conn.close()
-        self._open.clear()
-        self._idle.clear()
-
-
-# ----------------------------------------------------------------------------------------------- httpx
-
-
-class _HttpxResponse:
-    def __init__(self, response: httpx.Response) -> None:
-        self._response = response
-        self.status = response.status_code
+        self._open = open_
+        open_.add(self)
+        self.status = response.status
         self.content_type = response.headers.get("content-type", "application/json")
 
-    async def read(self) -> bytes:
-        import httpx
+    def abort(self, exc: Exception) -> None:
+        """Fail whoever reads this answer now (aiohttp's own close drops the reader's wake-up on the floor)."""
+        self._response.content.set_exception(exc)
 
+    async def read(self) -> bytes:
+        parts: list[bytes] = []
+        size = 0
         try:
-            return await self._response.aread()
-        except httpx.HTTPError as exc:
-            raise _httpx_error(exc) from exc
+            with _translated():
+                async for data in self._response.content.iter_any():
+                    size += len(data)
+                    if size > MAX_ANSWER:
+                        raise UpstreamBroken(f"The engine's answer is larger than {MAX_ANSWER >> 20} MiB.")
+                    parts.append(data)
         finally:
-            await self._response.aclose()
+            await self.close()
+        return b"".join(parts)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        import httpx
-
         try:
-            async for chunk in self._response.aiter_raw():
-                yield chunk
-        except httpx.HTTPError as exc:
-            raise _httpx_error(exc) from exc
+            with _translated():
+                async for data in self._response.content.iter_any():
+                    yield data
+        finally:
+            await self.close()
 
     async def close(self) -> None:
-        await self._response.aclose()
+        self._open.discard(self)
+        response = self._response
+        if response.content.is_eof():
+            response.release()  # read to the end: the connection may serve the next request
+        else:
+            response.close()  # the client left, or the engine misbehaved: the connection goes
 
 
-def _httpx_error(exc: httpx.HTTPError) -> UpstreamError:
-    import httpx
+class AiohttpUpstream:
+    """The gateway's pool of keep-alive connections to the engine (one aiohttp session, made in the running loop).
 
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        return UpstreamConnectError(str(exc))
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout(str(exc) or "read timeout")
-    return UpstreamBroken(str(exc) or type(exc).__name__)
+    ``keepalive`` is how long an idle connection is kept: shorter than the engine's own keep-alive (the bundled
+    engine keeps 120 s, mistral.rs's hyper longer), so that the gateway never sends a request on a connection the
+    engine is closing at that moment.
+    """
 
+    def __init__(self, *, connect_timeout: float = 10.0, keepalive: float = 30.0) -> None:
+        self._connect_timeout = connect_timeout
+        self._keepalive = keepalive
+        self._session: aiohttp.ClientSession | None = None
+        self._open: set[_Response] = set()  # answers being read, to end them all at aclose()
 
-class HttpxUpstream:
-    """httpx with an injectable transport (``httpx.MockTransport`` in unit tests)."""
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            import aiohttp
 
-    def __init__(self, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        import httpx
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=self._keepalive, use_dns_cache=False)
+            # No default headers beyond HTTP's own, no cookies, no decompression the engine never asks for.
+            self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                                  skip_auto_headers=("User-Agent",))  # fmt: skip
+        return self._session
 
-        self._client = httpx.AsyncClient(
-            transport=transport,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
-        )
+    def _timeout(self, deadline: Deadline) -> aiohttp.ClientTimeout:
+        import aiohttp
+
+        return aiohttp.ClientTimeout(total=deadline.total, sock_connect=self._connect_timeout, sock_read=deadline.gap)
 
     async def get(self, url: str, *, timeout: float) -> tuple[int, bytes]:
-        import httpx
-
-        try:
-            response = await self._client.get(url, timeout=timeout)
-        except httpx.HTTPError as exc:
-            raise _httpx_error(exc) from exc
-        return response.status_code, response.content
+        with _translated():
+            async with self._client().get(url, timeout=self._timeout(Deadline(total=timeout))) as response:
+                return response.status, await response.read()
 
     async def post(
-        self, url: str, body: bytes, *, read_timeout: float, stream: bool, headers: dict[str, str] | None = None
+        self, url: str, body: bytes, *, deadline: Deadline, headers: dict[str, str] | None = None
     ) -> UpstreamResponse:
-        import httpx
-
-        request = self._client.build_request(
-            "POST", url, content=body, headers={"content-type": "application/json", **(headers or {})},
-            timeout=httpx.Timeout(10.0, read=read_timeout),
-        )  # fmt: skip
-        try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise _httpx_error(exc) from exc
-        return _HttpxResponse(response)
+        sent = {"content-type": "application/json", **(headers or {})}
+        with _translated():
+            response = await self._client().post(url, data=body, headers=sent, timeout=self._timeout(deadline))
+        return _Response(response, self._open)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        """Close every connection; answers being read fail at once (a graceful shutdown's deadline relies on it)."""
+        if self._open:
+            import aiohttp
+
+            for response in list(self._open):
+                response.abort(aiohttp.ClientConnectionError("The gateway closed the connection."))
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

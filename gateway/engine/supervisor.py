@@ -34,7 +34,7 @@ from ..errors import (
 )
 from ..events import EventSink, NullSink
 from ..settings import Settings
-from ..upstream import H1Upstream, Upstream, UpstreamError
+from ..upstream import AiohttpUpstream, Upstream, UpstreamError
 from .command import CommandError, EngineCommand, build_command
 from .discovery import EngineProgram, find_engine
 from .process import EngineProcess, ProcessSpawner, SubprocessSpawner
@@ -51,6 +51,11 @@ _logger = logging.getLogger("gateway.engine")
 # A download that failed (after the downloader's own retries) waits at least this long before the next try: the
 # network or the mirror it needs rarely comes back within seconds, and every try costs the requests waiting on it.
 DOWNLOAD_RETRY_MIN = 30.0
+# How long a health check after a failed request may take before the engine counts as not answering.
+HEALTH_TIMEOUT = 10.0
+# An engine that dies sooner than this after it became ready counts as one that failed to start: it backs off,
+# instead of being started again at once by every request (a model that crashes the engine at its first request).
+STABLE_AFTER = 60.0
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ class Supervisor:
         self._find_program = find_program or (
             lambda: find_engine(choice=settings.engine, binary=settings.engine_binary)
         )
-        self._probe: Upstream = probe or H1Upstream()
+        self._probe: Upstream = probe or AiohttpUpstream()
         self._log = logger
         self._events: EventSink = events or NullSink()
         self._make_downloader = downloader
@@ -127,7 +132,9 @@ class Supervisor:
         self._stop_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._stop_reason = ""
-        self._background: set[asyncio.Task[None]] = set()
+        self._health_check: asyncio.Task[None] | None = None
+        self._closing = False  # the gateway is shutting down: no engine is started any more
+        self._shutdown: asyncio.Task[None] | None = None
 
         self._in_flight = 0
         self._waiting = 0
@@ -187,6 +194,8 @@ class Supervisor:
 
     async def _join_start(self) -> Endpoint:
         while True:
+            if self._closing:
+                raise EngineUnavailable("The gateway is shutting down.", retry_after=1)
             state = self._sm.state
             if state is EngineState.READY and self._endpoint is not None:
                 return self._endpoint
@@ -276,6 +285,14 @@ class Supervisor:
             "last_start_seconds": self.last_start_seconds,
         }
 
+    def begin_shutdown(self) -> None:
+        """The gateway stops: start no engine any more, and abandon a start in progress, stopping the engine that
+        is loading (every request waiting on it is answered 503 at once, instead of waiting for a load that would
+        be stopped anyway)."""
+        self._closing = True
+        if self._sm.state is EngineState.STARTING:
+            self._shutdown = asyncio.create_task(self.stop("gateway shutdown"), name="engine-stop-shutdown")
+
     async def aclose(self) -> None:
         """Stop the engine and release resources; called at gateway shutdown."""
         if self._start_task is not None and not self._start_task.done():
@@ -292,21 +309,38 @@ class Supervisor:
         if proc is not None and not self._external and proc.returncode is None:
             proc.signal_group(signal.SIGKILL)
 
-    def engine_stalled(self) -> None:
-        """A request got no byte from the engine for the stall timeout: it is hung; restart it."""
-        if self._sm.state is EngineState.READY and not self._external:
-            self._log.error("the engine stalled (no byte for GATEWAY_STALL_TIMEOUT): restarting it")
-            self._last_error = "The engine stalled and was restarted."
-            task = asyncio.create_task(self.stop("stalled"), name="engine-stop-stalled")
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+    def engine_failed(self, error: GatewayError) -> None:
+        """A request failed talking to the engine (no answer in time, a broken or refused connection).
 
-    def engine_unreachable(self) -> None:
-        """The relay could not connect: an adopted engine went away (a spawned one is watched directly)."""
-        if self._external and self._sm.state is EngineState.READY:
-            self._last_error = f"The engine at {self._settings.engine_url} stopped answering."
-            self._endpoint, self._ready_since = None, None
-            self._sm.transition(EngineState.READY, EngineState.FAILED)
+        Whether the engine is at fault is for its health check to say: a restart ends every other request and stream
+        in flight, so only an engine that no longer answers ``/health`` is restarted (an adopted one is marked
+        failed). One check runs at a time, however many requests fail together.
+        """
+        if self._sm.state is not EngineState.READY or self._health_check is not None:
+            return
+        endpoint = self._endpoint
+        if endpoint is None:
+            return
+        self._health_check = asyncio.create_task(self._check_health(endpoint, error), name="engine-health-check")
+
+    async def _check_health(self, endpoint: Endpoint, error: GatewayError) -> None:
+        try:
+            if await self._healthy(endpoint.base_url, timeout=HEALTH_TIMEOUT):
+                self._log.warning("a request failed (%s), but the engine answers its health check: kept running",
+                                  error.message)  # fmt: skip
+                return
+            if self._endpoint is not endpoint or self._sm.state is not EngineState.READY:
+                return  # stopped or restarted meanwhile
+            if self._external:
+                self._last_error = f"The engine at {endpoint.base_url} stopped answering ({error.message})"
+                self._endpoint, self._ready_since = None, None
+                self._sm.transition(EngineState.READY, EngineState.FAILED)
+                return
+            self._log.error("the engine does not answer its health check after %s: restarting it", error.message)
+            self._last_error = f"The engine stopped answering and was restarted ({error.message})"
+            await self.stop("not answering")
+        finally:
+            self._health_check = None
 
     # ----------------------------------------------------------------------------------- leasing
 
@@ -343,7 +377,8 @@ class Supervisor:
         # asyncio.wait, not await: one waiter going away must not cancel the start shared by all.
         await asyncio.wait({task})
         if task.cancelled():
-            raise EngineUnavailable("The engine was stopped while it was starting.", retry_after=1)
+            stopped = "The gateway is shutting down." if self._closing else "The engine was stopped while starting."
+            raise EngineUnavailable(stopped, retry_after=1)
         exc = task.exception()
         if isinstance(exc, EngineUnavailable):
             # A fresh exception per waiter: the same instance raised in many tasks tangles tracebacks.
@@ -367,7 +402,8 @@ class Supervisor:
             raise
         self.last_start_seconds = round(self._clock() - began, 3)
         self._endpoint = endpoint
-        self._failures = 0
+        # Failures in a row are forgotten once the engine has proved stable (see _watch), not at once: an engine
+        # that dies right after becoming ready keeps backing off longer each time.
         self._retry_at = 0.0
         self._last_error = None
         self._ready_since = self._last_activity = self._clock()
@@ -377,7 +413,9 @@ class Supervisor:
 
     def _failed_start(self, wait: float) -> EngineUnavailable:
         """What a request meets while a failed start's backoff runs: the failure, and when the next try comes."""
-        return self._failure(f"{self._last_error} Next try in {retry_after_header(wait)} s.", retry_after=wait)
+        error = self._last_error or "The engine failed to start."
+        separator = " " if error.endswith(".") else ". "
+        return self._failure(f"{error}{separator}Next try in {retry_after_header(wait)} s.", retry_after=wait)
 
     def _fail_start(self, exc: BaseException) -> None:
         self._failures += 1
@@ -398,8 +436,8 @@ class Supervisor:
             delay,
             self._last_error,
         )
-        if self._sm.state is EngineState.STARTING:
-            self._sm.transition(EngineState.STARTING, EngineState.FAILED)
+        if self._sm.state in (EngineState.STARTING, EngineState.READY):
+            self._sm.transition(self._sm.state, EngineState.FAILED)
 
     async def _launch(self) -> Endpoint:
         settings = self._settings
@@ -547,9 +585,9 @@ class Supervisor:
             if not exited.done():
                 exited.cancel()
 
-    async def _healthy(self, url: str) -> bool:
+    async def _healthy(self, url: str, timeout: float = 2.0) -> bool:
         try:
-            status, _ = await self._probe.get(f"{url}/health", timeout=2.0)
+            status, _ = await self._probe.get(f"{url}/health", timeout=timeout)
         except UpstreamError:
             return False
         return status == 200
@@ -575,10 +613,16 @@ class Supervisor:
             return  # a stop we asked for
         tail = "\n".join(proc.output_tail()[-10:]) or "(no output)"
         self.crashes += 1
-        self._last_error = f"The engine exited unexpectedly with code {code}. Its last output:\n{tail}"
-        self._log.error("%s", self._last_error)
+        message = f"The engine exited unexpectedly with code {code}. Its last output:\n{tail}"
+        self._log.error("%s", message)
+        uptime = self._clock() - (self._ready_since or self._clock())
         self._proc, self._endpoint, self._ready_since = None, None, None
-        self._retry_at = 0.0  # a crash after serving is not a failing start: restart at the next request
+        if uptime < STABLE_AFTER:
+            early = f"The engine exited with code {code} {uptime:.1f} s after it became ready. Its last output:\n{tail}"
+            self._fail_start(EngineStartFailed(early))
+            return
+        self._failures, self._retry_at = 0, 0.0  # it had been serving: restart at the next request
+        self._last_error = message
         self._sm.transition(EngineState.READY, EngineState.FAILED)
 
     async def _stop(self, reason: str) -> None:
@@ -595,6 +639,7 @@ class Supervisor:
             self._watch_task.cancel()
             self._watch_task = None
         self._expiry = None
+        self._failures = 0
         self._sm.transition(EngineState.STOPPING, EngineState.STOPPED)
 
     async def _terminate(self, proc: EngineProcess) -> None:

@@ -10,7 +10,9 @@ JSON config, no artificial delays) serves every path, all on 127.0.0.1:
 - ``nginx``:   deploy/nginx/mistral-gateway.conf as shipped, its upstream pointed at the engine (what a plain
   proxy costs; skipped when nginx is not installed);
 - ``litellm``: a LiteLLM proxy (one worker, no database) for the same engine, when a ``litellm`` program is
-  found on PATH or named by LITELLM_BIN (skipped otherwise).
+  found on PATH or named by LITELLM_BIN (skipped otherwise);
+- ``baseline``: with ``--baseline-src DIR``, another gateway (the package in DIR, e.g. an earlier commit
+  unpacked with ``git archive``), so that a change is measured before and after in one interleaved run.
 
 Each cell (workload x concurrency) sends the same number of requests through every path, in rounds that
 alternate between the paths so that machine noise affects all of them alike. The load generator is a
@@ -183,11 +185,11 @@ def gateway_models_toml(root: Path) -> str:
     )
 
 
-def start_the_gateway(root: Path, engine_port: int, source: Path | None) -> Gateway:
+def start_the_gateway(root: Path, engine_port: int, source: Path | None, name: str = "gateway") -> Gateway:
     env = {"GATEWAY_ENGINE_URL": f"http://127.0.0.1:{engine_port}", "GATEWAY_LOG_LEVEL": "warning"}
     if source is not None:  # another copy of the gateway package, e.g. `git archive HEAD` unpacked somewhere
         env["PYTHONPATH"] = str(source.resolve())
-    return start_gateway(root, gateway_models_toml(root), env=env, name="gateway")
+    return start_gateway(root, gateway_models_toml(root), env=env, name=name)
 
 
 def find_nginx() -> str | None:
@@ -455,6 +457,8 @@ FULL = Plan(
     ),
     rounds=4,
 )
+# Before/after a change to the hot path (with --baseline-src): the small request alone and under load, a stream.
+FOCUS = Plan((("chat", (1, 32), 4000), ("stream100", (1,), 192)), rounds=4)
 QUICK = Plan(
     (
         ("chat", (1, 16, 32), 400),
@@ -789,7 +793,7 @@ def summarize_profile(path: Path, top: int = 15) -> str:
 
 @contextlib.contextmanager
 def processes(
-    root: Path, skip: set[str], source: Path | None = None
+    root: Path, skip: set[str], source: Path | None = None, baseline: Path | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], list[Target], Gateway]]:
     """The engine and every proxy in front of it; all of them are stopped on the way out, whatever happens."""
     started: list[Callable[[], None]] = []
@@ -802,6 +806,12 @@ def processes(
         gw = Target("gateway", int(gateway.url.rsplit(":", 1)[1]), gateway.proc)
         gw.rss_rest_mb = rss_mb([gateway.proc.pid])  # after start, before any load
         targets.append(gw)
+        if baseline is not None:
+            before = start_the_gateway(root, engine_port, baseline, name="baseline")
+            started.append(lambda: _stop(before.proc, timeout=20))
+            base = Target("baseline", int(before.url.rsplit(":", 1)[1]), before.proc)
+            base.rss_rest_mb = rss_mb([before.proc.pid])
+            targets.append(base)
         nginx = find_nginx()
         if "nginx" in skip:
             print("nginx: skipped (--skip nginx)")
@@ -840,7 +850,7 @@ def processes(
 
 
 async def bench(args: argparse.Namespace, targets: list[Target], engine: subprocess.Popen[bytes]) -> dict[str, Any]:
-    plan = QUICK if args.quick else FULL
+    plan = FOCUS if args.focus else QUICK if args.quick else FULL
     engine_pids = [engine.pid]
     for target in targets:  # every path answers, before any clock starts
         for work in (SMALL_CHAT, WORKLOADS["stream100"], WORKLOADS["embed-nostore"]):
@@ -883,6 +893,7 @@ def describe_gateway(source: Path | None) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests; concurrency 1 and 16 (and 32 for chat)")
+    parser.add_argument("--focus", action="store_true", help="only small chat at c=1 and c=32 and a 100-chunk stream")
     parser.add_argument("--json", type=Path, help="write every number to this file")
     parser.add_argument("--skip", action="append", choices=("nginx", "litellm"), default=[], help="leave a path out")
     parser.add_argument("--profile", type=Path, help="then py-spy the gateway under c=16 small chat")
@@ -890,12 +901,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--gateway-src", type=Path, help="run the gateway package found in this folder (default: this repository)"
     )
+    parser.add_argument("--baseline-src", type=Path,
+                        help="also run the gateway package in this folder, as the path `baseline`")  # fmt: skip
     args = parser.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     described = describe_gateway(args.gateway_src)
     print(f"working folder: {root}\ngateway: {described}")
-    with processes(root, set(args.skip), args.gateway_src) as (engine, targets, gateway):
+    if args.baseline_src is not None:
+        print(f"baseline: {describe_gateway(args.baseline_src)}")
+    with processes(root, set(args.skip), args.gateway_src, args.baseline_src) as (engine, targets, gateway):
         print(f"paths: {', '.join(t.name for t in targets)}; {'quick' if args.quick else 'full'} run", flush=True)
         result = asyncio.run(bench(args, targets, engine))
         if args.profile is not None:

@@ -39,7 +39,10 @@ decides what happens:
     count:N        reply "w0 w1 ... w{N-1}", one word per stream chunk
     slow:SECONDS   10 chunks spread evenly over SECONDS (non-streaming: answer after SECONDS)
     crash          stream 3 chunks, then die with os._exit(1); non-streaming: die at once
-    hang           stream 2 chunks, then go silent forever; non-streaming: never answer
+    hang           stream 2 chunks, then go silent forever; non-streaming: never answer (the engine still
+                   answers /health: a slow request, not a stuck engine)
+    freeze         stream 2 chunks, then block the whole engine (its /health too) until it is killed;
+                   non-streaming: block at once: a stuck engine
     error          stream 2 chunks, a plain-text "data: simulated engine error" event, then [DONE];
                    non-streaming: HTTP 500 {"message": ..., "partial_response": ...}
     anything else  reply "echo: <text>", cut to max_tokens words
@@ -890,7 +893,7 @@ class Plan:
 
     pieces: tuple[str, ...]  # stream deltas; "".join(pieces) is the whole reply
     finish_reason: str = "stop"
-    scenario: str = "normal"  # normal | slow | crash | hang | error
+    scenario: str = "normal"  # normal | slow | crash | hang | freeze | error
     interval: float = 0.0  # seconds between chunks (slow)
     calls: tuple[tuple[str, str], ...] = ()  # (name, arguments JSON) of each tool call; no pieces then
 
@@ -935,7 +938,7 @@ def _split(text: str) -> tuple[str, ...]:
 def reply_plan(prompt: str) -> Plan:
     """The reply to `prompt` before any limit (see "Magic prompts" in the module docstring)."""
     command = prompt.strip()
-    if command in ("crash", "hang"):
+    if command in ("crash", "hang", "freeze"):
         return Plan(_words(3 if command == "crash" else 2), scenario=command)
     if command == "error":
         return Plan(_words(2), scenario="error")
@@ -1555,6 +1558,8 @@ class FakeEngine:
             os._exit(1)
         if plan.scenario == "hang":
             await asyncio.Event().wait()
+        if plan.scenario == "freeze":
+            time.sleep(1e6)  # blocks the event loop: nothing this engine serves answers any more
         if plan.scenario == "error":
             # The real engine sends stream errors as plain text, not JSON.
             yield b"data: simulated engine error\n\n"
@@ -1575,6 +1580,8 @@ class FakeEngine:
             os._exit(1)
         if plan.scenario == "hang":
             await asyncio.Event().wait()
+        if plan.scenario == "freeze":
+            time.sleep(1e6)  # blocks the event loop: nothing this engine serves answers any more
         if plan.scenario == "slow":
             await asyncio.sleep(plan.interval * (len(plan.pieces) or 1))
         if plan.scenario == "error":

@@ -197,3 +197,14 @@ def test_large_embeddings_body_passes_and_oversized_gets_an_openai_413(
     error = refused.json()["error"]
     assert error["code"] == "request_too_large" and set(error) == {"message", "type", "param", "code"}
     assert len([r for r in gw.upstream_requests() if r["method"] == "POST"]) == 1
+
+
+def test_image_urls_name_the_proxy_the_client_used(gateways: Start, nginx_in_front: Callable[[Gateway], Nginx]) -> None:
+    gw = gateways()
+    proxy = nginx_in_front(gw)
+    reply = httpx.post(proxy.url + "/v1/images/generations", json={"model": "tiny-flux", "prompt": "a cat"}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    url = reply.json()["data"][0]["url"]
+    assert url.startswith(proxy.url + "/images/image-")  # scheme, host and port from nginx's X-Forwarded-* headers
+    fetched = httpx.get(url, timeout=30)
+    assert fetched.status_code == 200 and fetched.content.startswith(b"\x89PNG")

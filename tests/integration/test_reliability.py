@@ -7,6 +7,8 @@ import asyncio
 import json
 import signal
 from collections.abc import Callable
+from datetime import datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -20,15 +22,34 @@ def chat(text: str, **kw: object) -> dict[str, object]:
     return {"model": "tiny-chat", "messages": [{"role": "user", "content": text}], **kw}
 
 
-def test_a_hung_engine_is_cut_off_after_the_stall_timeout_and_restarted(gateways: Start) -> None:
-    gw = gateways(env={"GATEWAY_STALL_TIMEOUT": "1"})
-    with httpx.stream("POST", gw.v1 + "/chat/completions", json=chat("hang", stream=True), timeout=30) as response:
-        events = [line for line in response.iter_lines() if line.startswith("data: ")]
-    assert len(events) == 3  # two chunks, then the error: the stall counts from the last byte
-    error = json.loads(events[-1][6:])["error"]
-    assert error["code"] == "engine_stalled" and "GATEWAY_STALL_TIMEOUT" in error["message"]
+def test_a_stalled_request_is_cut_off_but_an_engine_that_answers_its_health_check_keeps_running(
+    gateways: Start,
+) -> None:
+    gw = gateways(env={"GATEWAY_STALL_TIMEOUT": "3", "GATEWAY_REQUEST_TIMEOUT": "1"})
+    # A chunk a second: well within the stall timeout, and still running while the other requests time out.
+    with httpx.stream("POST", gw.v1 + "/chat/completions", json=chat("slow:10", stream=True),
+                      timeout=60) as slow:  # fmt: skip
+        lines = slow.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))  # another stream, running
+        with httpx.stream("POST", gw.v1 + "/chat/completions", json=chat("hang", stream=True), timeout=30) as hung:
+            events = [line for line in hung.iter_lines() if line.startswith("data: ")]
+        assert len(events) == 3  # two chunks, then the error: the stall counts from the last byte
+        error = json.loads(events[-1][6:])["error"]
+        assert error["code"] == "engine_stalled" and "GATEWAY_STALL_TIMEOUT" in error["message"]
+        whole = httpx.post(gw.v1 + "/chat/completions", json=chat("hang"), timeout=30)
+        assert whole.status_code == 504 and "GATEWAY_REQUEST_TIMEOUT" in whole.json()["error"]["message"]
+        wait_for(lambda: "answers its health check: kept running" in gw.log(), 30, "the health check")
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert json.loads(first[6:])["choices"] and rest[-1] == "data: [DONE]"  # the other stream was not cut
+    assert len(gw.spawns()) == 1 and gw.engine()["state"] == "ready"
+
+
+def test_a_stuck_engine_that_fails_its_health_check_is_restarted(gateways: Start) -> None:
+    gw = gateways(env={"GATEWAY_REQUEST_TIMEOUT": "1"})
+    response = httpx.post(gw.v1 + "/chat/completions", json=chat("freeze"), timeout=60)
+    assert response.status_code == 504 and response.json()["error"]["code"] == "engine_stalled"
     first_pid = gw.spawns()[0]["pid"]
-    wait_for(lambda: not pid_alive(first_pid), 15, "the hung engine to be stopped")
+    wait_for(lambda: not pid_alive(first_pid), 30, "the stuck engine to be stopped")
     ok = httpx.post(gw.v1 + "/chat/completions", json=chat("again"), timeout=30)
     assert ok.status_code == 200 and len(gw.spawns()) == 2
 
@@ -96,11 +117,26 @@ def test_client_gone_during_a_cold_start_releases_everything(gateways: Start) ->
     assert [r for r in gw.upstream_requests() if r["method"] == "POST"] == []
 
 
+def _events_of(gw: Gateway, kind: str) -> list[dict[str, Any]]:
+    """The lifecycle events of one kind, from the gateway's log (logger gateway.events, one JSON object a line)."""
+    lines = [line.split("gateway.events: ", 1)[1] for line in gw.log().splitlines() if "gateway.events: " in line]
+    return [event for event in map(json.loads, lines) if event["type"] == kind]
+
+
 def test_an_engine_that_always_dies_causes_no_spawn_storm(gateways: Start) -> None:
     gw = gateways(fake_env={"FAKE_ENGINE_EXIT_AT_START": "1"})
     codes = {httpx.post(gw.v1 + "/chat/completions", json=chat("x"), timeout=30).status_code for _ in range(20)}
-    assert codes == {503} and len(gw.spawns()) == 1  # the backoff holds them off, answered at once
+    assert codes == {503}
     assert "simulated load failure" in gw.log()  # the engine's last words are in the gateway log
+    # However slow the machine, no start comes before the backoff of the failure before it has passed: requests
+    # arriving meanwhile are answered at once (20 requests, a handful of starts).
+    starts = [datetime.fromisoformat(e["time"].replace("Z", "+00:00")) for e in _events_of(gw, "engine.starting")]
+    failures = _events_of(gw, "engine.failed")
+    assert len(gw.spawns()) == len(starts) >= 1 and len(failures) == len(starts)
+    assert all(f["details"]["retry_in"] > 0 for f in failures)
+    for failure, next_start in zip(failures, starts[1:], strict=False):
+        failed_at = datetime.fromisoformat(failure["time"].replace("Z", "+00:00"))
+        assert (next_start - failed_at).total_seconds() >= failure["details"]["retry_in"] - 0.01
 
 
 def test_engine_sigkilled_mid_stream_ends_the_stream_with_one_error_then_restarts(gateways: Start) -> None:
@@ -115,7 +151,9 @@ def test_engine_sigkilled_mid_stream_ends_the_stream_with_one_error_then_restart
     assert json.loads(first[6:])["choices"]
     assert len(rest) == 1 and json.loads(rest[0][6:])["error"]["code"] == "engine_crashed"
     wait_for(lambda: gw.engine()["crashes"] == 1, 10, "the crash to be noticed")
-    assert httpx.post(gw.v1 + "/chat/completions", json=chat("back"), timeout=30).status_code == 200
+    # It died seconds after it became ready: it backs off (1 s) as a failed start does, then starts again.
+    wait_for(lambda: httpx.post(gw.v1 + "/chat/completions", json=chat("back"), timeout=30).status_code == 200, 30,
+             "the engine to be started again")  # fmt: skip
     assert len(gw.spawns()) == 2
 
 

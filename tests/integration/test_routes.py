@@ -150,6 +150,25 @@ def test_images_url_and_b64(gw: Gateway) -> None:
     assert bad.status_code == 400 and error_of(bad)["param"] == "size"
 
 
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [(["url"], "invalid_type"), ({}, "invalid_type"), (3, "invalid_type"), ("", "invalid_value"),
+     ("URL", "invalid_value")],
+)  # fmt: skip
+def test_image_response_format_is_url_or_b64_json(gw: Gateway, value: object, code: str) -> None:
+    body = {"model": "tiny-flux", "prompt": "x", "response_format": value}
+    response = httpx.post(gw.v1 + "/images/generations", json=body, timeout=30)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert (error["param"], error["code"]) == ("response_format", code)
+
+
+def test_image_response_format_null_is_url(gw: Gateway) -> None:
+    body = {"model": "tiny-flux", "prompt": "x", "response_format": None}
+    response = httpx.post(gw.v1 + "/images/generations", json=body, timeout=30)
+    assert response.status_code == 200 and response.json()["data"][0]["url"].startswith(gw.url + "/images/")
+
+
 def test_speech_relays_audio(gw: Gateway) -> None:
     response = httpx.post(
         gw.v1 + "/audio/speech", json={"model": "tiny-speech", "input": "hi", "voice": "x"}, timeout=30

@@ -21,7 +21,6 @@ from gateway.errors import ConfigError, EngineStartFailed
 from gateway.models.download import Downloader, DownloadError
 from gateway.models.hub import HubFetcher, Listing, Snapshot, explain, recorded_files, snapshot_of, write_record
 from gateway.settings import Settings
-from gateway.upstream import HttpxUpstream
 from tests.helpers import FakeSleep, Recorder
 from tests.unit.test_supervisor import Clock, FakeProcess, FakeSpawner
 
@@ -262,7 +261,7 @@ def supervisor(tmp_path: Path, toml: str, hub: MemoryHub, **settings: Any) -> tu
         spawner=spawner,
         clock=Clock(),
         find_program=lambda: EngineProgram(("mistralrs-server",), "legacy", "mistralrs-server"),
-        probe=HttpxUpstream(spawner.transport()),
+        probe=spawner.probe(),
         downloader=lambda: Downloader(config.model_dir),
         hub=lambda: HubFetcher(config.model_dir, hub=hub, sleep=FakeSleep()),
     )

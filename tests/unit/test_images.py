@@ -24,6 +24,22 @@ def test_bad_image_requests(body: dict[str, object]) -> None:
         to_engine_request({"prompt": "x", **body})
 
 
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [(["url"], "invalid_type"), ({}, "invalid_type"), (3, "invalid_type"), (True, "invalid_type"),
+     ("", "invalid_value"), ("URL", "invalid_value"), ("b64", "invalid_value")],
+)  # fmt: skip
+def test_response_format_is_url_or_b64_json_and_nothing_else(value: object, code: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        to_engine_request({"prompt": "x", "response_format": value})
+    assert (caught.value.status, caught.value.param, caught.value.code) == (400, "response_format", code)
+
+
+def test_response_format_null_means_url() -> None:
+    body = {"prompt": "x", "response_format": None}
+    assert to_engine_request(body) == "url" and body["response_format"] == "B64Json"
+
+
 def test_reply_translation_strips_prefix_and_serves_urls(tmp_path: Path) -> None:
     png = b"\x89PNG\r\n\x1a\nfake"
     encoded = base64.b64encode(png).decode()

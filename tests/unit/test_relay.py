@@ -1,17 +1,15 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import httpx
 import pytest
 
-from gateway.errors import EngineCrashed, EngineError, EngineStalled
+from gateway.errors import EngineCrashed, EngineError, EngineStalled, GatewayError
 from gateway.relay import ModelRename, Relay, engine_error
-from gateway.upstream import HttpxUpstream
+from gateway.upstream import Deadline, UpstreamBroken, UpstreamConnectError, UpstreamTimeout
+from tests.fakes.upstream import Answer, Call, FakeUpstream, Handler
 
 
-def relay_for(handler: httpx.MockTransport, **kw: float) -> Relay:
-    return Relay(HttpxUpstream(handler), stall_timeout=kw.get("stall", 5.0), request_timeout=kw.get("timeout", 5.0))
+def relay_for(handler: Handler, **kw: float) -> Relay:
+    return Relay(FakeUpstream(handler), stall_timeout=kw.get("stall", 5.0), request_timeout=kw.get("timeout", 5.0))
 
 
 @pytest.mark.parametrize(
@@ -63,29 +61,17 @@ def test_model_rename_covers_both_json_spacings() -> None:
 
 async def test_stream_relays_the_engine_events_as_they_come() -> None:
     body = b'data: {"model":"e","n":1}\n\n: keep-alive\n\ndata: {"n":2}\n\ndata: engine exploded\n\ndata: [DONE]\n\n'
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, stream=httpx.ByteStream(body), headers={"content-type": "text/event-stream"})
-
-    relay = relay_for(httpx.MockTransport(handler))
+    relay = relay_for(lambda call: Answer(200, [body], "text/event-stream"))
     upstream = await relay.open_stream("http://e", "/v1/chat/completions", b"{}")
     # What the events say is for the dialect reading them (tests/unit/test_openai_streams.py): the relay moves bytes.
     assert b"".join([chunk async for chunk in relay.events(upstream)]) == body
 
 
 @pytest.mark.parametrize("piece", [1, 5, 7, 64])
-async def test_events_cut_anywhere_by_the_transport_are_relayed_whole_and_renamed(piece: int) -> None:
+async def test_events_cut_anywhere_by_the_transport_are_relayed_whole(piece: int) -> None:
     body = b'data: {"model":"engine-id","n":1}\n\ndata: {"model":"engine-id","n":2}\n\ndata: [DONE]\n\n'
-
-    class Pieces(httpx.AsyncByteStream):
-        async def __aiter__(self) -> AsyncIterator[bytes]:
-            for start in range(0, len(body), piece):
-                yield body[start : start + piece]
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, stream=Pieces(), headers={"content-type": "text/event-stream"})
-
-    relay = relay_for(httpx.MockTransport(handler))
+    pieces = [body[start : start + piece] for start in range(0, len(body), piece)]
+    relay = relay_for(lambda call: Answer(200, pieces, "text/event-stream"))
     upstream = await relay.open_stream("http://e", "/v1/chat/completions", b"{}")
     sent = [chunk async for chunk in relay.events(upstream)]
     assert all(chunk.endswith(b"\n\n") for chunk in sent)  # never half an event
@@ -93,31 +79,70 @@ async def test_events_cut_anywhere_by_the_transport_are_relayed_whole_and_rename
 
 
 async def test_error_status_raises_before_the_stream_starts() -> None:
-    relay = relay_for(httpx.MockTransport(lambda r: httpx.Response(422, content=b'{"message":"bad"}')))
+    relay = relay_for(lambda call: Answer.of(b'{"message":"bad","param":"logprobs"}', status=422))
     with pytest.raises(EngineError) as info:
         await relay.open_stream("http://e", "/v1/chat/completions", b"{}")
     assert info.value.status == 400 and info.value.message == "bad"  # a refusal is OpenAI's 400
+    assert info.value.param == "logprobs" and info.value.code == "unsupported_parameter"
 
 
-async def test_transport_failures_are_translated() -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
+async def test_a_whole_answer_gets_a_total_deadline_and_a_stream_a_gap() -> None:
+    calls: list[Call] = []
 
-    def stall(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("slow", request=request)
+    def record(call: Call) -> Answer:
+        calls.append(call)
+        return Answer.of(b"{}")
 
-    def cut(request: httpx.Request) -> httpx.Response:
-        raise httpx.RemoteProtocolError("peer closed", request=request)
+    relay = relay_for(record, stall=7, timeout=30)
+    await relay.request("http://e", "/x", b"{}")
+    await relay.open_stream("http://e", "/x", b"{}")
+    assert [c.deadline for c in calls] == [Deadline(total=30), Deadline(gap=7)]
 
-    unreachable: list[bool] = []
-    relay = Relay(HttpxUpstream(httpx.MockTransport(refuse)), stall_timeout=7, request_timeout=7,
-                  on_unreachable=lambda: unreachable.append(True))  # fmt: skip
+
+def _raise(error: Exception) -> Handler:
+    def handler(call: Call) -> Answer:
+        raise error
+
+    return handler
+
+
+async def test_transport_failures_are_translated_then_reported() -> None:
+    reported: list[GatewayError] = []
+
+    def relay(handler: Handler, **kw: float) -> Relay:
+        return Relay(FakeUpstream(handler), stall_timeout=kw.get("stall", 5), request_timeout=kw.get("timeout", 5),
+                     on_failure=reported.append)  # fmt: skip
+
+    with pytest.raises(EngineCrashed, match="could not be reached"):
+        await relay(_raise(UpstreamConnectError("refused"))).request("http://e", "/v1/completions", b"{}")
+    with pytest.raises(EngineStalled, match=r"within 7 s \(GATEWAY_REQUEST_TIMEOUT\)"):
+        await relay(_raise(UpstreamTimeout("slow")), timeout=7).request("http://e", "/x", b"{}")
+    with pytest.raises(EngineStalled, match=r"nothing for 3 s \(GATEWAY_STALL_TIMEOUT\)"):
+        await relay(_raise(UpstreamTimeout("slow")), stall=3).open_stream("http://e", "/x", b"{}")
+    with pytest.raises(EngineCrashed, match="broke off"):
+        await relay(_raise(UpstreamBroken("peer closed"))).request("http://e", "/x", b"{}")
+    cut = relay(lambda call: Answer(200, [b"data: 1\n\n"], "text/event-stream", fails_with=UpstreamBroken("reset")))
+    upstream = await cut.open_stream("http://e", "/x", b"{}")
     with pytest.raises(EngineCrashed):
-        await relay.request("http://e", "/v1/completions", b"{}")
-    assert unreachable == [True]
-    with pytest.raises(EngineStalled, match=r"7 s \(GATEWAY_REQUEST_TIMEOUT\)"):
-        await relay_for(httpx.MockTransport(stall), timeout=7).request("http://e", "/x", b"{}")
-    with pytest.raises(EngineStalled, match=r"3 s \(GATEWAY_STALL_TIMEOUT\)"):
-        await relay_for(httpx.MockTransport(stall), stall=3).open_stream("http://e", "/x", b"{}")
-    with pytest.raises(EngineCrashed, match="middle of the response"):
-        await relay_for(httpx.MockTransport(cut)).request("http://e", "/x", b"{}")
+        [chunk async for chunk in cut.events(upstream)]
+    assert [type(e) for e in reported] == [EngineCrashed, EngineStalled, EngineStalled, EngineCrashed, EngineCrashed]
+
+
+async def test_an_event_without_end_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "MAX_EVENT", 100)
+    relay = relay_for(lambda call: Answer(200, [b"data: " + b"x" * 60, b"y" * 60], "text/event-stream"))
+    upstream = await relay.open_stream("http://e", "/x", b"{}")
+    with pytest.raises(EngineCrashed, match="larger than"):
+        [chunk async for chunk in relay.events(upstream)]
+
+
+async def test_an_event_dripped_slower_than_the_stall_timeout_is_a_stall() -> None:
+    ticks = iter(range(100))  # each look at the clock is one second later
+    pieces = [b"data: {", b'"a"', b":1", b"}"]  # bytes keep coming, the event never ends in time
+    relay = Relay(FakeUpstream(lambda call: Answer(200, pieces, "text/event-stream")), stall_timeout=2.5,
+                  request_timeout=5, clock=lambda: float(next(ticks)))  # fmt: skip
+    upstream = await relay.open_stream("http://e", "/x", b"{}")
+    with pytest.raises(EngineStalled):
+        [chunk async for chunk in relay.events(upstream)]

@@ -51,3 +51,39 @@ def test_models_file_defaults_to_models_toml_here(tmp_path: Path, monkeypatch: p
     assert settings.resolved_models_file() is None
     (tmp_path / "models.toml").write_text("")
     assert settings.resolved_models_file() == Path("models.toml")
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [("https://llm.example.com/", "https://llm.example.com"), (" http://10.0.0.5:8080/llm ", "http://10.0.0.5:8080/llm"),
+     ("", None)],
+)  # fmt: skip
+def test_public_url_is_a_base_url(given: str, kept: str | None) -> None:
+    assert Settings(_env_file=None, public_url=given).public_url == kept
+
+
+@pytest.mark.parametrize(
+    "bad", ["llm.example.com", "ftp://llm.example.com", "https://", "https://x/?a=1", "https://x/#top",
+            "https://user:pw@x", "https://x:99999", "https://a b.example"],
+)  # fmt: skip
+def test_public_url_refuses_what_is_no_base_url(bad: str) -> None:
+    with pytest.raises(ValueError, match="public_url"):
+        Settings(_env_file=None, public_url=bad)
+
+
+def test_forwarded_allow_ips_are_addresses_or_networks() -> None:
+    assert Settings(_env_file=None).forwarded_allow_ips == "127.0.0.1,::1"
+    allowed = Settings(_env_file=None, forwarded_allow_ips=" 10.0.0.0/8, fd00::1 ,").forwarded_allow_ips
+    assert allowed == "10.0.0.0/8,fd00::1"
+    assert Settings(_env_file=None, forwarded_allow_ips="*").forwarded_allow_ips == "*"
+    assert Settings(_env_file=None, forwarded_allow_ips="").forwarded_allow_ips == ""  # trust no proxy
+    for bad in ("localhost", "10.0.0.1/8", "10.0.0.0/33"):
+        with pytest.raises(ValueError, match="forwarded_allow_ips"):
+            Settings(_env_file=None, forwarded_allow_ips=bad)
+
+
+def test_connection_defences_default_on() -> None:
+    settings = Settings(_env_file=None)
+    assert (settings.header_timeout, settings.max_connections) == (10, 1000)
+    with pytest.raises(ValueError, match="header_timeout"):
+        Settings(_env_file=None, header_timeout=0)

@@ -8,16 +8,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from gateway.catalog import load_catalog, parse_catalog
 from gateway.engine.discovery import EngineProgram
 from gateway.engine.state import EngineState
-from gateway.engine.supervisor import Supervisor
-from gateway.errors import EngineNotInstalled, EngineStartFailed
+from gateway.engine.supervisor import STABLE_AFTER, Supervisor
+from gateway.errors import EngineNotInstalled, EngineStalled, EngineStartFailed
 from gateway.settings import Settings
-from gateway.upstream import HttpxUpstream
+from gateway.upstream import UpstreamConnectError
+from tests.fakes.upstream import Answer, Call, FakeUpstream
 
 
 class FakeProcess:
@@ -64,14 +64,16 @@ class FakeSpawner:
         self.procs.append(proc)
         return proc
 
-    def transport(self) -> httpx.MockTransport:
-        def handler(request: httpx.Request) -> httpx.Response:
-            port = request.url.port
-            if any(p.port == port and p.ready for p in self.procs):
-                return httpx.Response(200, json={"object": "list", "data": []})
-            raise httpx.ConnectError("refused", request=request)
+    def probe(self) -> FakeUpstream:
+        """The engines' HTTP side: a ready process answers; a port nobody serves refuses the connection."""
 
-        return httpx.MockTransport(handler)
+        def handler(call: Call) -> Answer:
+            port = int(call.url.split(":")[2].split("/")[0])
+            if any(p.port == port and p.ready for p in self.procs):
+                return Answer.of(b'{"object": "list", "data": []}')
+            raise UpstreamConnectError("refused")
+
+        return FakeUpstream(handler)
 
 
 class Clock:
@@ -94,7 +96,7 @@ def make(tmp_path: Path, spawner: FakeSpawner, clock: Clock, **settings: Any) ->
         spawner=spawner,
         clock=clock,
         find_program=lambda: EngineProgram(("mistralrs-server",), "legacy", "mistralrs-server"),
-        probe=HttpxUpstream(spawner.transport()),
+        probe=spawner.probe(),
     )
 
 
@@ -128,7 +130,10 @@ async def test_start_failure_backs_off_then_retries(tmp_path: Path) -> None:
     assert float(second.value.headers["Retry-After"]) > first_wait  # the backoff grows
     clock.now += 1000
     assert await sup.ensure_ready()
-    assert len(spawner.procs) == 3 and sup.status()["consecutive_start_failures"] == 0
+    # Forgotten once the engine has proved stable (see the crash tests), not the moment it is ready.
+    assert len(spawner.procs) == 3 and sup.status()["consecutive_start_failures"] == 2
+    await sup.stop()
+    assert sup.status()["consecutive_start_failures"] == 0
     await sup.aclose()
 
 
@@ -202,11 +207,30 @@ async def test_crash_is_noticed_and_next_request_restarts_at_once(tmp_path: Path
     spawner, clock = FakeSpawner(), Clock()
     sup = make(tmp_path, spawner, clock)
     await sup.ensure_ready()
+    clock.now += STABLE_AFTER  # it had been serving for a while
     spawner.procs[0].exit(137)
     await asyncio.wait_for(_until(lambda: sup.state is EngineState.FAILED), 5)
     assert sup.crashes == 1 and "code 137" in (sup.status()["last_error"] or "")
     await sup.ensure_ready()
     assert len(spawner.procs) == 2 and sup.state is EngineState.READY
+    await sup.aclose()
+
+
+async def test_an_engine_that_dies_right_after_it_is_ready_backs_off_like_a_failed_start(tmp_path: Path) -> None:
+    spawner, clock = FakeSpawner(), Clock()
+    sup = make(tmp_path, spawner, clock)
+    waits = []
+    for attempt in range(3):
+        await sup.ensure_ready()
+        spawner.procs[-1].exit(139)  # e.g. a model that crashes the engine at its first request
+        await asyncio.wait_for(_until(lambda: sup.state is EngineState.FAILED), 5)
+        with pytest.raises(EngineStartFailed) as info:  # no new spawn within the backoff
+            await sup.ensure_ready()
+        assert "after it became ready" in info.value.message and len(spawner.procs) == attempt + 1
+        waits.append(float(info.value.headers["Retry-After"]))
+        clock.now += waits[-1] + 0.1
+    assert waits[0] < waits[1] < waits[2]  # and it grows, as for a start that fails
+    assert sup.status()["consecutive_start_failures"] == 3
     await sup.aclose()
 
 
@@ -232,3 +256,18 @@ async def test_no_engine_installed_is_a_503_that_says_what_to_install(tmp_path: 
 async def _until(condition: object) -> None:
     while not condition():  # type: ignore[operator]
         await asyncio.sleep(0.001)
+
+
+async def test_a_failed_request_restarts_only_an_engine_that_fails_its_health_check(tmp_path: Path) -> None:
+    spawner, clock = FakeSpawner(), Clock()
+    sup = make(tmp_path, spawner, clock)
+    await sup.ensure_ready()
+    sup.engine_failed(EngineStalled("a request got no answer in time"))
+    await asyncio.wait_for(_until(lambda: sup._health_check is None), 5)
+    assert sup.state is EngineState.READY and spawner.procs[0].signals == []  # it answers: kept
+    spawner.procs[0].ready = False  # now it does not
+    for _ in range(5):  # many failing requests, one check
+        sup.engine_failed(EngineStalled("a request got no answer in time"))
+    await asyncio.wait_for(_until(lambda: sup.state is EngineState.STOPPED), 5)  # type: ignore[comparison-overlap]
+    assert spawner.procs[0].signals[0] == signal.SIGTERM and "stopped answering" in (sup.status()["last_error"] or "")
+    await sup.aclose()

@@ -1,8 +1,9 @@
-"""H1Upstream, the gateway's HTTP/1.1 client to the engine, against real sockets.
+"""AiohttpUpstream, the gateway's HTTP client to the engine, against real sockets.
 
 Each test runs a small TCP server whose answers are scripted byte for byte, so that the cases a general
 server would never produce on demand (a stall after the headers, a connection cut mid-body, an unframed
-body, a malformed status line) can be checked.
+body, a malformed status line, bytes after the answer) can be checked. The same faults from a whole engine
+program, through a whole gateway, are in tests/integration/test_hostile_engine.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.upstream import H1Upstream, UpstreamBroken, UpstreamConnectError, UpstreamTimeout
+from gateway import upstream as upstream_module
+from gateway.upstream import AiohttpUpstream, Deadline, UpstreamBroken, UpstreamConnectError, UpstreamTimeout
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
 
@@ -84,12 +86,19 @@ async def echo_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         await writer.drain()
 
 
-async def test_a_keep_alive_connection_carries_many_requests_with_one_write_each() -> None:
-    upstream = H1Upstream()
+WHOLE = Deadline(total=5)
+
+
+async def post(upstream: AiohttpUpstream, url: str, deadline: Deadline = WHOLE) -> bytes:
+    response = await upstream.post(url, b"{}", deadline=deadline)
+    return await response.read()
+
+
+async def test_a_keep_alive_connection_carries_many_requests() -> None:
+    upstream = AiohttpUpstream()
     async with serving(echo_forever) as server:
         for i in range(5):
-            response = await upstream.post(server.url + "/v1/chat/completions", b'{"n":%d}' % i, read_timeout=5,
-                                           stream=False)  # fmt: skip
+            response = await upstream.post(server.url + "/v1/chat/completions", b'{"n":%d}' % i, deadline=WHOLE)
             assert (response.status, response.content_type) == (200, "application/json")
             assert await response.read() == b"""{"echo":"{'n':%d}"}""" % i
         status, body = await upstream.get(server.url + "/health", timeout=5)
@@ -98,7 +107,6 @@ async def test_a_keep_alive_connection_carries_many_requests_with_one_write_each
     assert server.connections == 1
     line, headers, body = server.requests[0]
     assert (line, body) == (b"POST /v1/chat/completions HTTP/1.1", b'{"n":0}')
-    assert headers[b"host"] == b"127.0.0.1:%d" % server.port
     assert headers[b"content-type"] == b"application/json" and headers[b"content-length"] == b"7"
     assert server.requests[-1][0] == b"GET /health HTTP/1.1"
 
@@ -116,15 +124,15 @@ async def test_a_chunked_stream_is_relayed_piece_by_piece_as_it_arrives() -> Non
         await writer.drain()
         await read_request(reader, server)  # keep-alive: the next request comes on this connection
 
-    upstream = H1Upstream()
+    upstream = AiohttpUpstream()
     async with serving(stream) as server:
-        response = await upstream.post(server.url + "/s", b"{}", read_timeout=5, stream=True,
+        response = await upstream.post(server.url + "/s", b"{}", deadline=Deadline(gap=5),
                                        headers={"accept": "text/event-stream"})  # fmt: skip
         assert response.content_type == "text/event-stream"
         chunks = response.chunks()
         assert await anext(chunks) == b"data: 1\n\n"
         go_on.set()
-        assert [c async for c in chunks] == [b"data: 2\n\n"]
+        assert b"".join([c async for c in chunks]) == b"data: 2\n\n"
         assert server.requests[0][1][b"accept"] == b"text/event-stream"
         await upstream.aclose()
 
@@ -135,13 +143,10 @@ async def test_a_body_without_length_ends_with_the_connection() -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
         await writer.drain()
 
-    upstream = H1Upstream()
+    upstream = AiohttpUpstream()
     async with serving(unframed) as server:
-        response = await upstream.post(server.url + "/x", b"{}", read_timeout=5, stream=False)
-        assert await response.read() == b"all of it"
-        # Not reusable: the next request opens a new connection.
-        response = await upstream.post(server.url + "/x", b"{}", read_timeout=5, stream=False)
-        assert await response.read() == b"all of it"
+        assert await post(upstream, server.url + "/x") == b"all of it"
+        assert await post(upstream, server.url + "/x") == b"all of it"  # on a new connection
         await upstream.aclose()
     assert server.connections == 2
 
@@ -152,11 +157,11 @@ async def test_a_connection_cut_mid_body_is_a_broken_answer() -> None:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part")
         await writer.drain()
 
-    upstream = H1Upstream()
+    upstream = AiohttpUpstream()
     async with serving(cut) as server:
-        with pytest.raises(UpstreamBroken):  # a whole-body answer is awaited in full before post() returns
-            await upstream.post(server.url + "/x", b"{}", read_timeout=5, stream=False)
-        stream = await upstream.post(server.url + "/x", b"{}", read_timeout=5, stream=True)
+        with pytest.raises(UpstreamBroken):
+            await post(upstream, server.url + "/x")
+        stream = await upstream.post(server.url + "/x", b"{}", deadline=Deadline(gap=5))
         with pytest.raises(UpstreamBroken):
             [c async for c in stream.chunks()]
         await upstream.aclose()
@@ -165,8 +170,10 @@ async def test_a_connection_cut_mid_body_is_a_broken_answer() -> None:
 async def test_nothing_listening_is_a_connect_error() -> None:
     async with serving(echo_forever) as server:
         url = server.url
+    upstream = AiohttpUpstream()
     with pytest.raises(UpstreamConnectError):
-        await H1Upstream().post(url + "/x", b"{}", read_timeout=5, stream=False)
+        await post(upstream, url + "/x")
+    await upstream.aclose()
 
 
 async def test_a_malformed_answer_is_broken_and_the_connection_dropped() -> None:
@@ -176,24 +183,24 @@ async def test_a_malformed_answer_is_broken_and_the_connection_dropped() -> None
         await writer.drain()
         await read_request(reader, server)
 
-    upstream = H1Upstream()
+    upstream = AiohttpUpstream()
     async with serving(garbage) as server:
         with pytest.raises(UpstreamBroken):
-            await upstream.post(server.url + "/x", b"{}", read_timeout=5, stream=False)
+            await post(upstream, server.url + "/x")
         await until(server.closed_by_peer.is_set)
         await upstream.aclose()
 
 
-async def test_silence_beyond_the_read_timeout_is_a_timeout_and_closes_the_connection() -> None:
+async def test_a_stream_silent_longer_than_its_gap_is_a_timeout_and_closes_the_connection() -> None:
     async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await read_request(reader, server)
         writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
         await writer.drain()
         await read_request(reader, server)  # returns when the client gives up on the connection
 
-    upstream = H1Upstream()
+    upstream = AiohttpUpstream()
     async with serving(stall) as server:
-        response = await upstream.post(server.url + "/x", b"{}", read_timeout=0.2, stream=True)
+        response = await upstream.post(server.url + "/x", b"{}", deadline=Deadline(gap=0.2))
         chunks = response.chunks()
         assert await anext(chunks) == b"first"
         with pytest.raises(UpstreamTimeout):
@@ -202,14 +209,31 @@ async def test_silence_beyond_the_read_timeout_is_a_timeout_and_closes_the_conne
         await upstream.aclose()
 
 
+async def test_a_whole_answer_has_a_total_deadline_however_it_drips() -> None:
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await read_request(reader, server)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            while True:  # a byte at a time, never a gap the gap timeout would notice
+                writer.write(b"x")
+                await writer.drain()
+                await asyncio.sleep(0.01)
+
+    upstream = AiohttpUpstream()
+    async with serving(drip) as server:
+        with pytest.raises(UpstreamTimeout):
+            await post(upstream, server.url + "/x", Deadline(total=0.5, gap=5))
+        await upstream.aclose()
+
+
 async def test_a_cancelled_request_closes_its_connection_so_the_engine_sees_the_client_leave() -> None:
     async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await read_request(reader, server)
         await read_request(reader, server)  # no answer; returns when the client closes
 
-    upstream = H1Upstream()
+    upstream = AiohttpUpstream()
     async with serving(slow) as server:
-        call = asyncio.ensure_future(upstream.post(server.url + "/x", b"{}", read_timeout=30, stream=False))
+        call = asyncio.ensure_future(post(upstream, server.url + "/x", Deadline(total=30)))
         await until(lambda: len(server.requests) == 1)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -218,64 +242,71 @@ async def test_a_cancelled_request_closes_its_connection_so_the_engine_sees_the_
         await upstream.aclose()
 
 
-async def test_a_slow_reader_pauses_the_engine_instead_of_buffering_everything() -> None:
-    size = 32 * 1024 * 1024
-    piece = b"x" * 65536
-
-    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        await read_request(reader, server)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
-        for _ in range(size // len(piece)):
-            writer.write(piece)
+async def test_bytes_after_an_answer_never_poison_the_next_request() -> None:
+    async def extra(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while await read_request(reader, server):
+            writer.write(answer(b'{"n":1}') + b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nstale one")
             await writer.drain()
 
-    upstream = H1Upstream()
-    async with serving(flood) as server:
-        response = await upstream.post(server.url + "/x", b"{}", read_timeout=5, stream=True)
-        # Nobody reads: the client stops reading from the socket once its buffer is full.
-        await until(lambda: getattr(response, "_paused", False))
-        total = sum([len(c) async for c in response.chunks()])
-        assert total == size
+    upstream = AiohttpUpstream()
+    async with serving(extra) as server:
+        for _ in range(3):  # each answer is the one asked for, never the stale bytes of the last
+            assert await post(upstream, server.url + "/x") == b'{"n":1}'
         await upstream.aclose()
 
 
-async def test_a_get_is_retried_once_on_a_pooled_connection_that_dies_but_a_post_is_not() -> None:
-    async def one_then_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        await read_request(reader, server)
-        writer.write(answer(b"ok"))
-        await writer.drain()
-        # The next request on this connection is dropped unanswered, as when an engine closes an idle
-        # connection at the moment it is reused.
-        await read_request(reader, server)
-        writer.transport.abort()
+async def test_an_answer_closed_unread_is_not_reused() -> None:
+    big = b"x" * (4 << 20)
 
-    upstream = H1Upstream()
-    async with serving(one_then_drop) as server:
-        assert await upstream.get(server.url + "/health", timeout=5) == (200, b"ok")
-        assert await upstream.get(server.url + "/health", timeout=5) == (200, b"ok")  # dropped, then retried
-        assert server.connections == 2
-        # A POST may have reached the engine: it is not sent twice.
-        with pytest.raises(UpstreamBroken):
-            await upstream.post(server.url + "/x", b"{}", read_timeout=5, stream=False)
-        assert server.connections == 2
+    async def large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while await read_request(reader, server):
+            writer.write(answer(big if len(server.requests) == 1 else b"small"))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+
+    upstream = AiohttpUpstream()
+    async with serving(large) as server:
+        response = await upstream.post(server.url + "/x", b"{}", deadline=Deadline(gap=5))
+        assert await anext(response.chunks())  # a client that read a little and left
+        await response.close()
+        assert await post(upstream, server.url + "/x") == b"small"
+        assert server.connections == 2  # the half-read connection was closed, not handed to the next request
         await upstream.aclose()
 
 
-async def test_connections_the_engine_closes_leave_nothing_behind_in_the_pool() -> None:
-    engine_stops = asyncio.Event()
+async def test_a_whole_answer_is_bounded_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(upstream_module, "MAX_ANSWER", 1000)
+    async with serving(lambda r, w, s: _answer_with(r, w, s, b"y" * 5000)) as server:
+        upstream = AiohttpUpstream()
+        with pytest.raises(UpstreamBroken, match="larger than"):
+            await post(upstream, server.url + "/x")
+        await upstream.aclose()
 
-    async def answer_then_idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
-        await read_request(reader, server)
-        writer.write(answer(b"ok"))
+
+async def _answer_with(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server, body: bytes) -> None:
+    await read_request(reader, server)
+    writer.write(answer(body))
+    with contextlib.suppress(ConnectionError):
         await writer.drain()
-        await engine_stops.wait()  # then the connection is closed, as by an engine that stops
 
-    upstream = H1Upstream()
-    async with serving(answer_then_idle) as first, serving(answer_then_idle) as second:
-        await asyncio.gather(*(upstream.get(first.url + "/health", timeout=5) for _ in range(3)))
-        await upstream.get(second.url + "/health", timeout=5)
-        assert first.connections == 3 and len(upstream._idle[("127.0.0.1", first.port)]) == 3
-        engine_stops.set()
-        # Every connection is dropped, not kept in a list per address (each engine start has a new port).
-        await until(lambda: not upstream._idle and not upstream._open)
-    await upstream.aclose()
+
+async def test_closing_the_client_ends_every_answer_in_flight_at_once() -> None:
+    async def first_then_silence(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await read_request(reader, server)
+        if len(server.requests) == 1:  # a stream that has begun; the other request gets no answer at all
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+            await writer.drain()
+        await read_request(reader, server)
+
+    upstream = AiohttpUpstream()
+    async with serving(first_then_silence) as server:
+        stream = await upstream.post(server.url + "/s", b"{}", deadline=Deadline(gap=60))
+        chunks = stream.chunks()
+        assert await anext(chunks) == b"first"
+        reading = asyncio.ensure_future(anext(chunks))
+        waiting = asyncio.ensure_future(post(upstream, server.url + "/w", Deadline(total=60)))
+        await until(lambda: len(server.requests) == 2)
+        await upstream.aclose()  # the end of a graceful shutdown
+        for call in (reading, waiting):
+            with pytest.raises(UpstreamBroken):
+                await asyncio.wait_for(call, 5)
