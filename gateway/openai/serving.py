@@ -9,7 +9,7 @@ cancels the rest.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,11 +25,12 @@ from .streams import Event, Leg
 T = TypeVar("T")
 
 
-async def gather_all(coros: Iterable[Awaitable[T]]) -> list[T]:
-    """All results in order; the first failure cancels the others (and every started call is awaited)."""
+async def gather_all(coros: Sequence[Awaitable[T]]) -> list[T]:
+    """All results in order; the first failure cancels the others (and every started call is awaited). One call is
+    awaited in the caller's task (a task per request is a cost the usual request need not pay)."""
+    if len(coros) == 1:
+        return [await coros[0]]
     tasks = [asyncio.ensure_future(c) for c in coros]
-    if len(tasks) == 1:
-        return [await tasks[0]]
     try:
         return list(await asyncio.gather(*tasks))
     finally:
@@ -55,7 +56,7 @@ def _decode(content: bytes) -> dict[str, Any]:
 
 async def answer(relay: Relay, base_url: str, plan: Plan, engine_id: str) -> dict[str, Any]:
     """The OpenAI answer to a non-streaming plan."""
-    replies = await gather_all(relay.request(base_url, plan.path, _encode(b, engine_id)) for b in plan.bodies)
+    replies = await gather_all([relay.request(base_url, plan.path, _encode(b, engine_id)) for b in plan.bodies])
     bodies = [_decode(reply.content) for reply in replies]
     return answers.merge_answers(bodies, plan.shapes(), chat=plan.chat, prompts=plan.prompts)
 

@@ -125,12 +125,13 @@ class Leg:
         return b'"usage"' not in data or b'"usage":null' in data
 
 
-async def merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[Event]:
-    """The events of several legs as they come; the first failure cancels the others and is raised."""
-    if len(streams) == 1:
-        async for event in streams[0]:
-            yield event
-        return
+def merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[Event]:
+    """The events of several legs as they come; the first failure cancels the others and is raised. One leg is
+    passed on as it is (a layer less for every chunk of the usual stream)."""
+    return streams[0] if len(streams) == 1 else _interleave(streams)
+
+
+async def _interleave(streams: list[AsyncIterator[Event]]) -> AsyncIterator[Event]:
     # Unbounded: a leg's pump must always be able to hand over its end, even when nobody reads any more; what
     # waits in it is bounded by the generation itself.
     queue: asyncio.Queue[Event | Exception | None] = asyncio.Queue()
