@@ -1,32 +1,30 @@
 """The route table and its thin handlers: validate, pick the model, call the relay.
 
-A model request reads top to bottom: body -> model -> ``supervisor.lease()`` ->
-``supervisor.ensure_ready()`` -> relay -> answer -> ``lease.release()``.
+A model request reads top to bottom: body -> model -> ``pool.lease(model)`` -> ``pool.ensure_ready(model, lease)``
+-> relay -> answer -> ``lease.release()``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
 
 from . import images, validation
 from .catalog import CHAT_KINDS, Catalog, Model
 from .embeddings import Embeddings
-from .engine.supervisor import Endpoint, Lease, Supervisor
+from .engine.launcher import Endpoint
+from .engine.lifecycle import Lease
 from .errors import (
     BodyTooLarge,
-    EngineUnavailable,
     GatewayError,
     InvalidRequest,
     ModelNotFound,
@@ -35,22 +33,17 @@ from .errors import (
     UnsupportedForModel,
 )
 from .events import EventBus
-from .openai import checks, responses, serving
+from .openai import checks, responses
 from .openai.requests import plan_chat, plan_completion
 from .openapi import openapi_document
 from .origin import PublicOrigin
-from .relay import ModelRename, Relay, error_event
+from .relay import ModelRename, error_event
+from .service import SSE_HEADERS, ChatDialect, ModelService, OpenAIChat, Opener
 from .settings import Settings
 
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-LOADING = b": loading\n\n"
 _Encoder = Callable[[Endpoint], tuple[bytes, ModelRename]]
-# Opens a stream's engine side once the engine is ready (raising GatewayError before anything is sent), giving the
-# bytes to send; the stream's dialect also says how an error after the start is written.
-_Opener = Callable[[Endpoint], Awaitable[AsyncIterator[bytes]]]
-_ErrorEvent = Callable[[GatewayError], bytes]
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-WATCH_AFTER = 0.05  # seconds before a request starts watching for its client to leave
+OPENAI = OpenAIChat()
 
 
 @dataclass(frozen=True)
@@ -71,60 +64,6 @@ MODEL_ROUTES = (
 )
 
 
-class _LeasedStream(StreamingResponse):
-    """A streaming answer that releases its lease however it ends, even if it never started."""
-
-    def __init__(self, content: AsyncIterator[bytes], lease: Lease, keep_alive: float | None) -> None:
-        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
-        self._lease = lease
-        self._keep_alive = keep_alive
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._lease.release(self._keep_alive)
-
-
-async def _until_disconnect(loop: asyncio.AbstractEventLoop, request: Request, work: Awaitable[Response]) -> Response:
-    """Run ``work`` unless the client goes away first; then cancel it (and with it the upstream call).
-
-    The work runs in this task; a watcher task cancels it on a disconnect. The watcher is only started once
-    the work has taken ``WATCH_AFTER`` seconds: most answers are faster, and on two cores a task per request
-    costs throughput, while a generation that runs on for a client that left costs the engine far more.
-    """
-    current = asyncio.current_task(loop)
-    gone = False
-    watcher: asyncio.Task[None] | None = None
-
-    async def watch() -> None:
-        nonlocal gone
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        gone = True
-        if current is not None:
-            current.cancel()
-
-    def start_watching() -> None:
-        nonlocal watcher
-        watcher = loop.create_task(watch())
-
-    timer = loop.call_later(WATCH_AFTER, start_watching)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if gone:
-            # Our own cancellation, not the server's: take it back (Python 3.11+) and end the handler quietly.
-            uncancel = getattr(current, "uncancel", None)
-            if uncancel is None or uncancel() == 0:
-                return Response(status_code=499)  # nobody is listening any more
-        raise
-    finally:
-        timer.cancel()
-        if watcher is not None:
-            watcher.cancel()
-
-
 class Api:
     """Handlers bound to the gateway's parts."""
 
@@ -132,24 +71,22 @@ class Api:
         self,
         settings: Settings,
         catalog: Catalog,
-        supervisor: Supervisor,
-        relay: Relay,
+        service: ModelService,
         image_store: images.ImageStore,
         embeddings: Embeddings,
         events: EventBus,
     ) -> None:
         self._settings = settings
         self._catalog = catalog
-        self._supervisor = supervisor
-        self._relay = relay
+        self._service = service
+        self._pool = service.pool
+        self._relay = service.relay
         self._images = image_store
         self._embeddings = embeddings
         self._events = events
         self._max_body = int(settings.max_body_mb * 1024 * 1024)
         self._origin = PublicOrigin(settings.public_url, host=settings.host, port=settings.port)
         self._created = int(time.time())
-        self._draining = False
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def routes(self) -> list[BaseRoute]:
         routes: list[BaseRoute] = [Route(r.path, self._model_endpoint(r), methods=["POST"]) for r in MODEL_ROUTES]
@@ -164,6 +101,8 @@ class Api:
             Route("/events", self.event_stream, methods=["GET"]),
             Route("/admin/engine/start", self.admin_start, methods=["POST"]),
             Route("/admin/engine/stop", self.admin_stop, methods=["POST"]),
+            Route("/admin/models/{model:path}/load", self.admin_load, methods=["POST"]),
+            Route("/admin/models/{model:path}/unload", self.admin_unload, methods=["POST"]),
         ]
         for prefix in ("/v1/moderations", "/v1/files"):
             routes += [
@@ -172,14 +111,8 @@ class Api:
             ]
         return routes
 
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
-        # Looked up once: on Python 3.11 every get_running_loop() is a getpid() system call.
-        if self._loop is None or self._loop.is_closed():
-            self._loop = asyncio.get_running_loop()
-        return self._loop
-
     def start_draining(self) -> None:
-        self._draining = True
+        self._service.start_draining()
 
     # ------------------------------------------------------------------------------ model routes
 
@@ -270,74 +203,38 @@ class Api:
                 return json.dumps(body, separators=(",", ":")).encode(), ModelRename.of(engine_id, model.id)
             return raw, ModelRename.of(engine_id, model.id)
 
-        if self._draining:
-            raise EngineUnavailable("The gateway is shutting down.", retry_after=1)
-        lease = self._supervisor.lease()
+        lease = self._service.lease(model.id)
         if route.path == "/v1/embeddings":
-            try:
-                return await _until_disconnect(self._event_loop(), request, self._embed(request, body, model))
-            finally:
-                lease.release(keep_alive)
+            return await self._service.whole(request, lease, keep_alive,
+                                             lambda: self._embed(request, body, model, lease))  # fmt: skip
         if route.path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
             return await self._openai(request, route, body, model, lease, keep_alive)
         if route.streams and body.get("stream") is True:
-            try:
-                return await self._stream(self._relay_opener(route.path, encode), error_event, lease, keep_alive)
-            except BaseException:
-                lease.release(keep_alive)
-                raise
-        try:
-            forward = self._forward(request, route.path, encode, wanted_image)
-            return await _until_disconnect(self._event_loop(), request, forward)
-        finally:
-            lease.release(keep_alive)
+            return await self._service.stream(model.id, self._relay_opener(route.path, encode), error_event, lease,
+                                              keep_alive)  # fmt: skip
+        path = route.path
+        forward = functools.partial(self._forward, request, model, lease, path, encode, wanted_image)
+        return await self._service.whole(request, lease, keep_alive, forward)
 
     async def _openai(self, request: Request, route: ModelRoute, body: dict[str, Any], model: Model, lease: Lease,
                       keep_alive: float | None) -> Response:  # fmt: skip
         """Chat, completions and responses: the plan of engine requests, then one answer or one stream, made
         OpenAI's (chat completions and completions) or the Responses API's."""
-        dialect: responses.Dialect | None = None
+        dialect: ChatDialect = OPENAI
         try:
             if route.path == "/v1/completions":
                 plan = plan_completion(body, model.id)
             else:
                 if route.path == "/v1/responses":
-                    dialect = responses.Dialect(body, model.id)
-                    body = dialect.chat
+                    responses_dialect = responses.Dialect(body, model.id)
+                    body, dialect = responses_dialect.chat, responses_dialect
                 plan = plan_chat(body, model.id, takes_images=model.kind == "vision-plain")
         except BaseException:
             lease.release(keep_alive)
             raise
-        if plan.stream:
+        return await self._service.chat(request, model.id, plan, dialect, lease, keep_alive)
 
-            async def open_(endpoint: Endpoint) -> AsyncIterator[bytes]:
-                engine_id = endpoint.engine_ids.get(model.id, model.id)
-                if plan.whole:
-                    result = await serving.answer(self._relay, endpoint.base_url, plan, engine_id)
-                    return serving.whole_as_sse(result, plan.shape)
-                stream = await serving.open_stream(self._relay, endpoint.base_url, plan, engine_id)
-                return serving.openai_sse(stream) if dialect is None else dialect.sse(stream)
-
-            try:
-                return await self._stream(open_, error_event if dialect is None else dialect.failed, lease, keep_alive)
-            except BaseException:
-                lease.release(keep_alive)
-                raise
-
-        async def whole() -> Response:
-            endpoint = await self._supervisor.ensure_ready()
-            engine_id = endpoint.engine_ids.get(model.id, model.id)
-            result = await serving.answer(self._relay, endpoint.base_url, plan, engine_id)
-            if dialect is not None:
-                result = dialect.answer(result)
-            return Response(orjson.dumps(result), media_type="application/json")
-
-        try:
-            return await _until_disconnect(self._event_loop(), request, whole())
-        finally:
-            lease.release(keep_alive)
-
-    def _relay_opener(self, path: str, encode: _Encoder) -> _Opener:
+    def _relay_opener(self, path: str, encode: _Encoder) -> Opener:
         """A stream relayed as the engine sends it (the routes that are not OpenAI's chat family)."""
 
         async def open_(endpoint: Endpoint) -> AsyncIterator[bytes]:
@@ -346,7 +243,7 @@ class Api:
 
             async def relayed() -> AsyncIterator[bytes]:
                 try:
-                    async for block in self._relay.events(upstream):
+                    async for block in self._relay.events(upstream, endpoint.base_url):
                         yield rename(block)
                 except GatewayError as exc:
                     yield error_event(exc)
@@ -355,15 +252,19 @@ class Api:
 
         return open_
 
-    async def _embed(self, request: Request, body: dict[str, Any], model: Model) -> Response:
+    async def _embed(self, request: Request, body: dict[str, Any], model: Model, lease: Lease) -> Response:
         # The engine is started only when some item is not cached: a warm cache answers with it stopped.
         content, cache = await self._embeddings.handle(
-            body, model, self._supervisor.ensure_ready, cache_control=request.headers.get("cache-control")
+            body,
+            model,
+            functools.partial(self._pool.ensure_ready, model.id, lease),
+            cache_control=request.headers.get("cache-control"),
         )
         return Response(content, media_type="application/json", headers={"x-cache": cache})
 
-    async def _forward(self, request: Request, path: str, encode: _Encoder, wanted_image: str | None) -> Response:
-        endpoint = await self._supervisor.ensure_ready()
+    async def _forward(self, request: Request, model: Model, lease: Lease, path: str, encode: _Encoder,
+                       wanted_image: str | None) -> Response:  # fmt: skip
+        endpoint = await self._pool.ensure_ready(model.id, lease)
         payload, rename = encode(endpoint)
         reply = await self._relay.request(endpoint.base_url, path, payload)
         if wanted_image is not None:
@@ -372,47 +273,6 @@ class Api:
             )
             return Response(rename(json.dumps(answer).encode()), media_type="application/json")
         return Response(rename(reply.content), status_code=reply.status, media_type=reply.content_type)
-
-    async def _stream(self, open_: _Opener, on_error: _ErrorEvent, lease: Lease, keep_alive: float | None) -> Response:
-        ready = asyncio.ensure_future(self._supervisor.ensure_ready())
-        # Errors that come at once (no engine installed, backoff) still get a proper status code; only a
-        # start that takes a while commits the answer to a 200 event stream with `: loading` comments.
-        done, _ = await asyncio.wait({ready}, timeout=min(1.0, self._settings.loading_interval))
-        if done:
-            return _LeasedStream(await open_(ready.result()), lease, keep_alive)
-        return _LeasedStream(self._cold_stream(ready, open_, on_error), lease, keep_alive)
-
-    async def _cold_stream(self, ready: asyncio.Future[Endpoint], open_: _Opener,
-                           on_error: _ErrorEvent) -> AsyncIterator[bytes]:  # fmt: skip
-        try:
-            yield self._loading()
-            while not ready.done():
-                await asyncio.wait({ready}, timeout=self._settings.loading_interval)
-                if not ready.done():
-                    yield self._loading()
-            try:
-                events = await open_(ready.result())
-            except GatewayError as exc:
-                yield on_error(exc)
-                return
-            async for event in events:
-                yield event
-        finally:
-            if not ready.done():
-                ready.cancel()
-
-    def _loading(self) -> bytes:
-        """The SSE comment sent while a stream waits: `: loading`, with download progress when there is any."""
-        parts = []
-        for file, state in self._events.summary()["downloads"].items():
-            if state.get("state") in ("downloading", "retrying", "waiting"):
-                done, total = state.get("bytes") or 0, state.get("total")
-                share = f" {100 * done / total:.0f}%" if total else ""
-                eta = f", ETA {state['eta']:.0f} s" if state.get("eta") is not None else ""
-                parts.append(f" {file}{share} ({done} of {total or '?'} bytes{eta})")
-        if not parts:
-            return LOADING
-        return (": loading" + ";".join(parts)).replace("\n", " ").encode() + b"\n\n"
 
     # ------------------------------------------------------------------------------ other routes
 
@@ -423,7 +283,7 @@ class Api:
             "created": self._created,
             "owned_by": "mistral-gateway",
             "kind": model.kind,
-            "state": self._supervisor.state.value,
+            **self._pool.model_status(model.id),  # its engine's state, seconds until its idle stop, memory
         }
         if name != model.id:
             card["alias_of"] = model.id
@@ -458,14 +318,34 @@ class Api:
         )
 
     async def admin_start(self, request: Request) -> Response:
-        """Preload: start the engine now rather than at the first request."""
-        await self._supervisor.ensure_ready()
-        return JSONResponse({"engine": self._supervisor.status()})
+        """Preload: start every engine now rather than at the first request (an exclusive group's first member)."""
+        await self._pool.start_all()
+        return JSONResponse(self._pool.status())
 
     async def admin_stop(self, request: Request) -> Response:
-        """Stop the engine now (it starts again at the next request that needs it)."""
-        await self._supervisor.stop("admin request")
-        return JSONResponse({"engine": self._supervisor.status()})
+        """Stop every engine now (each starts again at the next request that needs it)."""
+        await self._pool.stop_all("admin request")
+        return JSONResponse(self._pool.status())
+
+    def _admin_model(self, request: Request) -> Model:
+        name = request.path_params["model"]
+        model = self._catalog.find(name)
+        if model is None:
+            raise ModelNotFound(f"The model '{name}' does not exist. Available models: "
+                                f"{', '.join(m.id for m in self._catalog.models)}.", param="model")  # fmt: skip
+        return model
+
+    async def admin_load(self, request: Request) -> Response:
+        """Start the engine of one model now (making room under the memory budget if it must)."""
+        model = self._admin_model(request)
+        await self._pool.load(model.id)
+        return JSONResponse({"model": model.id, **self._pool.model_status(model.id)})
+
+    async def admin_unload(self, request: Request) -> Response:
+        """Stop the engine of one model now, whatever it is doing (it starts again at its next request)."""
+        model = self._admin_model(request)
+        await self._pool.unload(model.id)
+        return JSONResponse({"model": model.id, **self._pool.model_status(model.id)})
 
     async def event_stream(self, request: Request) -> Response:
         """Lifecycle events as Server-Sent Events: the recent history, then live ones."""
@@ -484,12 +364,15 @@ class Api:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
-        status = self._supervisor.status()
-        if self._draining:
+        if self._service.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        if status["state"] == "failed" and status["retry_in"]:
-            return JSONResponse({"status": "engine failing", "last_error": status["last_error"]}, status_code=503)
-        return JSONResponse({"status": "ready", "engine": status["state"]})
+        engines = self._pool.status()["engines"]
+        # Not ready only when no engine can serve: one broken model must not take the whole gateway out of a
+        # load balancer while the others work.
+        if engines and all(e["state"] == "failed" and e["retry_in"] for e in engines):
+            errors = {e["name"]: e["last_error"] for e in engines}
+            return JSONResponse({"status": "engines failing", "errors": errors}, status_code=503)
+        return JSONResponse({"status": "ready", "engines": {e["name"]: e["state"] for e in engines}})
 
     def cache_status(self) -> dict[str, Any]:
         stats = self._embeddings.stats
@@ -507,9 +390,12 @@ class Api:
         }
 
     async def status(self, request: Request) -> Response:
+        await self._pool.refresh()
+        pool = self._pool.status()
         return JSONResponse(
             {
-                "engine": self._supervisor.status(),
+                "engines": pool["engines"],
+                "budget": pool["budget"],
                 "models": [
                     {
                         "id": m.id,
@@ -517,6 +403,7 @@ class Api:
                         "aliases": list(m.entry.aliases),
                         "engine_id": m.engine_id,
                         "source": m.source.model_id + (f"/{m.source.filename}" if m.source.filename else ""),
+                        **self._pool.model_status(m.id),
                     }
                     for m in self._catalog.models
                 ],

@@ -24,18 +24,21 @@ from .auth import KeyGuard, load_keys
 from .cache.store import MemoryStore, RedisStore
 from .catalog import Catalog, load_catalog
 from .embeddings import Embeddings
-from .engine.supervisor import Supervisor
+from .engine.launcher import Launcher
+from .engine.pool import EnginePool
+from .engine.preparation import Preparer
+from .engine.process import SubprocessSpawner
 from .errors import EngineUnavailable, GatewayError, MethodNotAllowed, RouteNotFound, error_body
 from .events import EventBus
 from .images import ImageStore
 from .observability import Metrics, RequestObserver, cache_metrics, download_metrics, engine_metrics, loggable
 from .origin import TrustedProxies
 from .relay import Relay
+from .service import ModelService
 from .settings import Settings
 from .upstream import AiohttpUpstream, Upstream
 
 if TYPE_CHECKING:
-
     from .models.download import Downloader
 
 _log = logging.getLogger("gateway")
@@ -45,7 +48,7 @@ def create_app(
     settings: Settings,
     *,
     catalog: Catalog | None = None,
-    supervisor: Supervisor | None = None,
+    pool: EnginePool | None = None,
     upstream: Upstream | None = None,
 ) -> GatewayApp:
     """The ASGI app. Parts not passed in are built from ``settings``."""
@@ -58,31 +61,29 @@ def create_app(
     owns_run_dir = settings.run_dir is None
     run_dir = settings.run_dir or Path(tempfile.mkdtemp(prefix="mistral-gateway-"))
     events = EventBus()
-    if supervisor is None:
-        supervisor = Supervisor(
-            settings, catalog, run_dir=run_dir / "engine", events=events,
-            downloader=lambda: _downloader(settings, events),
-        )  # fmt: skip
+    if pool is None:
+        pool = _pool(settings, catalog, run_dir / "engine", events)
     upstream = upstream or AiohttpUpstream()
     relay = Relay(upstream, stall_timeout=settings.stall_timeout, request_timeout=settings.request_timeout,
-                  on_failure=supervisor.engine_failed)  # fmt: skip
+                  on_failure=pool.engine_failed)  # fmt: skip
     memory = MemoryStore(int(settings.embedding_cache_mb * 1024 * 1024), ttl=settings.embedding_cache_ttl)
     shared = RedisStore(settings.cache_url, ttl=settings.embedding_cache_ttl) if settings.cache_url else None
     embeddings = Embeddings(relay, memory, shared)
-    api = Api(settings, catalog, supervisor, relay, ImageStore(run_dir / "images", ttl=settings.image_ttl), embeddings,
+    service = ModelService(pool, relay, events, loading_interval=settings.loading_interval)
+    api = Api(settings, catalog, service, ImageStore(run_dir / "images", ttl=settings.image_ttl), embeddings,
               events)  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         import asyncio
 
-        idle = asyncio.create_task(supervisor.run_idle_stopper(), name="idle-stopper")
+        background = asyncio.create_task(pool.run(), name="engine-pool")  # idle stoppers, preload
         try:
             yield
         finally:
             api.start_draining()
-            idle.cancel()
-            await supervisor.aclose()
+            background.cancel()
+            await pool.aclose()
             await upstream.aclose()
             if shared is not None:
                 await shared.aclose()
@@ -92,7 +93,7 @@ def create_app(
     metrics = Metrics()
     metrics.watch(
         lambda: [
-            *engine_metrics(supervisor.status()),
+            *engine_metrics(pool.status()),
             *cache_metrics(api.cache_status()),
             *download_metrics(events.summary()["downloads"]),
         ]
@@ -121,16 +122,16 @@ def create_app(
         stack = KeyGuard(stack, api_keys=api_keys, admin_key=settings.admin_key)
     stack = RequestObserver(stack, metrics=metrics, log_format=settings.log_format)
     stack = TrustedProxies(stack, allow_ips=settings.forwarded_allow_ips)  # instead of uvicorn's (cli.serve)
-    return GatewayApp(stack, supervisor=supervisor, catalog=catalog, api=api, relay=relay, events=events)
+    return GatewayApp(stack, pool=pool, catalog=catalog, api=api, relay=relay, events=events)
 
 
 class GatewayApp:
     """The ASGI app that uvicorn serves, with the parts the command line needs to reach."""
 
-    def __init__(self, app: ASGIApp, *, supervisor: Supervisor, catalog: Catalog, api: Api, relay: Relay,
+    def __init__(self, app: ASGIApp, *, pool: EnginePool, catalog: Catalog, api: Api, relay: Relay,
                  events: EventBus) -> None:  # fmt: skip
         self.app = app
-        self.supervisor = supervisor
+        self.pool = pool
         self.catalog = catalog
         self._api = api
         self._relay = relay
@@ -143,7 +144,7 @@ class GatewayApp:
         """SIGTERM: refuse new requests, answer the ones waiting for an engine to start at once, end /events
         streams; requests being answered get until :meth:`end_drain` (gateway/shutdown.py)."""
         self._api.start_draining()
-        self.supervisor.begin_shutdown()
+        self.pool.begin_shutdown()
         self._events.close()
 
     async def end_drain(self) -> None:
@@ -185,6 +186,18 @@ class ModelRouteDispatch:
         # Errors past this point happen after the answer has begun (a stream's are events already): uvicorn
         # logs them and closes the connection, as it would behind Starlette.
         await response(scope, receive, send)
+
+
+def _pool(settings: Settings, catalog: Catalog, run_dir: Path, events: EventBus) -> EnginePool:
+    """The engines, from the settings: a launcher of real processes, a preparer that downloads."""
+    import time
+
+    logger = logging.getLogger("gateway.engine")
+    launcher = Launcher(settings, spawner=SubprocessSpawner(logger), probe=AiohttpUpstream(), clock=time.monotonic,
+                        logger=logger)  # fmt: skip
+    preparer = Preparer(settings, downloader=lambda: _downloader(settings, events), events=events)
+    return EnginePool(settings, catalog, run_dir=run_dir, launcher=launcher, preparer=preparer, events=events,
+                      logger=logger)  # fmt: skip
 
 
 def _downloader(settings: Settings, events: EventBus) -> Downloader:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,6 +86,13 @@ class ModelEntry(BaseModel):
     tokenizer: str | None = None
     aliases: list[str] = Field(default_factory=list)
     options: ModelOptions = Field(default_factory=ModelOptions)
+    # Its engine's life: seconds without requests before it stops (0: never; default GATEWAY_IDLE_TIMEOUT), the
+    # memory it takes (MB; default: measured once loaded), whether eviction may stop it, whether it starts with
+    # the gateway.
+    ttl: float | None = Field(None, ge=0)
+    memory_mb: float | None = Field(None, gt=0)
+    persistent: bool = False
+    preload: bool = False
 
     @field_validator("aliases")
     @classmethod
@@ -95,6 +102,18 @@ class ModelEntry(BaseModel):
         return value
 
 
+class GroupEntry(BaseModel):
+    """One ``[[groups]]`` table: models that belong together."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+    share_engine: bool = False  # one engine process serves every member (mistral.rs's multi-model mode)
+    exclusive: bool = False  # at most one member runs at a time: a request for another swaps them
+    preload: bool = False
+
+
 class ModelsFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -102,6 +121,7 @@ class ModelsFile(BaseModel):
     default_embedding_model: str | None = None
     engine: EngineOptions = Field(default_factory=EngineOptions)
     models: list[ModelEntry] = Field(min_length=1)
+    groups: list[GroupEntry] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -162,14 +182,64 @@ def quantized_gguf(filename: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Unit:
+    """What one engine process serves: a model, or the members of a group with ``share_engine``.
+
+    ``exclusive``: the name of the exclusive group the unit belongs to (at most one of its units runs at a time).
+    """
+
+    name: str
+    models: tuple[Model, ...]
+    exclusive: str | None = None
+    preload: bool = False
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(model.id for model in self.models)
+
+    @property
+    def persistent(self) -> bool:
+        """Never stopped to make room for another model (the idle stop still applies)."""
+        return any(model.entry.persistent for model in self.models)
+
+    @property
+    def memory_mb(self) -> float | None:
+        """What the models file declares the unit takes; None unless every member declares it."""
+        declared = [model.entry.memory_mb for model in self.models]
+        return sum(d for d in declared if d is not None) if all(d is not None for d in declared) else None
+
+    def ttl(self, default: float) -> float:
+        """Seconds idle before the engine stops (0: never): the longest of its members', any 0 meaning never."""
+        ttls = [default if model.entry.ttl is None else model.entry.ttl for model in self.models]
+        return 0.0 if 0 in ttls else max(ttls)
+
+
+@dataclass(frozen=True)
 class Catalog:
-    """The resolved models file: lookups by id or alias, and the defaults."""
+    """The resolved models file: lookups by id or alias, the defaults, and what each engine process serves."""
 
     models: tuple[Model, ...]
     default_model: str | None
     default_embedding_model: str | None
     origin: str
     engine: EngineOptions = field(default_factory=EngineOptions)
+    units: tuple[Unit, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.units:  # a catalog built by hand (tests, engine_catalog): one engine per model
+            object.__setattr__(self, "units", tuple(Unit(m.id, (m,), preload=m.entry.preload) for m in self.models))
+
+    def unit_of(self, model_id: str) -> Unit:
+        return next(unit for unit in self.units if model_id in unit.ids)
+
+    def only(self, ids: Iterable[str]) -> Catalog:
+        """The same catalog restricted to some models: what one engine process is started with."""
+        wanted = set(ids)
+        models = tuple(m for m in self.models if m.id in wanted)
+        default = self.default_model if self.default_model in wanted else None
+        embedding = self.default_embedding_model if self.default_embedding_model in wanted else None
+        return replace(self, models=models, default_model=default, default_embedding_model=embedding,
+                       units=(Unit("+".join(sorted(wanted)), models),))  # fmt: skip
 
     def find(self, name: str) -> Model | None:
         for model in self.models:
@@ -270,7 +340,43 @@ def parse_catalog(text: str, *, origin: str, model_dir: Path, default_model: str
         default_embedding_model=embed or next((m.id for m in models if m.kind == "embedding"), None),
         origin=origin,
         engine=engine,
+        units=_units(origin, models, parsed.groups),
     )
+
+
+def _units(origin: str, models: tuple[Model, ...], groups: list[GroupEntry]) -> tuple[Unit, ...]:
+    """One engine per model, except for groups that share one; every model in at most one group."""
+    by_name = {name: model for model in models for name in (model.id, *model.entry.aliases)}
+    grouped: dict[str, str] = {}
+    names: set[str] = set()
+    units: list[Unit] = []
+    for group in groups:
+        where = f"{origin}: [[groups]] name = {group.name!r}"
+        if group.name in names or group.name in by_name:
+            raise ConfigError(f"{where}: the name is already used by another group or a model. Fix: rename it.")
+        names.add(group.name)
+        if group.share_engine and group.exclusive:
+            raise ConfigError(f"{where}: share_engine and exclusive exclude each other (members that share one "
+                              "engine always run together). Fix: drop one.")  # fmt: skip
+        members: list[Model] = []
+        for name in group.models:
+            model = by_name.get(name)
+            if model is None:
+                raise ConfigError(f"{where}: {name!r} names no model. Fix: use the id of a [[models]] entry.")
+            if model.id in grouped:
+                raise ConfigError(f"{where}: the model {model.id!r} is already in the group {grouped[model.id]!r}. "
+                                  "Fix: put every model in one group at most.")  # fmt: skip
+            grouped[model.id] = group.name
+            members.append(model)
+        preload = group.preload or any(m.entry.preload for m in members)
+        if group.share_engine:
+            units.append(Unit(group.name, tuple(members), preload=preload))
+        else:
+            exclusive = group.name if group.exclusive else None
+            units += [Unit(m.id, (m,), exclusive, group.preload or m.entry.preload) for m in members]
+    units += [Unit(m.id, (m,), preload=m.entry.preload) for m in models if m.id not in grouped]
+    order = {model.id: i for i, model in enumerate(models)}
+    return tuple(sorted(units, key=lambda unit: min(order[i] for i in unit.ids)))
 
 
 def _entry_label(raw: dict[str, Any], index: int) -> str:

@@ -6,15 +6,17 @@ import argparse
 import gc
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from . import __version__
 from .catalog import load_catalog
-from .errors import ConfigError, EngineNotInstalled
+from .errors import ConfigError, EngineNotInstalled, EngineStartFailed
 from .settings import Settings
 
 
@@ -31,9 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="download model files ahead of time, with progress")
     pull.add_argument("models", nargs="*", metavar="ID", help="models to download (default: the default models)")
     pull.add_argument("--all", action="store_true", help="download every model of the models file")
-    engine = sub.add_parser("engine", help="start, stop or show the engine of a running gateway")
+    engine = sub.add_parser("engine", help="start, stop or show every engine of a running gateway")
     engine.add_argument("action", choices=["start", "stop", "status"])
     engine.add_argument("--url", help="the gateway's URL (default: from GATEWAY_HOST and GATEWAY_PORT)")
+    models = sub.add_parser("models", help="the models of a running gateway: ps, load ID, unload ID")
+    models.add_argument("action", choices=["ps", "load", "unload"])
+    models.add_argument("model", nargs="?", metavar="ID", help="the model to load or unload")
+    models.add_argument("--url", help="the gateway's URL (default: from GATEWAY_HOST and GATEWAY_PORT)")
     # The same flags before or after the subcommand. A subcommand's defaults are SUPPRESS, so that
     # `mistral-gateway --port 9000 serve` keeps 9000 instead of the subparser resetting it to None.
     for p in (parser, serve, check, pull):
@@ -71,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return pull_models(settings, args.models, every=args.all)
         if args.command == "engine":
             return engine_command(settings, args.action, args.url)
+        if args.command == "models":
+            return models_command(settings, args.action, args.model, args.url)
         return serve(settings)
     except ConfigError as exc:
         print(f"mistral-gateway: configuration error: {exc}", file=sys.stderr)
@@ -93,15 +101,15 @@ def _explain_settings(exc: ValidationError) -> str:
 
 def check(settings: Settings) -> int:
     """Print what the gateway would run; exit 1 when no engine is installed."""
-    from .engine.command import CommandError, build_command
     from .engine.discovery import find_engine
-    from .engine.supervisor import engine_catalog
+    from .engine.launcher import plan_launch
+    from .engine.preparation import engine_catalog
 
     catalog = load_catalog(
         settings.resolved_models_file(), model_dir=settings.model_dir, default_model=settings.default_model
     )
     print(f"models from {catalog.origin}:")
-    # Prefetched repos load from their folder in the model dir, as the supervisor will start them.
+    # Prefetched repos load from their folder in the model dir, as their engines are started.
     folders = {
         m.id: settings.model_dir / m.source.model_id for m in catalog.models if not m.source.local and m.entry.prefetch
     }
@@ -123,20 +131,30 @@ def check(settings: Settings) -> int:
     except EngineNotInstalled as exc:
         print(f"engine: {exc.message}")
         return 1
-    try:
-        command = build_command(program, catalog, port=settings.engine_port or 1234, run_dir="<run-dir>")
-    except CommandError as exc:
-        print(f"engine: {program.argv[0]}: {exc}")
-        return 1
     version = ".".join(map(str, program.version)) if program.version else "unknown version"
     if program.name == "bundled":
         from importlib.metadata import version as package_version
 
         version = f"the mistralrs package {package_version('mistralrs')}"
-    print(f"engine: {program.name} ({version}): {' '.join(command.argv)}")
-    for name, text in command.files.items():
-        print(f"--- <run-dir>/{name}\n{text}")
-    return 0
+    print(f"engine: {program.name} ({version}), one process per line below, each started at its first request:")
+    failed = False
+    for unit in catalog.units:
+        run_dir = Path(f"<run-dir>/{unit.name}")
+        try:
+            plan = plan_launch(program, catalog.only(unit.ids), port=settings.engine_port or 1234, run_dir=run_dir,
+                               settings=settings, environ={})  # fmt: skip
+        except EngineStartFailed as exc:
+            print(f"  {unit.name}: {exc.message}")
+            failed = True
+            continue
+        mode = f" (exclusive group {unit.exclusive}: one member at a time)" if unit.exclusive else ""
+        argv = list(plan.argv)
+        if not settings.engine_port:  # PORT: each start takes a free loopback port
+            argv[argv.index("--port") + 1] = "PORT"
+        print(f"  {unit.name}{mode}: {shlex.join(argv)}")
+        for name, text in plan.files.items():
+            print(f"--- {run_dir}/{name}\n{text}")
+    return 1 if failed else 0
 
 
 def pull_models(settings: Settings, names: list[str], *, every: bool) -> int:
@@ -201,34 +219,78 @@ def pull_models(settings: Settings, names: list[str], *, every: bool) -> int:
     return 1 if failed else 0
 
 
-def engine_command(settings: Settings, action: str, url: str | None) -> int:
-    """`mistral-gateway engine start|stop|status`: the admin actions of a running gateway."""
-    import json
-
+def _admin(settings: Settings, url: str | None, method: str, path: str) -> dict[str, Any] | None:
+    """One call to a running gateway's admin API; None (after saying why on stderr) when it fails."""
     import httpx
 
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = (url or f"http://{host}:{settings.port}").rstrip("/")
     headers = {"Authorization": f"Bearer {settings.admin_key}"} if settings.admin_key else {}
     try:
-        if action == "status":
-            response = httpx.get(f"{base}/status", headers=headers, timeout=30)
-        else:
-            response = httpx.post(
-                f"{base}/admin/engine/{action}", headers=headers, timeout=settings.startup_timeout + 30
-            )
+        response = httpx.request(method, base + path, headers=headers, timeout=settings.startup_timeout + 30)
     except httpx.HTTPError as exc:
         print(f"mistral-gateway: cannot reach the gateway at {base}: {exc}", file=sys.stderr)
-        return 1
+        return None
     try:
-        body = response.json()
+        body: dict[str, Any] = response.json()
     except ValueError:
         body = {"error": {"message": response.text}}
     if response.status_code >= 400:
         print(f"mistral-gateway: {body.get('error', {}).get('message', response.text)}", file=sys.stderr)
+        return None
+    return body
+
+
+def engine_command(settings: Settings, action: str, url: str | None) -> int:
+    """`mistral-gateway engine start|stop|status`: every engine of a running gateway."""
+    import json
+
+    path = "/status" if action == "status" else f"/admin/engine/{action}"
+    body = _admin(settings, url, "GET" if action == "status" else "POST", path)
+    if body is None:
         return 1
-    print(json.dumps(body.get("engine", body), indent=2))
+    print(json.dumps({"engines": body.get("engines"), "budget": body.get("budget")}, indent=2))
     return 0
+
+
+def models_command(settings: Settings, action: str, model: str | None, url: str | None) -> int:
+    """`mistral-gateway models ps | load ID | unload ID`: the models of a running gateway and their engines."""
+    import json
+    from urllib.parse import quote
+
+    if action == "ps":
+        body = _admin(settings, url, "GET", "/status")
+        if body is None:
+            return 1
+        print(models_table(body))
+        return 0
+    if not model:
+        print(f"mistral-gateway: models {action} needs a model id", file=sys.stderr)
+        return 2
+    body = _admin(settings, url, "POST", f"/admin/models/{quote(model, safe='/')}/{action}")
+    if body is None:
+        return 1
+    print(json.dumps(body, indent=2))
+    return 0
+
+
+def models_table(status: dict[str, Any]) -> str:
+    """`models ps`: one line per model, as `ollama ps` shows them, and the memory budget."""
+    rows = [("MODEL", "ENGINE", "STATE", "PID", "MEMORY", "IN FLIGHT", "IDLE STOP IN")]
+    engines = {e["name"]: e for e in status.get("engines", [])}
+    for model in status.get("models", []):
+        engine = engines.get(model.get("engine"), {})
+        memory = model.get("memory_mb")
+        until = model.get("seconds_until_idle_stop")
+        rows.append((model["id"], str(model.get("engine")), str(model.get("state")), str(engine.get("pid") or "-"),
+                     f"{memory:g} MB" if memory is not None else "-", str(engine.get("in_flight", 0)),
+                     f"{until:.0f} s" if until is not None else "-"))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    budget = status.get("budget") or {}
+    if budget.get("budget_mb"):
+        lines.append(f"memory: {budget['used_mb']:g} MB of a {budget['budget_mb']:g} MB budget")
+    return "\n".join(lines)
 
 
 def serve(settings: Settings) -> int:
@@ -244,7 +306,7 @@ def serve(settings: Settings) -> int:
     for noisy in ("httpx", "httpx2", "huggingface_hub"):  # one INFO line per HTTP request each
         logging.getLogger(noisy).setLevel(logging.WARNING)
     app = create_app(settings)
-    supervisor = app.supervisor
+    pool = app.pool
     # What is loaded by now (modules, settings, the catalog) lives as long as the process: keep it out of the
     # garbage collector's passes, which otherwise rescan it as requests allocate.
     gc.collect()
@@ -269,5 +331,5 @@ def serve(settings: Settings) -> int:
         server.run()
     finally:
         # A second Ctrl+C skips the lifespan shutdown: the engine must still go.
-        supervisor.kill_now()
+        pool.kill_now()
     return 0 if server.started else 1

@@ -27,7 +27,7 @@ import orjson
 from .cache.keys import Item, item_key, model_identity
 from .cache.store import Entry, MemoryStore, RedisStore
 from .catalog import Model
-from .engine.supervisor import Endpoint
+from .engine.launcher import Endpoint
 from .errors import EngineError, InvalidRequest, UnsupportedForModel
 from .relay import Relay
 

@@ -16,6 +16,8 @@
         EngineNotInstalled            503 - no engine program found
         EngineStartFailed             503 - it exited or timed out while starting; never retried by SDKs
           ModelDownloadFailed         503 - a model could not be downloaded before the start
+        ModelTooLarge                 503 - the model takes more memory than the whole budget; never retried
+        BudgetExhausted               503 - no room for the model: the engines holding the memory stayed busy
       QueueFull                       429 - too many requests already wait for the engine, with Retry-After
       EngineCrashed                   502 - it died or broke the connection mid-request
       EngineStalled                   504 - no byte from the engine for too long
@@ -23,7 +25,7 @@
     ConfigError                       start-up configuration is broken (never reaches a client)
 
 Foreign errors (httpx, OS) are translated into this tree at exactly one boundary each: the relay for
-HTTP, the supervisor for processes.
+HTTP, the engine pool for processes.
 """
 
 from __future__ import annotations
@@ -160,6 +162,20 @@ class EngineStartFailed(EngineUnavailable):
 
 class ModelDownloadFailed(EngineStartFailed):
     code = "model_download_failed"
+
+
+class ModelTooLarge(EngineUnavailable):
+    """The model alone takes more than GATEWAY_MEMORY_BUDGET_MB: no eviction can make room, so no retry will."""
+
+    code = "model_too_large"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("x-should-retry", "false")
+
+
+class BudgetExhausted(EngineUnavailable):
+    code = "memory_budget_exhausted"
 
 
 class QueueFull(GatewayError):

@@ -1,6 +1,6 @@
 """The gateway's lifecycle events: one structured log line each, a short history, live followers.
 
-Producers (the downloader, the supervisor) call :meth:`EventBus.publish`; it never blocks and never
+Producers (the downloader, the engine pool) call :meth:`EventBus.publish`; it never blocks and never
 fails because of a follower. Followers (``GET /events``, ``mistral-gateway pull``'s progress bars)
 iterate :meth:`EventBus.subscribe`: the history first, then live events. A follower that cannot keep up
 loses events instead of slowing the gateway down, and is told how many it lost by an
@@ -16,7 +16,7 @@ Event types and their details:
 - ``download.retry``    url, file, attempt, delay (s), error
 - ``download.done``     url, file, path, bytes, downloaded (bytes fetched over the network), seconds, sha256
 - ``download.failed``   url, file, error
-- ``engine.starting``, ``engine.ready``, ``engine.stopped``, ``engine.crashed``: whatever the supervisor adds
+- ``engine.starting``, ``engine.ready``, ``engine.stopped``, ``engine.crashed``: whatever the engine lifecycle adds
 - ``events.dropped``    dropped: events this follower lost (sent to that follower only)
 """
 

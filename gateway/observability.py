@@ -50,17 +50,42 @@ class Metrics:
 
 
 def engine_metrics(status: dict[str, Any]) -> list[Metric]:
-    """Engine state and counters from the supervisor's status."""
-    state = GaugeMetricFamily("gateway_engine_state", "1 for the engine's current state.", labels=["state"])
+    """The engines, from the pool's status: totals by state, and each model's engine (labelled by model)."""
+    engines = status["engines"]
+    state = GaugeMetricFamily("gateway_engine_state", "Engines in each state.", labels=["state"])
     for name in _ENGINE_STATES:
-        state.add_metric([name], 1.0 if status["state"] == name else 0.0)
+        state.add_metric([name], float(sum(1 for e in engines if e["state"] == name)))
     starts = CounterMetricFamily("gateway_engine_starts", "Engine processes started.")
-    starts.add_metric([], status["starts"])
+    starts.add_metric([], sum(e["starts"] for e in engines))
     crashes = CounterMetricFamily("gateway_engine_crashes", "Engine processes that died unexpectedly.")
-    crashes.add_metric([], status["crashes"])
+    crashes.add_metric([], sum(e["crashes"] for e in engines))
     cold = GaugeMetricFamily("gateway_engine_cold_start_seconds", "Seconds the last engine start took.")
-    cold.add_metric([], status["last_start_seconds"] or 0.0)
-    return [state, starts, crashes, cold]
+    cold.add_metric([], max((e["last_start_seconds"] or 0.0 for e in engines), default=0.0))
+    model_state = GaugeMetricFamily("gateway_model_state", "1 for the state of each model's engine.",
+                                    labels=["model", "state"])  # fmt: skip
+    model_starts = CounterMetricFamily("gateway_model_starts", "Starts of each model's engine.", labels=["model"])
+    model_crashes = CounterMetricFamily("gateway_model_crashes", "Crashes of each model's engine.", labels=["model"])
+    evictions = CounterMetricFamily(
+        "gateway_model_evictions", "Stops of each model's engine to make room for another.", labels=["model"]
+    )
+    memory = GaugeMetricFamily("gateway_model_memory_bytes",
+                               "Memory of each model's engine (a shared engine's for each of its models).",
+                               labels=["model", "engine"])  # fmt: skip
+    for engine in engines:
+        for model in engine["models"]:
+            for name in _ENGINE_STATES:
+                model_state.add_metric([model, name], 1.0 if engine["state"] == name else 0.0)
+            model_starts.add_metric([model], engine["starts"])
+            model_crashes.add_metric([model], engine["crashes"])
+            evictions.add_metric([model], engine["evictions"])
+            if engine["memory_mb"] is not None:
+                memory.add_metric([model, engine["name"]], engine["memory_mb"] * 1024 * 1024)
+    budget = GaugeMetricFamily("gateway_memory_budget_bytes", "GATEWAY_MEMORY_BUDGET_MB, and the part in use.",
+                               labels=["kind"])  # fmt: skip
+    if status["budget"]["budget_mb"]:
+        budget.add_metric(["budget"], status["budget"]["budget_mb"] * 1024 * 1024)
+    budget.add_metric(["used"], status["budget"]["used_mb"] * 1024 * 1024)
+    return [state, starts, crashes, cold, model_state, model_starts, model_crashes, evictions, memory, budget]
 
 
 def cache_metrics(cache: dict[str, Any]) -> list[Metric]:

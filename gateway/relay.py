@@ -101,7 +101,7 @@ class Relay:
     A whole answer must arrive within ``request_timeout`` (a total deadline: an engine that drips bytes cannot hold a
     client longer); a stream may run for as long as the engine keeps sending, with no gap longer than
     ``stall_timeout``. Every transport failure is translated into the gateway's error tree (:meth:`_translate`,
-    which does nothing else) and then reported to ``on_failure``: the supervisor decides what it means for the
+    which does nothing else) and then reported to ``on_failure``: the engine pool decides what it means for the
     engine (it checks the engine's health before it restarts anything).
     """
 
@@ -111,7 +111,7 @@ class Relay:
         *,
         stall_timeout: float,
         request_timeout: float,
-        on_failure: Callable[[GatewayError], None] = lambda error: None,
+        on_failure: Callable[[str, GatewayError], None] = lambda base_url, error: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._upstream = upstream
@@ -121,11 +121,11 @@ class Relay:
         self._request_timeout = request_timeout
         self._on_failure = on_failure
 
-    def _failed(self, exc: UpstreamError, timeout: float, setting: str) -> GatewayError:
+    def _failed(self, exc: UpstreamError, timeout: float, setting: str, base_url: str) -> GatewayError:
         if self._closed is not None:
             return self._closed  # not the engine's doing: the gateway cut it off
         error = self._translate(exc, timeout, setting)
-        self._on_failure(error)
+        self._on_failure(base_url, error)
         return error
 
     async def close(self, error: GatewayError) -> None:
@@ -143,7 +143,7 @@ class Relay:
             response = await self._upstream.post(base_url + path, body, deadline=deadline)
             content = await response.read()
         except UpstreamError as exc:
-            raise self._failed(exc, self._request_timeout, "GATEWAY_REQUEST_TIMEOUT") from exc
+            raise self._failed(exc, self._request_timeout, "GATEWAY_REQUEST_TIMEOUT", base_url) from exc
         if response.status >= 400:
             raise engine_error(response.status, content)
         return Reply(response.status, content, response.content_type)
@@ -157,7 +157,7 @@ class Relay:
             response = await self._upstream.post(base_url + path, body, deadline=deadline,
                                                  headers={"accept": "text/event-stream"})  # fmt: skip
         except UpstreamError as exc:
-            raise self._failed(exc, self._stall_timeout, "GATEWAY_STALL_TIMEOUT") from exc
+            raise self._failed(exc, self._stall_timeout, "GATEWAY_STALL_TIMEOUT", base_url) from exc
         if response.status != 200:  # an error, or something no stream ever is (204, 304)
             try:
                 content = await response.read()
@@ -166,7 +166,7 @@ class Relay:
             raise engine_error(response.status, content)
         return response
 
-    async def events(self, response: UpstreamResponse) -> AsyncGenerator[bytes, None]:
+    async def events(self, response: UpstreamResponse, base_url: str) -> AsyncGenerator[bytes, None]:
         """The engine's SSE bytes as they arrive, in blocks of whole events; a transport failure raises
         :class:`GatewayError` (what an event says is for the dialect reading them: gateway/openai/streams.py).
 
@@ -192,7 +192,7 @@ class Relay:
                 elif self._clock() - last_event > self._stall_timeout:
                     raise UpstreamTimeout("The engine has not finished an event within the stall timeout.")
         except UpstreamError as exc:
-            raise self._failed(exc, self._stall_timeout, "GATEWAY_STALL_TIMEOUT") from exc
+            raise self._failed(exc, self._stall_timeout, "GATEWAY_STALL_TIMEOUT", base_url) from exc
         finally:
             await response.close()
         if buffer.strip():
@@ -209,9 +209,7 @@ class Relay:
             )
         if isinstance(exc, UpstreamConnectError):
             return EngineCrashed("The engine could not be reached; it may have crashed. Retry the request.")
-        return EngineCrashed(
-            f"The engine broke off its answer ({exc}). Retry the request."
-        )
+        return EngineCrashed(f"The engine broke off its answer ({exc}). Retry the request.")
 
 
 __all__ = ["ModelRename", "Relay", "Reply", "engine_error", "error_body", "error_event"]

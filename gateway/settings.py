@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     max_body_mb: float = Field(64, gt=0, description="Largest request body accepted, in MiB.")
     image_ttl: float = Field(3600, gt=0, description="Seconds an image served by URL stays available.")
     backoff_max: float = Field(60, gt=0, description="Longest wait between two failed engine starts.")
+    memory_budget_mb: float = Field(
+        0, ge=0, description="Memory the engines may take together, in MB; idle ones stop to make room. 0 = no limit."
+    )
 
     embedding_cache_mb: float = Field(
         256, ge=0, description="Memory for cached embedding vectors, in MiB; 0 turns the cache off."

@@ -155,7 +155,6 @@ def string(body: dict[str, Any], name: str) -> str | None:
     return value
 
 
-
 def parse_keep_alive(value: Any, param: str) -> float:
     """Seconds from a number or an Ollama-style duration ("30s", "5m", "1h"); negative (Ollama's -1): until further
     notice, returned as -1."""

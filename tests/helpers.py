@@ -142,9 +142,16 @@ class Gateway:
         data: dict[str, Any] = httpx.get(self.url + "/status", timeout=5).json()
         return data
 
-    def engine(self) -> dict[str, Any]:
-        engine: dict[str, Any] = self.status()["engine"]
-        return engine
+    def engine(self, model: str | None = None) -> dict[str, Any]:
+        """The status of the engine serving ``model`` (default: the default chat model)."""
+        status = self.status()
+        wanted = model or status["default_model"]
+        engines: list[dict[str, Any]] = status["engines"]
+        return next(e for e in engines if wanted in e["models"])
+
+    def engines(self) -> list[dict[str, Any]]:
+        engines: list[dict[str, Any]] = self.status()["engines"]
+        return engines
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         if self.proc.poll() is None:

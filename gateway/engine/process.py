@@ -1,6 +1,6 @@
 """Spawning the engine as a child process that can never outlive the gateway.
 
-The spawner is an injected dependency of the supervisor so that unit tests can hand it a fake; the
+The spawner is an injected dependency of the launcher so that unit tests can hand it a fake; the
 real one starts the program in its own process group (so a stop reaches anything it forks) with the
 parent-death signal set (so even a SIGKILLed gateway takes the engine down with it).
 """
@@ -23,13 +23,18 @@ _PR_SET_PDEATHSIG = 1
 
 
 class EngineProcess(Protocol):
-    """What the supervisor needs of a running engine."""
+    """What the launcher and an engine's lifecycle need of a running engine."""
 
     @property
     def pid(self) -> int: ...
 
     @property
     def returncode(self) -> int | None: ...
+
+    @property
+    def exited(self) -> bool:
+        """Whether the process has ended, even if its end has not been reported to :meth:`wait` yet."""
+        ...
 
     async def wait(self) -> int: ...
 
@@ -68,6 +73,15 @@ class _ChildProcess:
     @property
     def returncode(self) -> int | None:
         return self._proc.returncode
+
+    @property
+    def exited(self) -> bool:
+        if self._proc.returncode is not None:
+            return True
+        try:  # WNOWAIT: look without reaping, which stays asyncio's job
+            return os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True  # reaped already, its end not yet handed to us
 
     async def _pump_output(self) -> None:
         stream = self._proc.stdout

@@ -2,7 +2,7 @@
 
 Every change of state goes through :meth:`StateMachine.transition`, a compare-and-swap against the
 table below, so a stray stop during a start, or a second start racing the first, is refused instead
-of silently corrupting the supervisor's view of the process.
+of silently corrupting the lifecycle's view of the process.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ ALLOWED: dict[EngineState, frozenset[EngineState]] = {
 
 
 class IllegalTransition(RuntimeError):
-    """A move the table does not allow: a bug in the supervisor, never a client's fault."""
+    """A move the table does not allow: a bug in the lifecycle, never a client's fault."""
 
 
 class StateMachine:

@@ -458,7 +458,11 @@ def check(body: dict[str, Any]) -> None:
 
 
 class Dialect:
-    """One Responses request being served: its chat request, and how chat answers and streams become its own."""
+    """One Responses request being served: its chat request, and how chat answers and streams become its own
+    (a :class:`gateway.service.ChatDialect`)."""
+
+    media_type = "text/event-stream"
+    loading_comments = True
 
     def __init__(self, body: dict[str, Any], model: str) -> None:
         self.chat = to_chat(body)
@@ -466,10 +470,10 @@ class Dialect:
         self._skeleton = Skeleton(new_id("resp"), model, body)
         self._writer = EventWriter(self._skeleton, logprobs=self._logprobs)
 
-    def answer(self, chat_answer: dict[str, Any]) -> dict[str, Any]:
-        return from_chat(chat_answer, self._skeleton, logprobs=self._logprobs)
+    def answer(self, chat_answer: dict[str, Any]) -> bytes:
+        return json.dumps(from_chat(chat_answer, self._skeleton, logprobs=self._logprobs)).encode()
 
-    async def sse(self, stream: Stream) -> AsyncIterator[bytes]:
+    async def stream(self, stream: Stream) -> AsyncIterator[bytes]:
         writer = self._writer
         try:
             for event in writer.start():

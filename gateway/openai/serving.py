@@ -89,7 +89,7 @@ async def open_stream(relay: Relay, base_url: str, plan: Plan, engine_id: str) -
         raise failure
     legs = [Leg(shape, chat=plan.chat, index=i) for i, shape in enumerate(plan.shapes())]
     responses = [r for r in opened if not isinstance(r, BaseException)]
-    merged = streams.merge([leg.events(relay.events(r)) for leg, r in zip(legs, responses, strict=True)])
+    merged = streams.merge([leg.events(relay.events(r, base_url)) for leg, r in zip(legs, responses, strict=True)])
     return Stream(plan, legs, merged, ModelRename.of(engine_id, plan.shape.model))
 
 

@@ -173,3 +173,25 @@ def usage_total(legs: list[Leg], prompts: int) -> dict[str, Any] | None:
             return None  # an engine that reports no usage for this kind of stream: nothing true to send
         total = answers.add_usage(total, leg.usage, prompt=i % n == 0)
     return total
+
+
+class ToolCallPieces:
+    """The tool calls of a chat stream put together from their pieces (chunks may interleave several calls), for
+    dialects that send each call whole: OpenAI's call shape, in the order the calls began."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, Any]] = {}
+
+    def add(self, pieces: list[dict[str, Any]] | None) -> None:
+        for piece in pieces or []:
+            index = piece.get("index", 0)
+            if index not in self._calls:
+                self._calls[index] = {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            call = self._calls[index]
+            function = piece.get("function") or {}
+            call["id"] = call["id"] or piece.get("id")
+            call["function"]["name"] += function.get("name") or ""
+            call["function"]["arguments"] += function.get("arguments") or ""
+
+    def calls(self) -> list[dict[str, Any]]:
+        return list(self._calls.values())

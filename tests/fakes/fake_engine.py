@@ -18,6 +18,8 @@ Behaviour knobs (environment variables, since the real command line has nothing 
     FAKE_ENGINE_SPAWN_LOG=PATH       at start, append {"pid", "argv", "prog", "cwd", "hf_token_set"} as one
                                      JSON line; argv excludes the program name; hf_token_set: HF_TOKEN is
                                      set in its environment (the token itself is never written)
+    FAKE_ENGINE_BROKEN=TEXT          fail to load (exit 1 with an error, after the load delay) when the id or
+                                     path of a model to load contains TEXT: one broken model among good ones
     FAKE_ENGINE_EXIT_AT_START=CODE   print a few lines to stdout and stderr, then exit with CODE after
                                      the load delay, never binding
     FAKE_ENGINE_NEVER_READY=1        never bind: sleep until killed
@@ -847,6 +849,7 @@ class Knobs:
     embed_dim: int = 64
     embed_delay: float = 0.0
     strict_serde: bool = False
+    broken: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Knobs:
@@ -862,6 +865,7 @@ class Knobs:
             embed_dim=int(env.get("FAKE_ENGINE_EMBED_DIM") or 64),
             embed_delay=float(env.get("FAKE_ENGINE_EMBED_DELAY") or 0),
             strict_serde=_truthy(env.get("FAKE_ENGINE_STRICT_SERDE")),
+            broken=env.get("FAKE_ENGINE_BROKEN") or None,
         )
 
 
@@ -1886,6 +1890,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         print("loading model...", flush=True)
         print("Error: simulated load failure", file=sys.stderr, flush=True)
         sys.exit(knobs.exit_at_start)
+    broken = knobs.broken
+    if broken and any(broken in model.model_id or broken in (model.gguf_dir or "") for model in spec.models):
+        _fail(f"simulated load failure of the model matching {broken!r}")
     _load(spec)
 
     sock = _bind(spec.host, spec.port)

@@ -104,7 +104,7 @@ async def _serve_scenario(name: str, stream: bool, writer: asyncio.StreamWriter)
         writer.write(_answer(good, stream=stream) + _answer(_whole("stale"), stream=False))
     elif name == "cut-chunk":
         head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-        writer.write(head + b"%x\r\n" % len(_chunk("fine")) + _chunk("fine") + b"\r\n" + b"64\r\ndata: {\"id\"")
+        writer.write(head + b"%x\r\n" % len(_chunk("fine")) + _chunk("fine") + b"\r\n" + b'64\r\ndata: {"id"')
         return False
     elif name == "short-body":
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n" + good[:50])

@@ -1,5 +1,5 @@
 """A small fake of the gateway's :class:`~gateway.upstream.Upstream` interface, for unit tests of the modules that
-use it (the relay, the supervisor's health probe). Each request is answered by a handler the test writes; the real
+use it (the relay, the launcher's health probe). Each request is answered by a handler the test writes; the real
 client is tested against real sockets in tests/unit/test_upstream.py."""
 
 from __future__ import annotations

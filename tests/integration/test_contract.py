@@ -429,9 +429,17 @@ def test_the_openai_sdk_drives_every_route(target: Target) -> None:
     with client.chat.completions.stream(model=target.chat_model, messages=[{"role": "user", "content": "hi"}],
                                         max_tokens=target.tokens, temperature=0) as stream:  # fmt: skip
         streamed = "".join(event.delta for event in stream if event.type == "content.delta")
-    assert streamed == client.chat.completions.create(
-        model=target.chat_model, messages=[{"role": "user", "content": "hi"}], max_tokens=target.tokens, temperature=0
-    ).choices[0].message.content
+    assert (
+        streamed
+        == client.chat.completions.create(
+            model=target.chat_model,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=target.tokens,
+            temperature=0,
+        )
+        .choices[0]
+        .message.content
+    )
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=target.chat_model, messages=[{"role": "user", "content": "hi"}],
                                        seed=3, temperature=1)  # fmt: skip

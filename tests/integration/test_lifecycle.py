@@ -16,12 +16,18 @@ import openai
 import pytest
 
 from tests.helpers import FAKE_ENGINE, Gateway, free_port, pid_alive, wait_for
+from tests.integration.conftest import models_toml
 
 Start = Callable[..., Gateway]
 
 
 def client(gw: Gateway, **kw: object) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.v1, api_key="unused", max_retries=0, **kw)  # type: ignore[arg-type]
+
+
+SHARED = '[[groups]]\nname = "all"\nmodels = ["tiny-chat", "tiny-gguf", "tiny-embed", "tiny-flux", "tiny-speech"]\n' \
+         "share_engine = true\n"  # fmt: skip
+SOLO = '[[models]]\nid = "solo"\nkind = "plain"\nrepo = "org/solo"\nprefetch = false\n'
 
 
 def say(text: str, **kw: object) -> dict[str, object]:
@@ -41,10 +47,11 @@ def test_lazy_start_and_models_without_engine(gateways: Start) -> None:
     reply = client(gw).chat.completions.create(model="gpt-4o-mini", **say("hello world"))  # type: ignore[call-overload]
     assert reply.choices[0].message.content == "echo: hello world"
     assert reply.model == "tiny-chat"  # the configured id, never the engine's folder path
-    assert len(gw.spawns()) == 1
+    assert len(gw.spawns()) == 1  # the chat model's own engine, not the other models'
     argv = gw.spawns()[0]["argv"]
     assert argv[:4] == ["--serve-ip", "127.0.0.1", "--port", str(gw.engine()["port"])]
-    assert "multi-model" in argv and "--default-model-id" in argv
+    assert argv[4] == "plain" and "multi-model" not in argv
+    assert [e["state"] for e in gw.engines()] == ["ready", "stopped", "stopped", "stopped", "stopped"]
     # The engine's output reaches the gateway log, prefixed with its pid.
     pid = gw.engine()["pid"]
     wait_for(lambda: f"engine[{pid}]: mistralrs fake engine" in gw.log(), 5, "engine output in the log")
@@ -57,11 +64,18 @@ def test_default_model_is_filled_in_and_mapped_to_the_engine_id(gateways: Start,
     assert len(emb.data) == 2 and len(emb.data[0].embedding) == 64 and emb.model == "tiny-embed"
     httpx.post(gw.v1 + "/embeddings", json={"input": "c"}, timeout=30).raise_for_status()
     sent = [r["body"] for r in gw.upstream_requests() if r["method"] == "POST"]
-    # Several models: the engine gets each configured id as an alias, so it is sent as it is.
-    assert sent[0]["model"] == "tiny-chat"
-    assert sent[-1]["model"] == "tiny-embed"
+    # Each model in an engine of its own, loaded from its folder: the engine knows it by that folder.
+    assert sent[0]["model"] == str(tmp_path / "models" / "chat")
+    assert sent[-1]["model"] == str(tmp_path / "models" / "embed")
     httpx.post(gw.v1 + "/chat/completions", json={"model": "gpt-4o-mini", **say("hi")}, timeout=30)
-    assert [r["body"] for r in gw.upstream_requests() if r["method"] == "POST"][-1]["model"] == "tiny-chat"
+    sent = [r["body"] for r in gw.upstream_requests() if r["method"] == "POST"]
+    assert sent[-1]["model"] == str(tmp_path / "models" / "chat")
+    # Members of a group that shares one engine are its aliases there: each configured id is sent as it is.
+    shared = gateways(models_toml(tmp_path / "models") + SHARED)
+    httpx.post(shared.v1 + "/chat/completions", json=say("hi"), timeout=30).raise_for_status()
+    httpx.post(shared.v1 + "/embeddings", json={"input": "c"}, timeout=30).raise_for_status()
+    sent = [r["body"] for r in shared.upstream_requests() if r["method"] == "POST"]
+    assert [b["model"] for b in sent] == ["tiny-chat", "tiny-embed"] and len(shared.spawns()) == 1
 
 
 def test_one_spawn_for_fifty_concurrent_cold_requests(gateways: Start) -> None:
@@ -210,8 +224,13 @@ def test_start_failure_backs_off_with_retry_after(gateways: Start) -> None:
     second = httpx.post(gw.v1 + "/chat/completions", json={**say("x"), "stream": True}, timeout=30)
     assert second.status_code == 503 and "retry-after" in second.headers
     assert len(gw.spawns()) == 1  # no spawn storm
-    assert httpx.get(gw.url + "/readyz").status_code == 503
     assert gw.engine()["state"] == "failed" and gw.engine()["retry_in"] > 0
+    # One broken model does not take the gateway out of a load balancer; only when no engine can serve.
+    assert httpx.get(gw.url + "/readyz").status_code == 200
+    solo = gateways(SOLO, fake_env={"FAKE_ENGINE_EXIT_AT_START": "3"})
+    assert httpx.post(solo.v1 + "/chat/completions", json=say("x"), timeout=30).status_code == 503
+    ready = httpx.get(solo.url + "/readyz")
+    assert ready.status_code == 503 and "exited with code 3" in ready.json()["errors"]["solo"]
 
 
 def test_sdk_sees_503_and_does_not_hang_when_no_engine_is_installed(gateways: Start, tmp_path: Path) -> None:
@@ -275,14 +294,14 @@ def test_fixed_port_taken_by_another_program_is_a_clear_error(gateways: Start) -
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
-        gw = gateways(env={"GATEWAY_ENGINE_PORT": str(port)})
+        gw = gateways(SOLO, env={"GATEWAY_ENGINE_PORT": str(port)})
         reply = httpx.post(gw.v1 + "/chat/completions", json=say("x"), timeout=30)
         assert reply.status_code == 503 and f"GATEWAY_ENGINE_PORT={port}" in reply.json()["error"]["message"]
         assert gw.spawns() == []
 
 
 def test_new_mistralrs_cli_single_and_multi_model(gateways: Start, tmp_path: Path) -> None:
-    gw = gateways(engine="mistralrs")
+    gw = gateways(models_toml(tmp_path / "models") + SHARED, engine="mistralrs")
     client(gw).chat.completions.create(model="tiny-chat", **say("x"))  # type: ignore[call-overload]
     argv = gw.spawns()[0]["argv"]
     assert argv[:2] == ["from-config", "--file"]

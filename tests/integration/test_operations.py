@@ -51,18 +51,33 @@ def test_admin_actions_and_their_cli(gateways: Start) -> None:
     env = {**gw.env, "GATEWAY_ADMIN_KEY": "adm"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gateway", "engine", *args, "--url", gw.url], env=env,
+        return subprocess.run([sys.executable, "-m", "gateway", *args, "--url", gw.url], env=env,
                               capture_output=True, text=True, timeout=60)  # fmt: skip
 
-    status = cli("status")
-    assert status.returncode == 0 and json.loads(status.stdout)["state"] == "stopped"
-    started = cli("start")
-    assert started.returncode == 0 and json.loads(started.stdout)["state"] == "ready"
-    assert len(gw.spawns()) == 1  # preloaded before any request
-    stopped = cli("stop")
-    assert stopped.returncode == 0 and json.loads(stopped.stdout)["state"] == "stopped"
+    def states(out: str) -> set[str]:
+        return {e["state"] for e in json.loads(out)["engines"]}
+
+    status = cli("engine", "status")
+    assert status.returncode == 0 and states(status.stdout) == {"stopped"}
+    started = cli("engine", "start")
+    assert started.returncode == 0 and states(started.stdout) == {"ready"}
+    assert len(gw.spawns()) == 5  # every model's engine, preloaded before any request
+    stopped = cli("engine", "stop")
+    assert stopped.returncode == 0 and states(stopped.stdout) == {"stopped"}
+
+    loaded = cli("models", "load", "gpt-4o-mini")  # an alias names its model
+    assert loaded.returncode == 0 and json.loads(loaded.stdout) == {**json.loads(loaded.stdout), "model": "tiny-chat",
+                                                                    "state": "ready"}  # fmt: skip
+    ps = cli("models", "ps")
+    lines = ps.stdout.splitlines()
+    assert ps.returncode == 0 and lines[0].split()[:3] == ["MODEL", "ENGINE", "STATE"]
+    assert lines[1].split()[:3] == ["tiny-chat", "tiny-chat", "ready"] and lines[2].split()[2] == "stopped"
+    unloaded = cli("models", "unload", "tiny-chat")
+    assert unloaded.returncode == 0 and json.loads(unloaded.stdout)["state"] == "stopped"
+    unknown = cli("models", "load", "nope")
+    assert unknown.returncode == 1 and "does not exist" in unknown.stderr
     env["GATEWAY_ADMIN_KEY"] = "wrong"
-    denied = cli("start")
+    denied = cli("engine", "start")
     assert denied.returncode == 1 and "admin key" in denied.stderr
 
 
@@ -77,7 +92,13 @@ def test_metrics(gateways: Start) -> None:
     assert 'gateway_requests_total{model="tiny-chat",route="/v1/chat/completions",status="200"} 2.0' in text
     assert 'gateway_time_to_first_token_seconds_count{route="/v1/chat/completions"} 1.0' in text
     assert 'gateway_request_duration_seconds_count{route="/v1/embeddings"} 2.0' in text
-    assert 'gateway_engine_state{state="ready"} 1.0' in text and "gateway_engine_starts_total 1.0" in text
+    # Two engines (the chat model's, the embedding model's), and each model's own series.
+    assert 'gateway_engine_state{state="ready"} 2.0' in text and "gateway_engine_starts_total 2.0" in text
+    assert 'gateway_model_state{model="tiny-chat",state="ready"} 1.0' in text
+    assert 'gateway_model_state{model="tiny-gguf",state="stopped"} 1.0' in text
+    assert 'gateway_model_starts_total{model="tiny-embed"} 1.0' in text
+    assert 'gateway_model_evictions_total{model="tiny-chat"} 0.0' in text
+    assert 'gateway_model_memory_bytes{engine="tiny-chat",model="tiny-chat"}' in text
     assert "gateway_embedding_cache_hits_total 1.0" in text and "gateway_embedding_cache_misses_total 2.0" in text
     assert "gateway_requests_in_flight 1.0" in text  # the scrape itself
     assert "gateway_engine_cold_start_seconds" in text
@@ -111,7 +132,8 @@ def test_check_prints_models_and_the_engine_command(tmp_path: Path) -> None:
     from tests.integration.conftest import models_toml
 
     models = tmp_path / "models.toml"
-    models.write_text(models_toml(tmp_path / "m"))
+    shared = '[[groups]]\nname = "text"\nmodels = ["tiny-chat", "tiny-embed"]\nshare_engine = true\n'
+    models.write_text(models_toml(tmp_path / "m") + shared)
     binary = write_fake_engine_bin(tmp_path / "bin") / "mistralrs-server"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
            "GATEWAY_MODELS_FILE": str(models), "GATEWAY_ENGINE_BINARY": str(binary)}  # fmt: skip
@@ -119,8 +141,12 @@ def test_check_prints_models_and_the_engine_command(tmp_path: Path) -> None:
                           timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "tiny-chat [plain]" in done.stdout and "(aliases: gpt-4o-mini)" in done.stdout
-    assert "engine: mistralrs-server (0.8.4): " in done.stdout and "multi-model --config" in done.stdout
-    assert '"alias": "tiny-chat"' in done.stdout  # the multi-model config it would write
+    assert "engine: mistralrs-server (0.8.4), one process per line" in done.stdout
+    lines = {line.split(": ", 1)[0].strip(): line for line in done.stdout.splitlines() if "--serve-ip" in line}
+    assert sorted(lines) == ["text", "tiny-flux", "tiny-gguf", "tiny-speech"]  # one engine per model or group
+    assert "--port PORT" in lines["tiny-gguf"] and " gguf " in lines["tiny-gguf"]
+    assert "multi-model --config" in lines["text"]
+    assert '"alias": "tiny-chat"' in done.stdout  # the multi-model config the shared engine is given
     env["GATEWAY_ENGINE_BINARY"] = str(tmp_path / "nope")
     missing = subprocess.run([sys.executable, "-m", "gateway", "check"], env=env, capture_output=True, text=True,
                              timeout=60)  # fmt: skip

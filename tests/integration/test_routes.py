@@ -186,8 +186,13 @@ def test_unknown_fields_pass_through(gw: Gateway) -> None:
 
 def test_status_and_model_retrieval(gw: Gateway) -> None:
     status = httpx.get(gw.url + "/status").json()
-    assert {"state", "pid", "port", "uptime", "seconds_until_idle_stop", "in_flight"} <= set(status["engine"])
+    assert [e["models"] for e in status["engines"]][:2] == [["tiny-chat"], ["tiny-gguf"]]  # one engine per model
+    for engine in status["engines"]:
+        assert {"name", "models", "state", "pid", "port", "memory_mb", "in_flight", "waiting", "starts", "crashes",
+                "last_error", "seconds_until_idle_stop", "evictions"} <= set(engine)  # fmt: skip
+    assert status["budget"] == {"budget_mb": None, "used_mb": status["budget"]["used_mb"]}
     assert [m["id"] for m in status["models"]][:2] == ["tiny-chat", "tiny-gguf"]
+    assert {"state", "engine", "seconds_until_idle_stop", "memory_mb"} <= set(status["models"][0])
     model = sdk(gw).models.retrieve("gpt-4o-mini")
     assert model.id == "gpt-4o-mini"
     with pytest.raises(openai.NotFoundError):

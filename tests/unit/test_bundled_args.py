@@ -1,4 +1,4 @@
-"""The bundled engine parses exactly the command lines the supervisor builds for mistralrs-server."""
+"""The bundled engine parses exactly the command lines the launcher builds for mistralrs-server."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from gateway.engine.command import build_command
 from gateway.engine.discovery import BUNDLED
 
 
-def test_single_model_command_from_the_supervisor(tmp_path: Path) -> None:
+def test_single_model_command_from_the_launcher(tmp_path: Path) -> None:
     gguf = tmp_path / "g" / "tiny-Q8_0.gguf"
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF")
@@ -34,7 +34,7 @@ def test_single_model_command_from_the_supervisor(tmp_path: Path) -> None:
     assert is_quantized(load)
 
 
-def test_multi_model_command_from_the_supervisor(tmp_path: Path) -> None:
+def test_multi_model_command_from_the_launcher(tmp_path: Path) -> None:
     for name in ("chat", "emb"):
         (tmp_path / name).mkdir()
     catalog = parse_catalog(

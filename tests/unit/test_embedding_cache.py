@@ -20,7 +20,7 @@ from gateway.cache.keys import item_key, model_identity
 from gateway.cache.store import BadValue, Entry, MemoryStore, RedisStore, check_dimensions
 from gateway.catalog import Model, parse_catalog
 from gateway.embeddings import Embeddings, _apportion, split_items, supports_matryoshka
-from gateway.engine.supervisor import Endpoint
+from gateway.engine.launcher import Endpoint
 from gateway.relay import Relay
 
 MiB = 1024 * 1024

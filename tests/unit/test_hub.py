@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import errno
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.catalog import Model, parse_catalog
-from gateway.engine.discovery import EngineProgram
-from gateway.engine.supervisor import Supervisor
+from gateway.engine.pool import EnginePool
 from gateway.errors import ConfigError, EngineStartFailed
 from gateway.models.download import Downloader, DownloadError
 from gateway.models.hub import HubFetcher, Listing, Snapshot, explain, recorded_files, snapshot_of, write_record
-from gateway.settings import Settings
+from tests.fakes.engines import FakeSpawner, make_pool
 from tests.helpers import FakeSleep, Recorder
-from tests.unit.test_supervisor import Clock, FakeProcess, FakeSpawner
 
 FILES = {"config.json": b"{}", "model.safetensors": b"w" * 1000, "tokenizer.json": b"t" * 10, "onnx/model.onnx": b"o"}
 
@@ -238,34 +236,13 @@ async def test_a_download_that_misses_files_is_not_recorded_and_is_tried_again(t
 # ----------------------------------------------------------------------------- what the engine gets
 
 
-class EnvSpawner(FakeSpawner):
-    def __init__(self) -> None:
-        super().__init__()
-        self.argvs: list[list[str]] = []
-        self.envs: list[dict[str, str]] = []
-
-    async def spawn(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path) -> FakeProcess:
-        self.argvs.append(list(argv))
-        self.envs.append(dict(env))
-        return await super().spawn(argv, env=env, cwd=cwd)
-
-
-def supervisor(tmp_path: Path, toml: str, hub: MemoryHub, **settings: Any) -> tuple[Supervisor, EnvSpawner]:
-    spawner = EnvSpawner()
-    config = Settings(_env_file=None, model_dir=tmp_path / "models", **settings)
-    catalog = parse_catalog(toml, origin="m.toml", model_dir=config.model_dir)
-    sup = Supervisor(
-        config,
-        catalog,
-        run_dir=tmp_path / "run",
-        spawner=spawner,
-        clock=Clock(),
-        find_program=lambda: EngineProgram(("mistralrs-server",), "legacy", "mistralrs-server"),
-        probe=spawner.probe(),
-        downloader=lambda: Downloader(config.model_dir),
-        hub=lambda: HubFetcher(config.model_dir, hub=hub, sleep=FakeSleep()),
-    )
-    return sup, spawner
+def make_pool_for(tmp_path: Path, toml: str, hub: MemoryHub, **settings: Any) -> tuple[EnginePool, FakeSpawner]:
+    """A pool whose preparer downloads with the real Downloader and HubFetcher (the hub in memory)."""
+    spawner = FakeSpawner()
+    model_dir = tmp_path / "models"
+    pool = make_pool(tmp_path, toml, spawner=spawner, downloader=lambda: Downloader(model_dir),
+                     hub=lambda: HubFetcher(model_dir, hub=hub, sleep=FakeSleep()), **settings)  # fmt: skip
+    return pool, spawner
 
 
 REPO_MODEL = '[[models]]\nid = "chat"\nkind = "plain"\nrepo = "org/chat"\n'
@@ -276,8 +253,8 @@ async def test_the_engine_loads_a_prefetched_repo_from_its_folder(
 ) -> None:
     monkeypatch.delenv("HF_TOKEN", raising=False)
     hub = MemoryHub()
-    sup, spawner = supervisor(tmp_path, REPO_MODEL, hub)
-    endpoint = await sup.ensure_ready()
+    sup, spawner = make_pool_for(tmp_path, REPO_MODEL, hub)
+    endpoint = await sup.ensure_ready("chat")
     argv = spawner.argvs[0]
     folder = tmp_path / "models" / "org" / "chat"
     assert argv[argv.index("--model-id") + 1] == str(folder.resolve()) and (folder / "config.json").exists()
@@ -287,16 +264,16 @@ async def test_the_engine_loads_a_prefetched_repo_from_its_folder(
 
 
 async def test_the_token_goes_to_the_engine_environment_only(tmp_path: Path) -> None:
-    sup, spawner = supervisor(tmp_path, REPO_MODEL, MemoryHub(), hf_token="hf_secret_123")
-    await sup.ensure_ready()
+    sup, spawner = make_pool_for(tmp_path, REPO_MODEL, MemoryHub(), hf_token="hf_secret_123")
+    await sup.ensure_ready("chat")
     argv = spawner.argvs[0]
     assert argv[argv.index("--token-source") + 1] == "env:HF_TOKEN"
     assert spawner.envs[0]["HF_TOKEN"] == "hf_secret_123" and "hf_secret_123" not in " ".join(argv)
     await sup.aclose()
     # The models file's own token_source wins.
     own = REPO_MODEL + '[engine]\ntoken_source = "cache"\n'
-    sup, spawner = supervisor(tmp_path / "2", own, MemoryHub(), hf_token="hf_secret_123")
-    await sup.ensure_ready()
+    sup, spawner = make_pool_for(tmp_path / "2", own, MemoryHub(), hf_token="hf_secret_123")
+    await sup.ensure_ready("chat")
     argv = spawner.argvs[0]
     assert argv[argv.index("--token-source") + 1] == "cache" and argv.count("--token-source") == 1
     await sup.aclose()
@@ -306,8 +283,8 @@ async def test_hf_token_in_the_environment_counts_as_configured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_TOKEN", "hf_from_env")
-    sup, spawner = supervisor(tmp_path, REPO_MODEL + "prefetch = false\n", MemoryHub())
-    await sup.ensure_ready()
+    sup, spawner = make_pool_for(tmp_path, REPO_MODEL + "prefetch = false\n", MemoryHub())
+    await sup.ensure_ready("chat")
     argv = spawner.argvs[0]
     assert argv[argv.index("--token-source") + 1] == "env:HF_TOKEN" and spawner.envs[0]["HF_TOKEN"] == "hf_from_env"
     await sup.aclose()
@@ -315,8 +292,8 @@ async def test_hf_token_in_the_environment_counts_as_configured(
 
 async def test_prefetch_false_leaves_the_repo_to_the_engine(tmp_path: Path) -> None:
     hub = MemoryHub()
-    sup, spawner = supervisor(tmp_path, REPO_MODEL + "prefetch = false\n", hub)
-    await sup.ensure_ready()
+    sup, spawner = make_pool_for(tmp_path, REPO_MODEL + "prefetch = false\n", hub)
+    await sup.ensure_ready("chat")
     argv = spawner.argvs[0]
     assert argv[argv.index("--model-id") + 1] == "org/chat" and hub.calls == []
     await sup.aclose()
@@ -325,8 +302,8 @@ async def test_prefetch_false_leaves_the_repo_to_the_engine(tmp_path: Path) -> N
 async def test_a_hub_refusal_fails_the_start_naming_the_model(tmp_path: Path) -> None:
     hub = MemoryHub()
     hub.failures = [DownloadError("Hugging Face repo 'org/chat' was not found on the hub", file="org/chat")]
-    sup, spawner = supervisor(tmp_path, REPO_MODEL, hub)
+    sup, spawner = make_pool_for(tmp_path, REPO_MODEL, hub)
     with pytest.raises(EngineStartFailed, match="Model 'chat' could not be downloaded: Hugging Face repo 'org/chat'"):
-        await sup.ensure_ready()
+        await sup.ensure_ready("chat")
     assert spawner.argvs == []
     await sup.aclose()

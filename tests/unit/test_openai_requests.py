@@ -29,9 +29,14 @@ def chat(**fields: Any) -> dict[str, Any]:
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
         ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text"),
         ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "messages[0].content[0]"),
-        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f",
-                                                                                           "arguments": {}}}]}]},
-         "messages[0].tool_calls[0].function.arguments"),
+        (
+            {
+                "messages": [
+                    {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}
+                ]
+            },
+            "messages[0].tool_calls[0].function.arguments",
+        ),
         (chat(n=0), "n"),
         (chat(temperature=3), "temperature"),
         (chat(top_p="1"), "top_p"),
@@ -48,8 +53,10 @@ def chat(**fields: Any) -> dict[str, Any]:
         (chat(tools=[{"type": "web_search"}]), "tools[0].type"),
         (chat(tools=[{"type": "function", "function": {"name": "bad name"}}]), "tools[0].function.name"),
         (chat(response_format={"type": "xml"}), "response_format.type"),
-        (chat(response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
-         "response_format.json_schema.name"),
+        (
+            chat(response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
+            "response_format.json_schema.name",
+        ),
         (chat(functions=[{"name": "f"}]), "functions"),
         (chat(modalities=["text", "audio"]), "modalities"),
     ],
@@ -70,9 +77,19 @@ def test_chat_requests_are_refused_naming_the_field(body: dict[str, Any], param:
         chat(tools=[TOOL], tool_choice="required"),
         chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}}),
         chat(response_format={"type": "json_object"}),
-        {"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
-                      {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]},
+        {
+            "messages": [
+                *USER,
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            ]
+        },
     ],
 )
 def test_chat_requests_that_pass(body: dict[str, Any]) -> None:

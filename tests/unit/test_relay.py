@@ -64,7 +64,7 @@ async def test_stream_relays_the_engine_events_as_they_come() -> None:
     relay = relay_for(lambda call: Answer(200, [body], "text/event-stream"))
     upstream = await relay.open_stream("http://e", "/v1/chat/completions", b"{}")
     # What the events say is for the dialect reading them (tests/unit/test_openai_streams.py): the relay moves bytes.
-    assert b"".join([chunk async for chunk in relay.events(upstream)]) == body
+    assert b"".join([chunk async for chunk in relay.events(upstream, "http://e")]) == body
 
 
 @pytest.mark.parametrize("piece", [1, 5, 7, 64])
@@ -73,7 +73,7 @@ async def test_events_cut_anywhere_by_the_transport_are_relayed_whole(piece: int
     pieces = [body[start : start + piece] for start in range(0, len(body), piece)]
     relay = relay_for(lambda call: Answer(200, pieces, "text/event-stream"))
     upstream = await relay.open_stream("http://e", "/v1/chat/completions", b"{}")
-    sent = [chunk async for chunk in relay.events(upstream)]
+    sent = [chunk async for chunk in relay.events(upstream, "http://e")]
     assert all(chunk.endswith(b"\n\n") for chunk in sent)  # never half an event
     assert b"".join(sent) == body
 
@@ -111,7 +111,7 @@ async def test_transport_failures_are_translated_then_reported() -> None:
 
     def relay(handler: Handler, **kw: float) -> Relay:
         return Relay(FakeUpstream(handler), stall_timeout=kw.get("stall", 5), request_timeout=kw.get("timeout", 5),
-                     on_failure=reported.append)  # fmt: skip
+                     on_failure=lambda base_url, error: reported.append(error))  # fmt: skip
 
     with pytest.raises(EngineCrashed, match="could not be reached"):
         await relay(_raise(UpstreamConnectError("refused"))).request("http://e", "/v1/completions", b"{}")
@@ -124,7 +124,7 @@ async def test_transport_failures_are_translated_then_reported() -> None:
     cut = relay(lambda call: Answer(200, [b"data: 1\n\n"], "text/event-stream", fails_with=UpstreamBroken("reset")))
     upstream = await cut.open_stream("http://e", "/x", b"{}")
     with pytest.raises(EngineCrashed):
-        [chunk async for chunk in cut.events(upstream)]
+        [chunk async for chunk in cut.events(upstream, "http://e")]
     assert [type(e) for e in reported] == [EngineCrashed, EngineStalled, EngineStalled, EngineCrashed, EngineCrashed]
 
 
@@ -135,7 +135,7 @@ async def test_an_event_without_end_is_bounded(monkeypatch: pytest.MonkeyPatch) 
     relay = relay_for(lambda call: Answer(200, [b"data: " + b"x" * 60, b"y" * 60], "text/event-stream"))
     upstream = await relay.open_stream("http://e", "/x", b"{}")
     with pytest.raises(EngineCrashed, match="larger than"):
-        [chunk async for chunk in relay.events(upstream)]
+        [chunk async for chunk in relay.events(upstream, "http://e")]
 
 
 async def test_an_event_dripped_slower_than_the_stall_timeout_is_a_stall() -> None:
@@ -145,4 +145,4 @@ async def test_an_event_dripped_slower_than_the_stall_timeout_is_a_stall() -> No
                   request_timeout=5, clock=lambda: float(next(ticks)))  # fmt: skip
     upstream = await relay.open_stream("http://e", "/x", b"{}")
     with pytest.raises(EngineStalled):
-        [chunk async for chunk in relay.events(upstream)]
+        [chunk async for chunk in relay.events(upstream, "http://e")]

@@ -1,0 +1,407 @@
+"""The engine pool and its lifecycles, with fake processes, a fake clock and a fake memory meter.
+
+Events are fed by hand (a process exits, the clock moves, a request ends) and each test checks what the pool did:
+which processes it spawned and stopped, what a request met. Nothing here waits on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.catalog import load_catalog
+from gateway.engine.launcher import Launcher
+from gateway.engine.lifecycle import STABLE_AFTER
+from gateway.engine.pool import EnginePool
+from gateway.engine.preparation import Preparer
+from gateway.engine.state import EngineState
+from gateway.errors import (
+    BudgetExhausted,
+    ConfigError,
+    EngineNotInstalled,
+    EngineStalled,
+    EngineStartFailed,
+    EngineUnavailable,
+    ModelTooLarge,
+)
+from gateway.settings import Settings
+from tests.fakes.engines import Clock, FakeMeter, FakeProcess, FakeSpawner, make_pool, repo_models, until
+
+CHAT = repo_models("chat")
+
+
+def pool_of(tmp_path: Path, toml: str = CHAT, **kw: Any) -> tuple[EnginePool, FakeSpawner, Clock]:
+    spawner, clock = FakeSpawner(), Clock()
+    return make_pool(tmp_path, toml, spawner=spawner, clock=clock, **kw), spawner, clock
+
+
+# ----------------------------------------------------------------------------------- one engine's life
+
+
+async def test_many_cold_requests_share_one_spawn(tmp_path: Path) -> None:
+    pool, spawner, _ = pool_of(tmp_path)
+    urls = await asyncio.gather(*(pool.ensure_ready("chat") for _ in range(50)))
+    assert len(spawner.procs) == 1 and len({u.base_url for u in urls}) == 1
+    assert pool.lifecycle("chat").state is EngineState.READY and pool.lifecycle("chat").starts == 1
+    await pool.aclose()
+    assert spawner.procs[0].signals[0] == signal.SIGTERM
+
+
+async def test_start_failure_backs_off_then_retries(tmp_path: Path) -> None:
+    pool, spawner, clock = pool_of(tmp_path)
+    spawner.exit_codes = [1, 1, None]
+    with pytest.raises(EngineStartFailed) as info:
+        await pool.ensure_ready("chat")
+    assert "exited with code 1" in info.value.message and "out of memory" in info.value.message
+    assert info.value.headers["x-should-retry"] == "false"
+    first_wait = float(info.value.headers["Retry-After"])
+    with pytest.raises(EngineStartFailed) as again:  # within the backoff: no new spawn, the same answer at once
+        await pool.ensure_ready("chat")
+    assert len(spawner.procs) == 1 and "Next try in" in again.value.message
+    clock.now += first_wait + 0.1
+    with pytest.raises(EngineStartFailed) as second:
+        await pool.ensure_ready("chat")
+    assert float(second.value.headers["Retry-After"]) > first_wait  # the backoff grows
+    clock.now += 1000
+    assert await pool.ensure_ready("chat")
+    status = pool.lifecycle("chat").status()
+    # Forgotten once the engine has proved stable or been stopped, not the moment it is ready.
+    assert len(spawner.procs) == 3 and status["consecutive_start_failures"] == 2
+    await pool.unload("chat")
+    assert pool.lifecycle("chat").status()["consecutive_start_failures"] == 0
+    await pool.aclose()
+
+
+async def test_startup_timeout_kills_the_process(tmp_path: Path) -> None:
+    pool, spawner, clock = pool_of(tmp_path, startup_timeout=5)
+    original = spawner.spawn
+
+    async def never_ready(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path) -> FakeProcess:
+        proc = await original(argv, env=env, cwd=cwd)
+        proc.ready = False
+        clock.now += 10  # the engine loads for longer than the startup timeout
+        return proc
+
+    spawner.spawn = never_ready  # type: ignore[method-assign]
+    with pytest.raises(EngineStartFailed, match="GATEWAY_STARTUP_TIMEOUT"):
+        await pool.ensure_ready("chat")
+    assert spawner.procs[0].signals[0] == signal.SIGTERM and not spawner.procs[0].alive
+    await pool.aclose()
+
+
+async def test_idle_deadline_counts_from_last_release_and_ttl(tmp_path: Path) -> None:
+    pool, _, clock = pool_of(tmp_path, idle_timeout=60)
+    lease = pool.lease("chat")
+    await pool.ensure_ready("chat")
+    lifecycle = pool.lifecycle("chat")
+    clock.now += 100
+    assert lifecycle.seconds_until_idle_stop() is None  # busy: never stops
+    lease.release()
+    assert lifecycle.seconds_until_idle_stop() == 60
+    clock.now += 30
+    assert lifecycle.seconds_until_idle_stop() == 30
+    await pool.aclose()
+
+
+async def test_keep_alive_means_what_it_means_in_ollama(tmp_path: Path) -> None:
+    pool, _, clock = pool_of(tmp_path, idle_timeout=300)
+    await pool.ensure_ready("chat")
+    lifecycle = pool.lifecycle("chat")
+    pool.lease("chat").release(keep_alive=10)  # shorter than the idle timeout: it wins, as in Ollama
+    assert lifecycle.seconds_until_idle_stop() == 10
+    pool.lease("chat").release(keep_alive=-1)  # until further notice
+    clock.now += 10**6
+    assert lifecycle.seconds_until_idle_stop() is None and lifecycle.status()["keep_alive"] == -1
+    busy = pool.lease("chat")
+    pool.lease("chat").release(keep_alive=0)  # stop now ... once no request is in flight
+    assert lifecycle.seconds_until_idle_stop() is None
+    busy.release(keep_alive=0)
+    assert lifecycle.seconds_until_idle_stop() == 0
+    pool.lease("chat").release()  # the newest request says nothing: the idle timeout again
+    assert lifecycle.seconds_until_idle_stop() == 300 and lifecycle.status()["keep_alive"] is None
+    await pool.aclose()
+
+
+async def test_the_idle_stopper_stops_the_engine(tmp_path: Path) -> None:
+    pool, spawner, clock = pool_of(tmp_path, idle_timeout=60)
+    pool.lease("chat").release()
+    await pool.ensure_ready("chat")
+    background = asyncio.create_task(pool.run())
+    clock.now += 61
+    pool.tick()
+    await until(lambda: pool.lifecycle("chat").state is EngineState.STOPPED)
+    assert not spawner.procs[0].alive
+    background.cancel()
+    await pool.aclose()
+
+
+async def test_a_crash_after_serving_restarts_at_the_next_request(tmp_path: Path) -> None:
+    pool, spawner, clock = pool_of(tmp_path)
+    await pool.ensure_ready("chat")
+    clock.now += STABLE_AFTER  # it had been serving for a while
+    spawner.procs[0].exit(137)
+    await until(lambda: pool.lifecycle("chat").state is EngineState.FAILED)
+    assert pool.lifecycle("chat").crashes == 1 and "code 137" in (pool.lifecycle("chat").status()["last_error"] or "")
+    await pool.ensure_ready("chat")
+    assert len(spawner.procs) == 2 and pool.lifecycle("chat").ready
+    await pool.aclose()
+
+
+async def test_an_engine_that_dies_right_after_it_is_ready_backs_off_like_a_failed_start(tmp_path: Path) -> None:
+    pool, spawner, clock = pool_of(tmp_path)
+    waits = []
+    for attempt in range(3):
+        await pool.ensure_ready("chat")
+        spawner.procs[-1].exit(139)  # e.g. a model that crashes the engine at its first request
+        await until(lambda: pool.lifecycle("chat").state is EngineState.FAILED)
+        with pytest.raises(EngineStartFailed) as info:  # no new spawn within the backoff
+            await pool.ensure_ready("chat")
+        assert "after it became ready" in info.value.message and len(spawner.procs) == attempt + 1
+        waits.append(float(info.value.headers["Retry-After"]))
+        clock.now += waits[-1] + 0.1
+    assert waits[0] < waits[1] < waits[2]  # and it grows, as for a start that fails
+    await pool.aclose()
+
+
+async def test_sigterm_then_sigkill_when_ignored(tmp_path: Path) -> None:
+    pool, spawner, _ = pool_of(tmp_path, stop_timeout=0.05)
+    spawner.ignore_term = True
+    await pool.ensure_ready("chat")
+    await pool.unload("chat")
+    assert spawner.procs[0].signals[:2] == [signal.SIGTERM, signal.SIGKILL]
+    assert pool.lifecycle("chat").state is EngineState.STOPPED
+
+
+async def test_no_engine_installed_is_a_503_that_says_what_to_install(tmp_path: Path) -> None:
+    config = Settings(_env_file=None, engine_binary="/nonexistent/mistralrs-server")
+    catalog = load_catalog(None, model_dir=tmp_path)
+    spawner = FakeSpawner()
+    launcher = Launcher(config, spawner=spawner, probe=spawner.probe(), clock=Clock(), logger=_logger())
+    pool = EnginePool(config, catalog, run_dir=tmp_path, launcher=launcher, preparer=Preparer(config),
+                      meter=FakeMeter(), logger=_logger())  # fmt: skip
+    with pytest.raises(EngineNotInstalled) as info:
+        await pool.ensure_ready(catalog.models[0].id)
+    assert "/nonexistent/mistralrs-server" in info.value.message
+
+
+def _logger() -> Any:
+    import logging
+
+    return logging.getLogger("tests.pool")
+
+
+async def test_a_failed_request_restarts_only_an_engine_that_fails_its_health_check(tmp_path: Path) -> None:
+    pool, spawner, _ = pool_of(tmp_path)
+    endpoint = await pool.ensure_ready("chat")
+    lifecycle = pool.lifecycle("chat")
+    pool.engine_failed(endpoint.base_url, EngineStalled("a request got no answer in time"))
+    await until(lambda: not lifecycle.checking_health)
+    assert lifecycle.ready and spawner.procs[0].signals == []  # it answers: kept
+    spawner.procs[0].ready = False  # now it does not
+    for _ in range(5):  # many failing requests, one check
+        pool.engine_failed(endpoint.base_url, EngineStalled("a request got no answer in time"))
+    await until(lambda: lifecycle.state is EngineState.STOPPED)
+    assert spawner.procs[0].signals[0] == signal.SIGTERM
+    assert "stopped answering" in (lifecycle.status()["last_error"] or "")
+    await pool.aclose()
+
+
+async def test_shutdown_answers_requests_waiting_for_a_start_and_stops_the_loading_engine(tmp_path: Path) -> None:
+    pool, spawner, _ = pool_of(tmp_path)
+    original = spawner.spawn
+    loading = asyncio.Event()
+
+    async def slow(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path) -> FakeProcess:
+        proc = await original(argv, env=env, cwd=cwd)
+        proc.ready = False  # loading...
+        loading.set()
+        return proc
+
+    spawner.spawn = slow  # type: ignore[method-assign]
+    waiting = asyncio.ensure_future(pool.ensure_ready("chat"))
+    await loading.wait()
+    pool.begin_shutdown()
+    with pytest.raises(EngineUnavailable, match="shutting down"):
+        await waiting
+    await until(lambda: not spawner.procs[0].alive)
+    with pytest.raises(EngineUnavailable, match="shutting down"):  # and nothing starts any more
+        await pool.ensure_ready("chat")
+    await pool.aclose()
+
+
+# ------------------------------------------------------------------------------------- many engines
+
+
+THREE = repo_models("a", "b", "c", a={"memory_mb": 100}, b={"memory_mb": 100}, c={"memory_mb": 100})
+
+
+def engine_of(spawner: FakeSpawner, model: str) -> FakeProcess:
+    (proc,) = spawner.serving(f"org/{model}")
+    return proc
+
+
+async def test_each_model_has_its_own_engine_and_concurrent_cold_requests_start_each_once(tmp_path: Path) -> None:
+    pool, spawner, _ = pool_of(tmp_path, THREE)
+    await asyncio.gather(*(pool.ensure_ready(model) for model in ("a", "b", "c") * 100))
+    assert len(spawner.procs) == 3
+    assert [len(spawner.serving(f"org/{model}")) for model in ("a", "b", "c")] == [1, 1, 1]
+    await pool.aclose()
+
+
+async def test_a_budget_stops_the_least_recently_used_idle_engine_never_a_busy_one(tmp_path: Path) -> None:
+    pool, spawner, clock = pool_of(tmp_path, THREE, memory_budget_mb=250)
+    await pool.ensure_ready("a")
+    pool.lease("a").release()
+    clock.now += 1
+    await pool.ensure_ready("b")
+    pool.lease("b").release()  # b was used after a: a is the least recently used
+    clock.now += 1
+    await pool.ensure_ready("c")
+    assert not engine_of(spawner, "b").signals and not spawner.serving("org/a")  # a made room
+    assert pool.lifecycle("a").evictions == 1 and pool.status()["budget"]["used_mb"] == 200
+
+    busy = pool.lease("b")  # b streams; c is idle but used more recently than b
+    await pool.ensure_ready("b", busy)
+    clock.now += 1
+    pool.lease("c").release()
+    await pool.ensure_ready("a")
+    assert spawner.serving("org/b") and not spawner.serving("org/c")  # the idle one went, never the busy one
+    busy.release()
+    await pool.aclose()
+
+
+async def test_with_nothing_to_stop_a_request_waits_in_order_until_memory_frees(tmp_path: Path) -> None:
+    pool, spawner, _ = pool_of(tmp_path, THREE, memory_budget_mb=250)
+    streams = [pool.lease("a"), pool.lease("b")]  # both busy: nothing may be stopped
+    await asyncio.gather(pool.ensure_ready("a", streams[0]), pool.ensure_ready("b", streams[1]))
+    waiting = asyncio.ensure_future(pool.ensure_ready("c"))
+    await until(lambda: pool.lifecycle("c").waiting == 1)
+    await asyncio.sleep(0)
+    assert not waiting.done() and len(spawner.procs) == 2
+    streams[0].release()  # a is done: it can go
+    await waiting
+    assert not spawner.serving("org/a") and spawner.serving("org/b") and spawner.serving("org/c")
+    streams[1].release()
+    await pool.aclose()
+
+
+async def test_waiting_for_memory_ends_with_the_startup_timeout(tmp_path: Path) -> None:
+    pool, _, clock = pool_of(tmp_path, THREE, memory_budget_mb=250, startup_timeout=30)
+    holds = [pool.lease("a"), pool.lease("b")]
+    await asyncio.gather(pool.ensure_ready("a", holds[0]), pool.ensure_ready("b", holds[1]))
+    waiting = asyncio.ensure_future(pool.ensure_ready("c"))
+    await until(lambda: pool.lifecycle("c").waiting == 1)
+    clock.now += 31
+    holds.append(pool.lease("a"))
+    holds.pop().release()  # something changes: the waiter looks at its deadline again
+    with pytest.raises(BudgetExhausted, match="busy: a, b"):
+        await waiting
+    for lease in holds:
+        lease.release()
+    await pool.aclose()
+
+
+async def test_a_model_larger_than_the_whole_budget_is_refused_at_once(tmp_path: Path) -> None:
+    pool, spawner, _ = pool_of(tmp_path, repo_models("huge", huge={"memory_mb": 900}), memory_budget_mb=500)
+    with pytest.raises(ModelTooLarge) as info:
+        await pool.ensure_ready("huge")
+    assert "900 MB" in info.value.message and "500 MB" in info.value.message and spawner.procs == []
+    assert info.value.code == "model_too_large" and info.value.headers["x-should-retry"] == "false"
+
+
+async def test_measured_memory_counts_and_persistent_engines_are_never_evicted(tmp_path: Path) -> None:
+    meter = FakeMeter(default=100)
+    toml = repo_models("a", "b", "c", a={"persistent": True})
+    pool, spawner, clock = pool_of(tmp_path, toml, memory_budget_mb=250, meter=meter)
+    assert pool.footprint("c") is None  # fetched by the engine, never run: nothing known yet
+    await pool.ensure_ready("c")
+    await pool.unload("c")
+    assert pool.footprint("c") == 100  # what it used when it last ran
+    await pool.ensure_ready("a")
+    clock.now += 1
+    await pool.ensure_ready("b")
+    assert pool.footprint("a") == 100 and pool.status()["engines"][0]["memory_source"] == "measured"
+    clock.now += 1
+    await pool.ensure_ready("c")  # a is the least recently used, but persistent: b goes
+    assert spawner.serving("org/a") and not spawner.serving("org/b") and spawner.serving("org/c")
+    await pool.aclose()
+
+
+async def test_an_exclusive_group_swaps_members_once_the_running_ones_requests_end(tmp_path: Path) -> None:
+    toml = repo_models("a", "b") + '[[groups]]\nname = "pair"\nmodels = ["a", "b"]\nexclusive = true\n'
+    pool, spawner, _ = pool_of(tmp_path, toml)
+    running = pool.lease("a")  # as the gateway does: the lease first, then the engine
+    await pool.ensure_ready("a", running)
+    wants_b = pool.lease("b")
+    swap = asyncio.ensure_future(pool.ensure_ready("b", wants_b))
+    await until(lambda: pool.lifecycle("b").waiting == 1)
+    wants_a = pool.lease("a")  # a new request for a: waiting behind the swap, it does not hold the swap off
+    late = asyncio.ensure_future(pool.ensure_ready("a", wants_a))
+    await asyncio.sleep(0)
+    assert not swap.done() and not late.done() and spawner.serving("org/a")
+    running.release()
+    await swap
+    assert not spawner.serving("org/a") and spawner.serving("org/b")
+    wants_b.release()  # b's request is answered: now a comes back, and b goes
+    await late
+    assert spawner.serving("org/a") and not spawner.serving("org/b")
+    wants_a.release()
+    await pool.aclose()
+
+
+async def test_a_shared_group_is_one_engine_started_and_stopped_together(tmp_path: Path) -> None:
+    toml = repo_models("a", "b") + '[[groups]]\nname = "pair"\nmodels = ["a", "b"]\nshare_engine = true\n'
+    pool, spawner, _ = pool_of(tmp_path, toml)
+    first, second = await asyncio.gather(pool.ensure_ready("a"), pool.ensure_ready("b"))
+    assert len(spawner.procs) == 1 and first.base_url == second.base_url
+    assert "multi-model" in spawner.procs[0].argv
+    await pool.unload("b")
+    assert pool.lifecycle("a").state is EngineState.STOPPED
+    await pool.aclose()
+
+
+async def test_each_engine_has_its_own_ttl(tmp_path: Path) -> None:
+    toml = repo_models("short", "never", short={"ttl": 5}, never={"ttl": 0})
+    pool, spawner, clock = pool_of(tmp_path, toml, idle_timeout=300)
+    await asyncio.gather(pool.ensure_ready("short"), pool.ensure_ready("never"))
+    pool.lease("short").release()
+    pool.lease("never").release()
+    background = asyncio.create_task(pool.run())
+    clock.now += 6
+    pool.tick()
+    await until(lambda: pool.lifecycle("short").state is EngineState.STOPPED)
+    assert spawner.serving("org/never") and pool.lifecycle("never").seconds_until_idle_stop() is None
+    background.cancel()
+    await pool.aclose()
+
+
+async def test_preload_starts_models_and_groups_when_the_gateway_starts(tmp_path: Path) -> None:
+    toml = (repo_models("a", "b", "c", "d", a={"preload": True})
+            + '[[groups]]\nname = "pair"\nmodels = ["c", "d"]\nexclusive = true\npreload = true\n')  # fmt: skip
+    pool, spawner, _ = pool_of(tmp_path, toml)
+    background = asyncio.create_task(pool.run())
+    await until(lambda: pool.lifecycle("a").ready and pool.lifecycle("c").ready)
+    assert not spawner.serving("org/b") and not spawner.serving("org/d")  # an exclusive group: its first member
+    background.cancel()
+    await pool.aclose()
+
+
+def test_groups_are_checked_when_the_models_file_is_read(tmp_path: Path) -> None:
+    for groups, message in [
+        ('[[groups]]\nname = "g"\nmodels = ["a", "nope"]\n', "'nope' names no model"),
+        ('[[groups]]\nname = "g"\nmodels = ["a"]\n[[groups]]\nname = "h"\nmodels = ["a"]\n', "already in the group"),
+        ('[[groups]]\nname = "g"\nmodels = ["a"]\nshare_engine = true\nexclusive = true\n', "exclude each other"),
+        ('[[groups]]\nname = "b"\nmodels = ["a"]\n', "already used"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            make_pool(tmp_path, repo_models("a", "b") + groups)
+
+
+def test_a_fixed_engine_port_needs_a_single_engine(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="share_engine"):
+        make_pool(tmp_path, repo_models("a", "b"), engine_port=41234)
