@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from starlette.requests import Request
@@ -24,15 +25,14 @@ from .embeddings import Embeddings
 from .engine.launcher import Endpoint
 from .engine.lifecycle import Lease
 from .errors import (
-    BodyTooLarge,
     GatewayError,
-    InvalidRequest,
     ModelNotFound,
     NotImplementedByGateway,
     RouteNotFound,
-    UnsupportedForModel,
 )
 from .events import EventBus
+from .intake import Intake
+from .intake import keep_alive as intake_keep_alive
 from .openai import checks, responses
 from .openai.requests import plan_chat, plan_completion
 from .openapi import openapi_document
@@ -71,6 +71,7 @@ class Api:
         self,
         settings: Settings,
         catalog: Catalog,
+        intake: Intake,
         service: ModelService,
         image_store: images.ImageStore,
         embeddings: Embeddings,
@@ -78,13 +79,13 @@ class Api:
     ) -> None:
         self._settings = settings
         self._catalog = catalog
+        self._intake = intake
         self._service = service
         self._pool = service.pool
         self._relay = service.relay
         self._images = image_store
         self._embeddings = embeddings
         self._events = events
-        self._max_body = int(settings.max_body_mb * 1024 * 1024)
         self._origin = PublicOrigin(settings.public_url, host=settings.host, port=settings.port)
         self._created = int(time.time())
 
@@ -125,65 +126,16 @@ class Api:
         endpoint.__name__ = "relay_" + route.path.strip("/").replace("/", "_")
         return endpoint
 
-    async def _read_body(self, request: Request) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self._max_body:
-            raise self._too_large()
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self._max_body:
-                raise self._too_large()
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def _too_large(self) -> BodyTooLarge:
-        return BodyTooLarge(
-            f"The request body is larger than {self._settings.max_body_mb:g} MiB (GATEWAY_MAX_BODY_MB)."
-        )
-
-    def _pick_model(self, body: dict[str, Any], route: ModelRoute) -> Model:
-        name = body.get("model")
-        if name is None or name == "":
-            name = self._catalog.default_for(route.kinds)
-            if name is None:
-                raise ModelNotFound(
-                    f"No model was named and no model of kind {' or '.join(sorted(route.kinds))} is configured.",
-                    param="model",
-                )
-        if not isinstance(name, str):
-            raise InvalidRequest("Invalid type for 'model': expected a string.", param="model", code="invalid_type")
-        model = self._catalog.find(name)
-        if model is None:
-            raise ModelNotFound(
-                f"The model '{name}' does not exist. Available models: "
-                f"{', '.join(m.id for m in self._catalog.models)}.",
-                param="model",
-            )
-        if model.kind not in route.kinds:
-            raise UnsupportedForModel(
-                f"The model '{model.id}' is a {model.kind} model and cannot serve {route.path}.",
-                param="model",
-            )
-        return model
-
     async def handle(self, request: Request, route: ModelRoute) -> Response:
         """A request to a model route: validate, pick the model, lease the engine, relay."""
-        raw = await self._read_body(request)
+        raw = await self._intake.read(request)
         body = validation.parse_json_body(raw, request.headers.get("content-type"))
         route.validate(body)
-        model = self._pick_model(body, route)
+        model = self._intake.model(body.get("model"), route.kinds, route.path)
         request.state.model = model.id  # for the request log and metrics
 
-        keep_alive: float | None = None
-        edited = False
-        if "keep_alive" in body:
-            keep_alive = validation.parse_keep_alive(body.pop("keep_alive"), "keep_alive")
-            edited = True
-        header = request.headers.get("x-keep-alive")
-        if header is not None and keep_alive is None:
-            keep_alive = validation.parse_keep_alive(header, "X-Keep-Alive")
+        edited = "keep_alive" in body  # taken out of the body: the engine does not know it
+        keep_alive = intake_keep_alive(body, request)
         thinking = self._catalog.engine.enable_thinking
         if thinking is not None and route.path == "/v1/chat/completions" and "enable_thinking" not in body:
             # [engine] enable_thinking, applied per request: the HTTP servers of both engine CLIs ignore the
@@ -291,11 +243,18 @@ class Api:
             card["aliases"] = list(model.entry.aliases)
         return card
 
+    def _anthropic_card(self, model: Model, name: str) -> dict[str, Any]:
+        """A model as Anthropic's Models API lists it (its SDKs, Claude Code's model picker)."""
+        created = datetime.fromtimestamp(self._created, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+        return {"type": "model", "id": name, "display_name": name, "created_at": created}
+
     async def list_models(self, request: Request) -> Response:
-        data = []
-        for model in self._catalog.models:
-            data.append(self._model_card(model, model.id))
-            data += [self._model_card(model, alias) for alias in model.entry.aliases]
+        anthropic = "anthropic-version" in request.headers  # the header every Anthropic client sends
+        card = self._anthropic_card if anthropic else self._model_card
+        data = [card(model, name) for model in self._catalog.models for name in (model.id, *model.entry.aliases)]
+        if anthropic:
+            first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+            return JSONResponse({"data": data, "has_more": False, "first_id": first, "last_id": last})
         return JSONResponse({"object": "list", "data": data})
 
     async def get_model(self, request: Request) -> Response:
@@ -303,7 +262,8 @@ class Api:
         model = self._catalog.find(name)
         if model is None:
             raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
-        return JSONResponse(self._model_card(model, name))
+        card = self._anthropic_card if "anthropic-version" in request.headers else self._model_card
+        return JSONResponse(card(model, name))
 
     async def get_image(self, request: Request) -> Response:
         path = self._images.path_of(request.path_params["name"])

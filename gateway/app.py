@@ -15,23 +15,27 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .anthropic.routes import AnthropicRoutes
 from .api import MODEL_ROUTES, Api, ModelRoute
 from .auth import KeyGuard, load_keys
 from .cache.store import MemoryStore, RedisStore
 from .catalog import Catalog, load_catalog
+from .dialects import error_response
 from .embeddings import Embeddings
 from .engine.launcher import Launcher
 from .engine.pool import EnginePool
 from .engine.preparation import Preparer
 from .engine.process import SubprocessSpawner
-from .errors import EngineUnavailable, GatewayError, MethodNotAllowed, RouteNotFound, error_body
+from .errors import EngineUnavailable, GatewayError, MethodNotAllowed, RouteNotFound
 from .events import EventBus
 from .images import ImageStore
+from .intake import Intake
 from .observability import Metrics, RequestObserver, cache_metrics, download_metrics, engine_metrics, loggable
+from .ollama.routes import OllamaRoutes
 from .origin import TrustedProxies
 from .relay import Relay
 from .service import ModelService
@@ -70,8 +74,11 @@ def create_app(
     shared = RedisStore(settings.cache_url, ttl=settings.embedding_cache_ttl) if settings.cache_url else None
     embeddings = Embeddings(relay, memory, shared)
     service = ModelService(pool, relay, events, loading_interval=settings.loading_interval)
-    api = Api(settings, catalog, service, ImageStore(run_dir / "images", ttl=settings.image_ttl), embeddings,
+    intake = Intake(catalog, max_body_mb=settings.max_body_mb)
+    api = Api(settings, catalog, intake, service, ImageStore(run_dir / "images", ttl=settings.image_ttl), embeddings,
               events)  # fmt: skip
+    dialects = [*AnthropicRoutes(intake, service).routes(),
+                *OllamaRoutes(catalog, intake, service, embeddings, events).routes()]  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -103,7 +110,7 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     routed = Starlette(
-        routes=[*api.routes(), Route("/metrics", serve_metrics, methods=["GET"])],
+        routes=[*api.routes(), *dialects, Route("/metrics", serve_metrics, methods=["GET"])],
         lifespan=lifespan,
         exception_handlers={
             GatewayError: _gateway_error,
@@ -206,36 +213,29 @@ def _downloader(settings: Settings, events: EventBus) -> Downloader:
     return Downloader(settings.model_dir, events=events, hf_endpoint=os.environ.get("HF_ENDPOINT"))
 
 
-def error_response(error: GatewayError) -> Response:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-
 async def _gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
     if exc.status >= 500:
         method, path = loggable(request.method), loggable(request.url.path)
         _log.warning("%s %s -> %d: %s", method, path, exc.status, exc.message)
-    return error_response(exc)
+    return error_response(exc, request.url.path)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    path = request.url.path
+    error: GatewayError
     if exc.status_code == 404:
-        return error_response(
-            RouteNotFound(f"Unknown request URL: {request.method} {request.url.path}. Please check the URL for typos.")
-        )
-    if exc.status_code == 405:
-        return error_response(
-            MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}.", headers=dict(exc.headers or {}))
-        )
-    return JSONResponse(
-        error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code, headers=exc.headers
-    )
+        error = RouteNotFound(f"Unknown request URL: {request.method} {path}. Please check the URL for typos.")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"{request.method} is not allowed on {path}.", headers=dict(exc.headers or {}))
+    else:
+        error = GatewayError(str(exc.detail), status=exc.status_code, headers=dict(exc.headers or {}))
+        error.type = "invalid_request_error"
+    return error_response(error, path)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     _log.exception("unexpected error on %s %s", loggable(request.method), loggable(request.url.path))
-    return JSONResponse(
-        error_body("The gateway failed unexpectedly; see its log.", "server_error", code="internal_error"),
-        status_code=500,
-    )
+    error = GatewayError("The gateway failed unexpectedly; see its log.", code="internal_error")
+    return error_response(error, request.url.path)

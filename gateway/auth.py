@@ -1,17 +1,18 @@
-"""API keys: ``/v1/*`` needs ``Authorization: Bearer <key>`` when keys are configured; the admin key
-guards ``/status``, ``/events`` and ``/admin/*``. Health probes, ``/metrics`` and generated images
-(unguessable names, fetched by browsers that cannot send a header) stay open.
+"""API keys: ``/v1/*`` and Ollama's ``/api/*`` need a key when keys are configured; the admin key guards
+``/status``, ``/events`` and ``/admin/*``. A key is sent as ``Authorization: Bearer <key>`` (OpenAI's SDKs, Ollama's
+clients with a header) or ``x-api-key: <key>`` (Anthropic's SDKs, Claude Code). Health probes, ``/metrics`` and
+generated images (unguessable names, fetched by browsers that cannot send a header) stay open.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .errors import ConfigError, error_body
+from .dialects import error_bytes
+from .errors import ConfigError, Unauthorized
 
 ADMIN_PREFIXES = ("/status", "/events", "/admin/")
 
@@ -56,35 +57,33 @@ class KeyGuard:
             path: str = scope["path"]
             if path.startswith(ADMIN_PREFIXES):
                 needed, what = self._admin_keys, "the admin key (GATEWAY_ADMIN_KEY)"
-            elif path.startswith("/v1/"):
+            elif path.startswith(("/v1/", "/api/")):
                 needed, what = self._api_keys, "an API key"
             else:
                 needed, what = frozenset(), ""
-            if needed and not _matches(_bearer(scope), needed):
-                await _unauthorized(send, what)
+            if needed and not _matches(_presented(scope), needed):
+                await _unauthorized(send, what, path)
                 return
         await self.app(scope, receive, send)
 
 
-def _bearer(scope: Scope) -> str:
+def _presented(scope: Scope) -> str:
+    """The key a request presents: ``Authorization: Bearer``, else ``x-api-key``."""
+    api_key = ""
     for name, value in scope["headers"]:
         if name == b"authorization":
             text: str = value.decode("latin-1")
             if text[:7].lower() == "bearer ":
                 return text[7:].strip()
-            return ""
-    return ""
+        elif name == b"x-api-key":
+            api_key = value.decode("latin-1").strip()
+    return api_key
 
 
-async def _unauthorized(send: Send, what: str) -> None:
-    body = json.dumps(
-        error_body(
-            f"This request needs {what}: send it as 'Authorization: Bearer <key>'.",
-            "invalid_request_error",
-            code="invalid_api_key",
-        )
-    ).encode()
-    await send({"type": "http.response.start", "status": 401, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"www-authenticate", b"Bearer")]})  # fmt: skip
+async def _unauthorized(send: Send, what: str, path: str) -> None:
+    error = Unauthorized(f"This request needs {what}: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
+    body = error_bytes(error, path)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *((name.lower().encode(), value.encode()) for name, value in error.headers.items())]  # fmt: skip
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

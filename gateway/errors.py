@@ -8,6 +8,7 @@
         UnsupportedMediaType          415
         UnsupportedForModel           400 - e.g. embeddings asked of a chat model
       ModelNotFound                   404 - code model_not_found
+      Unauthorized                    401 - no key, or not one of GATEWAY_API_KEYS / GATEWAY_ADMIN_KEY
       RouteNotFound                   404 - code unknown_url
       MethodNotAllowed                405
       NotImplementedByGateway         501 - /v1/moderations, /v1/files; never retried by SDKs
@@ -24,6 +25,7 @@
       TooManyConnections              503 - GATEWAY_MAX_CONNECTIONS reached; sent by the server itself, with Retry-After
     ConfigError                       start-up configuration is broken (never reaches a client)
 
+Each is written in the dialect of the route it happened on (OpenAI's, Anthropic's, Ollama's: gateway/dialects.py).
 Foreign errors (httpx, OS) are translated into this tree at exactly one boundary each: the relay for
 HTTP, the engine pool for processes.
 """
@@ -100,6 +102,16 @@ class ModelNotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("www-authenticate", "Bearer")
 
 
 class RouteNotFound(GatewayError):

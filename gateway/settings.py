@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     )
 
     api_keys: str | None = Field(
-        None, description="API keys for /v1/*: comma-separated, or the path of a file with one per line."
+        None, description="API keys for /v1/* and /api/*: comma-separated, or the path of a file with one per line."
     )
     admin_key: str | None = Field(None, description="Key for /status, /events and /admin/* (Bearer).")
 

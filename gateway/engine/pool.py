@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..catalog import Catalog, Unit
+from ..catalog import Catalog, Model, Unit
 from ..errors import BudgetExhausted, ConfigError, EngineUnavailable, GatewayError, ModelTooLarge, QueueFull
 from ..events import EventSink, NullSink
 from ..settings import Settings
@@ -267,6 +267,21 @@ class EnginePool:
                 lifecycle.memory_mb = await asyncio.to_thread(self._meter.measure_mb, pid)
 
     # ----------------------------------------------------------------------------------- operations
+
+    async def prepare(self, model_id: str) -> None:
+        """Download what ``model_id`` needs now, without starting its engine (Ollama's pull)."""
+        await self._preparer.prepare(self._catalog.only([model_id]), None)
+
+    def files_bytes(self, model_id: str) -> int | None:
+        """What the model's files weigh on this machine; None when they are not all here."""
+        return self._preparer.local_bytes(self._model(model_id))
+
+    def files_modified(self, model_id: str) -> float | None:
+        """When the model's files last changed on this machine; None when they are not here."""
+        return self._preparer.local_mtime(self._model(model_id))
+
+    def _model(self, model_id: str) -> Model:
+        return next(model for model in self._catalog.models if model.id == model_id)
 
     async def load(self, model_id: str) -> None:
         """Start the engine of ``model_id`` now (the admin's preload)."""

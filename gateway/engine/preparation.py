@@ -68,6 +68,13 @@ class Preparer:
             total += size
         return round(total * ESTIMATE_FACTOR / (1 << 20), 1)
 
+    def local_bytes(self, model: Model) -> int | None:
+        return _local_size(model, self._settings.model_dir)
+
+    def local_mtime(self, model: Model) -> float | None:
+        path = _local_path(model, self._settings.model_dir)
+        return path.stat().st_mtime if path is not None and path.exists() else None
+
     async def aclose(self) -> None:
         if self._downloader is not None:
             await self._downloader.aclose()
@@ -133,16 +140,21 @@ def _check_files(catalog: Catalog) -> None:
             )
 
 
-def _local_size(model: Model, model_dir: Path) -> int | None:
-    """Bytes of a model's files on this machine, or None when they are not all here yet."""
+def _local_path(model: Model, model_dir: Path) -> Path | None:
+    """Where a model's file (or folder) is on this machine once it is here; None for repos the engine fetches."""
     source = model.source
     if source.local:
-        path = Path(source.model_id) / source.filename if source.filename else Path(source.model_id)
-    elif model.entry.prefetch:
+        return Path(source.model_id) / source.filename if source.filename else Path(source.model_id)
+    if model.entry.prefetch:
         path = model_dir / source.model_id  # where a repo snapshot goes (gateway/models/hub.py)
-        if source.filename:
-            path = path / source.filename
-    else:
+        return path / source.filename if source.filename else path
+    return None
+
+
+def _local_size(model: Model, model_dir: Path) -> int | None:
+    """Bytes of a model's files on this machine, or None when they are not all here yet."""
+    path = _local_path(model, model_dir)
+    if path is None:
         return None
     if path.is_file():
         return path.stat().st_size
