@@ -24,6 +24,7 @@ from .api import MODEL_ROUTES, Api, ModelRoute
 from .auth import KeyGuard, load_keys
 from .cache.store import MemoryStore, RedisStore
 from .catalog import Catalog, load_catalog
+from .console import Console
 from .dialects import error_response
 from .embeddings import Embeddings
 from .engine.launcher import Launcher
@@ -34,12 +35,14 @@ from .errors import EngineUnavailable, GatewayError, MethodNotAllowed, RouteNotF
 from .events import EventBus
 from .images import ImageStore
 from .intake import Intake
+from .logs import LogHub
 from .observability import Metrics, RequestObserver, cache_metrics, download_metrics, engine_metrics, loggable
 from .ollama.routes import OllamaRoutes
 from .origin import TrustedProxies
 from .relay import Relay
 from .service import ModelService
 from .settings import Settings
+from .tracking import Tracker
 from .upstream import AiohttpUpstream, Upstream
 
 if TYPE_CHECKING:
@@ -65,20 +68,24 @@ def create_app(
     owns_run_dir = settings.run_dir is None
     run_dir = settings.run_dir or Path(tempfile.mkdtemp(prefix="mistral-gateway-"))
     events = EventBus()
+    logs = LogHub()
+    metrics = Metrics()
+    tracker = Tracker(on_tokens=metrics.count_tokens)
     if pool is None:
-        pool = _pool(settings, catalog, run_dir / "engine", events)
+        pool = _pool(settings, catalog, run_dir / "engine", events, logs)
     upstream = upstream or AiohttpUpstream()
     relay = Relay(upstream, stall_timeout=settings.stall_timeout, request_timeout=settings.request_timeout,
                   on_failure=pool.engine_failed)  # fmt: skip
     memory = MemoryStore(int(settings.embedding_cache_mb * 1024 * 1024), ttl=settings.embedding_cache_ttl)
     shared = RedisStore(settings.cache_url, ttl=settings.embedding_cache_ttl) if settings.cache_url else None
     embeddings = Embeddings(relay, memory, shared)
-    service = ModelService(pool, relay, events, loading_interval=settings.loading_interval)
+    service = ModelService(pool, relay, events, loading_interval=settings.loading_interval, tracker=tracker)
     intake = Intake(catalog, max_body_mb=settings.max_body_mb)
     api = Api(settings, catalog, intake, service, ImageStore(run_dir / "images", ttl=settings.image_ttl), embeddings,
               events)  # fmt: skip
     dialects = [*AnthropicRoutes(intake, service).routes(),
-                *OllamaRoutes(catalog, intake, service, embeddings, events).routes()]  # fmt: skip
+                *OllamaRoutes(catalog, intake, service, embeddings, events).routes(),
+                *Console(tracker, logs).routes()]  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -97,7 +104,6 @@ def create_app(
             if owns_run_dir:
                 shutil.rmtree(run_dir, ignore_errors=True)
 
-    metrics = Metrics()
     metrics.watch(
         lambda: [
             *engine_metrics(pool.status()),
@@ -127,22 +133,23 @@ def create_app(
     api_keys = load_keys(settings.api_keys)
     if api_keys or settings.admin_key:  # a layer costs CPU on every request: none when nothing is guarded
         stack = KeyGuard(stack, api_keys=api_keys, admin_key=settings.admin_key)
-    stack = RequestObserver(stack, metrics=metrics, log_format=settings.log_format)
+    stack = RequestObserver(stack, metrics=metrics, log_format=settings.log_format, tracker=tracker)
     stack = TrustedProxies(stack, allow_ips=settings.forwarded_allow_ips)  # instead of uvicorn's (cli.serve)
-    return GatewayApp(stack, pool=pool, catalog=catalog, api=api, relay=relay, events=events)
+    return GatewayApp(stack, pool=pool, catalog=catalog, api=api, relay=relay, events=events, logs=logs)
 
 
 class GatewayApp:
     """The ASGI app that uvicorn serves, with the parts the command line needs to reach."""
 
     def __init__(self, app: ASGIApp, *, pool: EnginePool, catalog: Catalog, api: Api, relay: Relay,
-                 events: EventBus) -> None:  # fmt: skip
+                 events: EventBus, logs: LogHub) -> None:  # fmt: skip
         self.app = app
         self.pool = pool
         self.catalog = catalog
         self._api = api
         self._relay = relay
         self._events = events
+        self._logs = logs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
@@ -153,6 +160,7 @@ class GatewayApp:
         self._api.start_draining()
         self.pool.begin_shutdown()
         self._events.close()
+        self._logs.close()
 
     async def end_drain(self) -> None:
         """The drain deadline: every request still talking to the engine ends now, with an answer in its own shape
@@ -195,13 +203,13 @@ class ModelRouteDispatch:
         await response(scope, receive, send)
 
 
-def _pool(settings: Settings, catalog: Catalog, run_dir: Path, events: EventBus) -> EnginePool:
+def _pool(settings: Settings, catalog: Catalog, run_dir: Path, events: EventBus, logs: LogHub) -> EnginePool:
     """The engines, from the settings: a launcher of real processes, a preparer that downloads."""
     import time
 
     logger = logging.getLogger("gateway.engine")
     launcher = Launcher(settings, spawner=SubprocessSpawner(logger), probe=AiohttpUpstream(), clock=time.monotonic,
-                        logger=logger)  # fmt: skip
+                        logger=logger, logs=logs)  # fmt: skip
     preparer = Preparer(settings, downloader=lambda: _downloader(settings, events), events=events)
     return EnginePool(settings, catalog, run_dir=run_dir, launcher=launcher, preparer=preparer, events=events,
                       logger=logger)  # fmt: skip

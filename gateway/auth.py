@@ -1,7 +1,8 @@
 """API keys: ``/v1/*`` and Ollama's ``/api/*`` need a key when keys are configured; the admin key guards
-``/status``, ``/events`` and ``/admin/*``. A key is sent as ``Authorization: Bearer <key>`` (OpenAI's SDKs, Ollama's
-clients with a header) or ``x-api-key: <key>`` (Anthropic's SDKs, Claude Code). Health probes, ``/metrics`` and
-generated images (unguessable names, fetched by browsers that cannot send a header) stay open.
+``/status``, ``/events``, ``/admin/*`` and ``/logs/*``, and opens the API routes too. A key is sent as
+``Authorization: Bearer <key>`` (OpenAI's SDKs, Ollama's clients with a header) or ``x-api-key: <key>``
+(Anthropic's SDKs, Claude Code). Health probes, ``/metrics``, generated images (unguessable names, fetched by
+browsers that cannot send a header) and the console's page (``/ui``: it holds no data) stay open.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .dialects import error_bytes
 from .errors import ConfigError, Unauthorized
 
-ADMIN_PREFIXES = ("/status", "/events", "/admin/")
+ADMIN_PREFIXES = ("/status", "/events", "/admin/", "/logs/")
 
 
 def load_keys(value: str | None) -> frozenset[str]:
@@ -49,8 +50,9 @@ class KeyGuard:
 
     def __init__(self, app: ASGIApp, *, api_keys: frozenset[str], admin_key: str | None) -> None:
         self.app = app
-        self._api_keys = api_keys
         self._admin_keys = frozenset({admin_key}) if admin_key else frozenset()
+        # The admin key opens the API routes too (the console's playground uses it), when they are guarded at all.
+        self._api_keys = api_keys | self._admin_keys if api_keys else api_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

@@ -19,6 +19,7 @@
           ModelDownloadFailed         503 - a model could not be downloaded before the start
         ModelTooLarge                 503 - the model takes more memory than the whole budget; never retried
         BudgetExhausted               503 - no room for the model: the engines holding the memory stayed busy
+      RequestCancelled                503 - an operator cancelled it (the console, /admin/requests); never retried
       QueueFull                       429 - too many requests already wait for the engine, with Retry-After
       EngineCrashed                   502 - it died or broke the connection mid-request
       EngineStalled                   504 - no byte from the engine for too long
@@ -188,6 +189,17 @@ class ModelTooLarge(EngineUnavailable):
 
 class BudgetExhausted(EngineUnavailable):
     code = "memory_budget_exhausted"
+
+
+class RequestCancelled(GatewayError):
+    """An operator cancelled the request (``POST /admin/requests/{id}/cancel``): the SDKs must not send it again."""
+
+    status = 503
+    code = "request_cancelled"
+
+    def __init__(self, message: str = "The request was cancelled by the gateway's operator.", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("x-should-retry", "false")
 
 
 class QueueFull(GatewayError):

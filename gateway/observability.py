@@ -19,6 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .tracking import Tracker
+
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ENGINE_STATES = ("stopped", "starting", "ready", "stopping", "failed")
 _access = logging.getLogger("gateway.access")
@@ -34,10 +36,17 @@ class Metrics:
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
         self.latency = Histogram("gateway_request_duration_seconds", "Time to the last byte of the answer.",
                                  ["route"], registry=self.registry, buckets=buckets)  # fmt: skip
-        self.ttft = Histogram("gateway_time_to_first_token_seconds", "Time to the first data event of a stream.",
+        self.ttft = Histogram("gateway_time_to_first_token_seconds", "Time to the engine's first token of a stream.",
                               ["route"], registry=self.registry,
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))  # fmt: skip
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests being answered.", registry=self.registry)
+        self.tokens = Counter("gateway_tokens", "Tokens by model: prompt (read) and completion (generated), as the "
+                              "engine counted them.", ["model", "kind"], registry=self.registry)  # fmt: skip
+
+    def count_tokens(self, model: str, prompt: int, completion: int) -> None:
+        """The tracker's token sink (gateway/tracking.py)."""
+        self.tokens.labels(model, "prompt").inc(prompt)
+        self.tokens.labels(model, "completion").inc(completion)
 
     def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Add metrics read from the gateway's parts at scrape time (engine, cache, downloads)."""
@@ -119,9 +128,10 @@ class RequestObserver:
     """Pure ASGI middleware: X-Request-ID in and out, an access log line, request metrics."""
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics, log_format: str = "text",
-                 clock: Callable[[], float] = time.perf_counter) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.perf_counter, tracker: Tracker | None = None) -> None:  # fmt: skip
         self.app = app
         self._metrics = metrics
+        self._tracker = tracker
         self._json = log_format == "json"
         self._clock = clock
         # Request ids must be unique, not secret: 128 bits from a seeded generator cost a tenth of uuid4().
@@ -142,7 +152,13 @@ class RequestObserver:
                 request_id = candidate if _VALID_ID.match(candidate) else ""
                 break
         request_id = request_id or f"{self._ids.getrandbits(128):032x}"
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        tracker = self._tracker
+        record = tracker.begin(request_id, scope["method"], scope["path"]) \
+            if tracker is not None and tracker.tracks(scope["method"], scope["path"]) else None  # fmt: skip
+        if record is not None:
+            state["record"] = record
         header = (b"x-request-id", request_id.encode())
         status = 500
         sent = 0
@@ -177,6 +193,10 @@ class RequestObserver:
             elapsed = self._clock() - began
             route = _route_of(scope)
             model = scope["state"].get("model", "")
+            if record is not None and tracker is not None:
+                tracker.finish(record, status=status, model=model or None, cache=cache or None)
+                if record.ttft_ms is not None:  # the engine's first token, not the stream's first event
+                    first_data = began + record.ttft_ms / 1000
             key = (route, model, status)  # bounded: routes and models come from the gateway's own tables
             counter = self._counted.get(key)
             if counter is None:

@@ -24,11 +24,13 @@ from starlette.types import Receive, Scope, Send
 from .engine.launcher import Endpoint
 from .engine.lifecycle import Lease
 from .engine.pool import EnginePool
-from .errors import EngineUnavailable, GatewayError
+from .errors import EngineUnavailable, GatewayError, RequestCancelled
 from .events import EventBus
 from .openai import serving
 from .openai.requests import Plan
+from .openai.streams import Event
 from .relay import Relay, error_event
+from .tracking import Record, Tracker, current
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 LOADING = b": loading\n\n"
@@ -127,9 +129,11 @@ async def until_disconnect(loop: asyncio.AbstractEventLoop, request: Request, wo
 class ModelService:
     """Runs model requests against the engine pool; shared by every dialect's routes."""
 
-    def __init__(self, pool: EnginePool, relay: Relay, events: EventBus, *, loading_interval: float) -> None:
+    def __init__(self, pool: EnginePool, relay: Relay, events: EventBus, *, loading_interval: float,
+                 tracker: Tracker | None = None) -> None:  # fmt: skip
         self.pool = pool
         self.relay = relay
+        self.tracker = tracker or Tracker()
         self._events = events
         self._loading_interval = loading_interval
         self._draining = False
@@ -155,48 +159,79 @@ class ModelService:
 
     async def whole(self, request: Request, lease: Lease, keep_alive: float | None,
                     work: Callable[[], Awaitable[Response]]) -> Response:  # fmt: skip
-        """A whole answer made by ``work``, cancelled if the client leaves; the lease is released at the end."""
+        """A whole answer made by ``work``, cancelled if the client leaves (or an operator cancels it); the lease is
+        released at the end."""
+        record = current(request.state)
         try:
+            _attach(record)
             return await until_disconnect(self.event_loop(), request, work())
+        except asyncio.CancelledError:
+            _cancelled_by_operator(record)
+            raise
         finally:
             lease.release(keep_alive)
 
     async def chat(self, request: Request, model_id: str, plan: Plan, dialect: ChatDialect, lease: Lease,
                    keep_alive: float | None) -> Response:  # fmt: skip
         """A chat or completions plan, answered whole or streamed in ``dialect``; the lease is released at the end."""
+        record = current(request.state)
+        if record is not None:
+            record.model, record.stream = model_id, plan.stream
         if plan.stream:
 
             async def open_(endpoint: Endpoint) -> AsyncIterator[bytes]:
                 engine_id = endpoint.engine_ids.get(model_id, model_id)
                 if plan.whole:
                     result = await serving.answer(self.relay, endpoint.base_url, plan, engine_id)
+                    self._usage(record, result)
                     return serving.whole_as_sse(result, plan.shape)
-                return dialect.stream(await serving.open_stream(self.relay, endpoint.base_url, plan, engine_id))
+                stream = await serving.open_stream(self.relay, endpoint.base_url, plan, engine_id)
+                if record is not None:
+                    stream.events = self._observed(stream.events, stream, record)
+                return dialect.stream(stream)
 
             return await self.stream(model_id, open_, dialect.failed, lease, keep_alive, media_type=dialect.media_type,
-                                     loading=dialect.loading_comments)  # fmt: skip
+                                     loading=dialect.loading_comments, record=record)  # fmt: skip
 
         async def whole() -> Response:
-            result = await self.answer(model_id, plan, lease)
+            result = await self.answer(model_id, plan, lease, record)
             return Response(dialect.answer(result), media_type="application/json")
 
         return await self.whole(request, lease, keep_alive, whole)
 
-    async def answer(self, model_id: str, plan: Plan, lease: Lease) -> dict[str, Any]:
+    async def answer(self, model_id: str, plan: Plan, lease: Lease, record: Record | None = None) -> dict[str, Any]:
         """The OpenAI answer to a non-streaming plan, once the model's engine is ready."""
         endpoint = await self.pool.ensure_ready(model_id, lease)
         engine_id = endpoint.engine_ids.get(model_id, model_id)
-        return await serving.answer(self.relay, endpoint.base_url, plan, engine_id)
+        result = await serving.answer(self.relay, endpoint.base_url, plan, engine_id)
+        self._usage(record, result)
+        return result
+
+    def _usage(self, record: Record | None, answer: dict[str, Any]) -> None:
+        if record is not None:
+            self.tracker.usage(record, answer.get("usage"))
+
+    async def _observed(self, events: AsyncIterator[Event], stream: serving.Stream,
+                        record: Record) -> AsyncIterator[Event]:  # fmt: skip
+        """A stream's engine events, noting the first token's time and, at the end, the usage."""
+        async for event in events:
+            if record.ttft_ms is None and event.comment is None:
+                self.tracker.first_token(record)
+            yield event
+        self.tracker.usage(record, stream.usage())
 
     async def stream(self, model_id: str, open_: Opener, on_error: ErrorEvent, lease: Lease, keep_alive: float | None,
-                     *, media_type: str = "text/event-stream", loading: bool = True) -> Response:  # fmt: skip
+                     *, media_type: str = "text/event-stream", loading: bool = True,
+                     record: Record | None = None) -> Response:  # fmt: skip
         """A streamed answer: opened once the engine is ready; the lease is released when the stream ends.
 
         Errors that come at once (no engine installed, backoff) still get a proper status code. A start that takes
         a while commits the answer to a 200 stream with `: loading` comments (Server-Sent Events), or, for a
         dialect whose streams cannot carry comments (Ollama's NDJSON), keeps the client waiting for the status.
+        An operator's cancel ends it with ``on_error`` (or, before it began, an error answer).
         """
         try:
+            _attach(record)
             ready = asyncio.ensure_future(self.pool.ensure_ready(model_id, lease))
             if not loading:
                 try:
@@ -204,11 +239,17 @@ class ModelService:
                 except BaseException:
                     ready.cancel()
                     raise
-                return LeasedStream(await open_(endpoint), lease, keep_alive, media_type)
-            done, _ = await asyncio.wait({ready}, timeout=min(1.0, self._loading_interval))
-            if done:
-                return LeasedStream(await open_(ready.result()), lease, keep_alive, media_type)
-            return LeasedStream(self._cold_stream(ready, open_, on_error), lease, keep_alive, media_type)
+                body = await open_(endpoint)
+            else:
+                done, _ = await asyncio.wait({ready}, timeout=min(1.0, self._loading_interval))
+                body = await open_(ready.result()) if done else self._cold_stream(ready, open_, on_error)
+            if record is not None:
+                body = _cancellable(body, record, on_error)
+            return LeasedStream(body, lease, keep_alive, media_type)
+        except asyncio.CancelledError:
+            lease.release(keep_alive)
+            _cancelled_by_operator(record)
+            raise
         except BaseException:
             lease.release(keep_alive)
             raise
@@ -244,3 +285,37 @@ class ModelService:
         if not parts:
             return LOADING
         return (": loading" + ";".join(parts)).replace("\n", " ").encode() + b"\n\n"
+
+
+def _attach(record: Record | None) -> None:
+    """Let an operator's cancel reach the task now working for ``record``."""
+    if record is None:
+        return
+    if record.cancelled:
+        raise RequestCancelled()
+    record.task = asyncio.current_task()
+
+
+def _cancelled_by_operator(record: Record | None) -> None:
+    """Called with a CancelledError in flight: if an operator's cancel caused it, take it back (the task goes on, to
+    answer) and raise :class:`RequestCancelled` instead; otherwise let the cancellation go on."""
+    task = asyncio.current_task()
+    if record is not None and record.cancelled and task is not None and task.uncancel() == 0:
+        raise RequestCancelled() from None
+
+
+async def _cancellable(body: AsyncIterator[bytes], record: Record, on_error: ErrorEvent) -> AsyncIterator[bytes]:
+    """A stream an operator's cancel ends with the dialect's error event (and with it the engine request)."""
+    try:
+        _attach(record)
+        async for chunk in body:
+            yield chunk
+    except RequestCancelled as exc:
+        yield on_error(exc)
+    except asyncio.CancelledError:
+        try:
+            _cancelled_by_operator(record)
+        except RequestCancelled as exc:
+            yield on_error(exc)
+            return
+        raise

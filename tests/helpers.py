@@ -134,6 +134,13 @@ class Gateway:
 
     def upstream_requests(self) -> list[dict[str, Any]]:
         """What reached the fake engine: one {"method", "path", "body"} per /v1 request."""
+        return [entry for entry in self._request_log() if "event" not in entry]
+
+    def abandoned_streams(self) -> list[dict[str, Any]]:
+        """Streams the fake engine stopped because its client (the gateway) left: ``{"event", "sent"}`` each."""
+        return [entry for entry in self._request_log() if entry.get("event") == "stream_abandoned"]
+
+    def _request_log(self) -> list[dict[str, Any]]:
         if not self.request_log.exists():
             return []
         return [json.loads(line) for line in self.request_log.read_text().splitlines() if line.strip()]

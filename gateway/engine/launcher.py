@@ -11,6 +11,7 @@ one answers) is here too: it is the other way to get a :class:`Running` engine.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from ..catalog import Catalog
 from ..errors import EngineStartFailed, EngineUnavailable
+from ..logs import LogHub
 from ..settings import Settings
 from ..upstream import Upstream, UpstreamError
 from .command import CommandError, build_command
@@ -96,6 +98,7 @@ class Launcher:
         find_program: ProgramFinder | None = None,
         environ: Mapping[str, str] | None = None,
         logger: logging.Logger,
+        logs: LogHub | None = None,
     ) -> None:
         self._settings = settings
         self._spawner = spawner
@@ -106,6 +109,7 @@ class Launcher:
         )
         self._environ = dict(os.environ if environ is None else environ)
         self._log = logger
+        self._logs = logs
 
     @property
     def environ(self) -> Mapping[str, str]:
@@ -115,8 +119,10 @@ class Launcher:
         # Finding the program runs `--version`: keep that off the event loop.
         return await asyncio.to_thread(self._find_program)
 
-    async def launch(self, catalog: Catalog, run_dir: Path, program: EngineProgram | None = None) -> Running:
-        """Start ``catalog``'s models in one engine and wait until it answers (GATEWAY_STARTUP_TIMEOUT)."""
+    async def launch(self, catalog: Catalog, run_dir: Path, program: EngineProgram | None = None, *,
+                     name: str = "engine") -> Running:  # fmt: skip
+        """Start ``catalog``'s models in one engine (``name``: the console's label for its output) and wait until
+        it answers (GATEWAY_STARTUP_TIMEOUT)."""
         deadline = self._clock() + self._settings.startup_timeout
         program = program or await self.program()
         port = self._settings.engine_port or free_port()
@@ -125,8 +131,14 @@ class Launcher:
         run_dir.mkdir(parents=True, exist_ok=True)
         for name, text in plan.files.items():
             (run_dir / name).write_text(text, encoding="utf-8")
-        self._log.info("starting engine: %s", " ".join(_redact(a) for a in plan.argv))
-        proc = await self._spawner.spawn(plan.argv, env=plan.env, cwd=run_dir)
+        command = " ".join(_redact(a) for a in plan.argv)
+        self._log.info("starting engine: %s", command)
+        output = None
+        if self._logs is not None:
+            logs = self._logs
+            logs.append(name, f"$ {command}")
+            output = functools.partial(logs.append, name)
+        proc = await self._spawner.spawn(plan.argv, env=plan.env, cwd=run_dir, output=output)
         url = f"http://127.0.0.1:{port}"
         try:
             await self._wait_ready(proc, url, deadline)

@@ -385,7 +385,7 @@ class EnginePool:
             return adopted
         program = await self._launcher.program()  # no engine installed: say so before any download
         prepared = await self._preparer.prepare(catalog, token_source(self._settings, self._launcher.environ))
-        running = await self._launcher.launch(prepared, self._run_dir / _folder(unit.name), program)
+        running = await self._launcher.launch(prepared, self._run_dir / _folder(unit.name), program, name=unit.name)
         if running.proc is not None:
             self._lifecycles[unit.name].memory_mb = await asyncio.to_thread(self._meter.measure_mb, running.proc.pid)
         return running

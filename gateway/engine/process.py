@@ -12,14 +12,18 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import signal
 import sys
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 _PR_SET_PDEATHSIG = 1
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # CSI sequences: colours, cursor moves
 
 
 class EngineProcess(Protocol):
@@ -44,7 +48,10 @@ class EngineProcess(Protocol):
 
 
 class ProcessSpawner(Protocol):
-    async def spawn(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path) -> EngineProcess: ...
+    async def spawn(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path,
+                    output: Callable[[str], None] | None = None) -> EngineProcess:  # fmt: skip
+        """Start ``argv``; each line it prints goes to the log, its tail, and ``output``."""
+        ...
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -60,9 +67,11 @@ def _die_with_parent(parent_pid: int) -> None:
 class _ChildProcess:
     """An engine started by :class:`SubprocessSpawner`; its output is logged and its tail kept."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, logger: logging.Logger, tail_lines: int) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, logger: logging.Logger, tail_lines: int,
+                 output: Callable[[str], None] | None = None) -> None:  # fmt: skip
         self._proc = proc
         self._logger = logger
+        self._output = output
         self._tail: deque[str] = deque(maxlen=tail_lines)
         self._reader = asyncio.create_task(self._pump_output(), name=f"engine-output-{proc.pid}")
 
@@ -94,10 +103,13 @@ class _ChildProcess:
                 raw = await stream.read(65536)
             if not raw:
                 return
-            line = raw.decode("utf-8", "replace").rstrip()
+            # Colour codes (mistral.rs colours its log on any output) mean nothing in a log file or the console.
+            line = _ANSI.sub("", raw.decode("utf-8", "replace")).rstrip()
             if line:
                 self._tail.append(line)
                 self._logger.info("engine[%d]: %s", self._proc.pid, line)
+                if self._output is not None:
+                    self._output(line)
 
     async def wait(self) -> int:
         code = await self._proc.wait()
@@ -128,7 +140,8 @@ class SubprocessSpawner:
         self._logger = logger or logging.getLogger("gateway.engine")
         self._tail_lines = tail_lines
 
-    async def spawn(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path) -> EngineProcess:
+    async def spawn(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path,
+                    output: Callable[[str], None] | None = None) -> EngineProcess:  # fmt: skip
         parent = os.getpid()
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -141,4 +154,4 @@ class SubprocessSpawner:
             preexec_fn=lambda: _die_with_parent(parent),
             limit=1 << 20,
         )
-        return _ChildProcess(proc, self._logger, self._tail_lines)
+        return _ChildProcess(proc, self._logger, self._tail_lines, output)

@@ -75,7 +75,8 @@ class FakeSpawner:
         self.ignore_term = False
         self.envs: list[dict[str, str]] = []
 
-    async def spawn(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path) -> FakeProcess:
+    async def spawn(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path,
+                    output: Callable[[str], None] | None = None) -> FakeProcess:  # fmt: skip
         port = int(argv[argv.index("--port") + 1])
         code = self.exit_codes.pop(0) if self.exit_codes else None
         proc = FakeProcess(1000 + len(self.procs), port, argv, exit_code=code, ignore_term=self.ignore_term)

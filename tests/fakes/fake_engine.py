@@ -1551,7 +1551,21 @@ class FakeEngine:
     async def _stream(
         self, plan: Plan, frame: Callable[[int, str | None, str | None], dict[str, Any]]
     ) -> AsyncIterator[bytes]:
-        """SSE events for `plan`; `frame(index, delta, finish_reason)` builds one chunk object."""
+        """SSE events for `plan`; `frame(index, delta, finish_reason)` builds one chunk object. A stream its client
+        leaves before the end is noted in the request log (``{"event": "stream_abandoned", "sent": chunks}``): it
+        shows that the engine stopped generating."""
+        sent = 0
+        try:
+            async for event in self._frames(plan, frame):
+                yield event
+                sent += 1
+        finally:
+            if sent < len(plan.pieces) + 2 and plan.scenario in ("normal", "slow") and self._request_log is not None:
+                _append_line(self._request_log, {"event": "stream_abandoned", "sent": sent})
+
+    async def _frames(
+        self, plan: Plan, frame: Callable[[int, str | None, str | None], dict[str, Any]]
+    ) -> AsyncIterator[bytes]:
         delay = plan.interval or self.knobs.chunk_delay
         for index, piece in enumerate(plan.pieces):
             if index and delay:

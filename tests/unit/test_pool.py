@@ -81,7 +81,7 @@ async def test_startup_timeout_kills_the_process(tmp_path: Path) -> None:
     pool, spawner, clock = pool_of(tmp_path, startup_timeout=5)
     original = spawner.spawn
 
-    async def never_ready(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path) -> FakeProcess:
+    async def never_ready(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, output: Any = None) -> FakeProcess:
         proc = await original(argv, env=env, cwd=cwd)
         proc.ready = False
         clock.now += 10  # the engine loads for longer than the startup timeout
@@ -216,7 +216,7 @@ async def test_shutdown_answers_requests_waiting_for_a_start_and_stops_the_loadi
     original = spawner.spawn
     loading = asyncio.Event()
 
-    async def slow(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path) -> FakeProcess:
+    async def slow(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, output: Any = None) -> FakeProcess:
         proc = await original(argv, env=env, cwd=cwd)
         proc.ready = False  # loading...
         loading.set()
