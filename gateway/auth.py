@@ -1,5 +1,6 @@
 """API keys: ``/v1/*`` and Ollama's ``/api/*`` need a key when keys are configured; the admin key guards
-``/status``, ``/events``, ``/admin/*`` and ``/logs/*``, and opens the API routes too. A key is sent as
+``/status``, ``/events``, ``/admin/*`` and ``/logs/*`` (with API keys but no admin key, an API key does), and
+opens the API routes too. A key is sent as
 ``Authorization: Bearer <key>`` (OpenAI's SDKs, Ollama's clients with a header) or ``x-api-key: <key>``
 (Anthropic's SDKs, Claude Code). Health probes, ``/metrics``, generated images (unguessable names, fetched by
 browsers that cannot send a header) and the console's page (``/ui``: it holds no data) stay open.
@@ -50,7 +51,9 @@ class KeyGuard:
 
     def __init__(self, app: ASGIApp, *, api_keys: frozenset[str], admin_key: str | None) -> None:
         self.app = app
-        self._admin_keys = frozenset({admin_key}) if admin_key else frozenset()
+        # Without an admin key, the admin routes take an API key: keys on the API but none on the routes that stop
+        # engines, cancel requests and read their logs would leave those open to anyone who can reach the port.
+        self._admin_keys = frozenset({admin_key}) if admin_key else api_keys
         # The admin key opens the API routes too (the console's playground uses it), when they are guarded at all.
         self._api_keys = api_keys | self._admin_keys if api_keys else api_keys
 

@@ -225,7 +225,11 @@ def _admin(settings: Settings, url: str | None, method: str, path: str) -> dict[
 
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = (url or f"http://{host}:{settings.port}").rstrip("/")
-    headers = {"Authorization": f"Bearer {settings.admin_key}"} if settings.admin_key else {}
+    from .auth import load_keys
+
+    # The admin key; without one, the admin routes take an API key (gateway/auth.py).
+    key = settings.admin_key or next(iter(sorted(load_keys(settings.api_keys))), None)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         response = httpx.request(method, base + path, headers=headers, timeout=settings.startup_timeout + 30)
     except httpx.HTTPError as exc:

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from .errors import RouteNotFound
+from .errors import GatewayError, RouteNotFound
 from .logs import LogHub, LogLine
 from .service import SSE_HEADERS
 from .tracking import Tracker
@@ -74,9 +74,13 @@ class Console:
 
     async def cancel(self, request: Request) -> Response:
         request_id = request.path_params["id"]
-        if not self._tracker.cancel(request_id):
+        outcome = self._tracker.cancel(request_id)
+        if outcome == "not_found":
             raise RouteNotFound(f"No request {request_id!r} is in flight (it may have ended).",
                                 code="request_not_found")  # fmt: skip
+        if outcome == "not_cancellable":
+            raise GatewayError(f"The request {request_id!r} cannot be cancelled now: it is not waiting on an engine.",
+                               status=409, code="request_not_cancellable")  # fmt: skip
         return JSONResponse({"id": request_id, "cancelled": True})
 
     async def log_stream(self, request: Request) -> Response:

@@ -13,8 +13,8 @@ comes after a stream began is written, and whether a stream that waits for its e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from starlette.requests import Request
@@ -32,6 +32,7 @@ from .openai.streams import Event
 from .relay import Relay, error_event
 from .tracking import Record, Tracker, current
 
+T = TypeVar("T")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 LOADING = b": loading\n\n"
 WATCH_AFTER = 0.05  # seconds before a request starts watching for its client to leave
@@ -71,24 +72,33 @@ class OpenAIChat:
 
 
 class LeasedStream(StreamingResponse):
-    """A streaming answer that releases its lease however it ends, even if it never started."""
+    """A streaming answer that releases its lease however it ends, even if it never started; ``waiting`` (the wait
+    for a cold engine, when the stream owns it) is cancelled then too, so that nothing waits on for nobody."""
 
     def __init__(self, content: AsyncIterator[bytes], lease: Lease, keep_alive: float | None,
-                 media_type: str = "text/event-stream") -> None:  # fmt: skip
+                 media_type: str = "text/event-stream",
+                 waiting: asyncio.Future[Any] | None = None) -> None:  # fmt: skip
         headers = SSE_HEADERS if media_type == "text/event-stream" else {"x-accel-buffering": "no"}
         super().__init__(content, media_type=media_type, headers=headers)
         self._lease = lease
         self._keep_alive = keep_alive
+        self._waiting = waiting
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if self._waiting is not None:
+                self._waiting.cancel()
+            body = self.body_iterator
+            if isinstance(body, AsyncGenerator):
+                await body.aclose()  # a stream cut short hands its engine connection back now, not at collection
             self._lease.release(self._keep_alive)
 
 
-async def until_disconnect(loop: asyncio.AbstractEventLoop, request: Request, work: Awaitable[Response]) -> Response:
-    """Run ``work`` unless the client goes away first; then cancel it (and with it the upstream call).
+async def until_disconnect(loop: asyncio.AbstractEventLoop, request: Request, work: Awaitable[T], gone_value: T) -> T:
+    """Run ``work`` unless the client goes away first; then cancel it (and with it the upstream call) and give
+    ``gone_value``.
 
     The work runs in this task; a watcher task cancels it on a disconnect. The watcher is only started once
     the work has taken ``WATCH_AFTER`` seconds: most answers are faster, and on two cores a task per request
@@ -118,7 +128,7 @@ async def until_disconnect(loop: asyncio.AbstractEventLoop, request: Request, wo
             # Our own cancellation, not the server's: take it back (Python 3.11+) and end the handler quietly.
             uncancel = getattr(current, "uncancel", None)
             if uncancel is None or uncancel() == 0:
-                return Response(status_code=499)  # nobody is listening any more
+                return gone_value  # nobody is listening any more
         raise
     finally:
         timer.cancel()
@@ -164,11 +174,13 @@ class ModelService:
         record = current(request.state)
         try:
             _attach(record)
-            return await until_disconnect(self.event_loop(), request, work())
+            return await until_disconnect(self.event_loop(), request, work(), Response(status_code=499))
         except asyncio.CancelledError:
             _cancelled_by_operator(record)
             raise
         finally:
+            if record is not None:
+                record.task = None  # the answer is being sent: too late for a cancel to reach it
             lease.release(keep_alive)
 
     async def chat(self, request: Request, model_id: str, plan: Plan, dialect: ChatDialect, lease: Lease,
@@ -191,7 +203,7 @@ class ModelService:
                 return dialect.stream(stream)
 
             return await self.stream(model_id, open_, dialect.failed, lease, keep_alive, media_type=dialect.media_type,
-                                     loading=dialect.loading_comments, record=record)  # fmt: skip
+                                     loading=dialect.loading_comments, record=record, request=request)  # fmt: skip
 
         async def whole() -> Response:
             result = await self.answer(model_id, plan, lease, record)
@@ -222,7 +234,7 @@ class ModelService:
 
     async def stream(self, model_id: str, open_: Opener, on_error: ErrorEvent, lease: Lease, keep_alive: float | None,
                      *, media_type: str = "text/event-stream", loading: bool = True,
-                     record: Record | None = None) -> Response:  # fmt: skip
+                     record: Record | None = None, request: Request | None = None) -> Response:  # fmt: skip
         """A streamed answer: opened once the engine is ready; the lease is released when the stream ends.
 
         Errors that come at once (no engine installed, backoff) still get a proper status code. A start that takes
@@ -230,28 +242,30 @@ class ModelService:
         dialect whose streams cannot carry comments (Ollama's NDJSON), keeps the client waiting for the status.
         An operator's cancel ends it with ``on_error`` (or, before it began, an error answer).
         """
+        ready: asyncio.Future[Endpoint] | None = None
         try:
             _attach(record)
             ready = asyncio.ensure_future(self.pool.ensure_ready(model_id, lease))
             if not loading:
-                try:
-                    endpoint = await ready
-                except BaseException:
-                    ready.cancel()
-                    raise
+                # Nothing is sent before the engine is ready: the client leaving meanwhile must be watched for.
+                waited = until_disconnect(self.event_loop(), request, ready, None) if request is not None else ready
+                endpoint = await waited
+                if endpoint is None:
+                    lease.release(keep_alive)
+                    return Response(status_code=499)
                 body = await open_(endpoint)
             else:
                 done, _ = await asyncio.wait({ready}, timeout=min(1.0, self._loading_interval))
                 body = await open_(ready.result()) if done else self._cold_stream(ready, open_, on_error)
             if record is not None:
                 body = _cancellable(body, record, on_error)
-            return LeasedStream(body, lease, keep_alive, media_type)
+            return LeasedStream(body, lease, keep_alive, media_type, waiting=ready)
         except asyncio.CancelledError:
-            lease.release(keep_alive)
+            _cleanup(ready, lease, keep_alive)
             _cancelled_by_operator(record)
             raise
         except BaseException:
-            lease.release(keep_alive)
+            _cleanup(ready, lease, keep_alive)
             raise
 
     async def _cold_stream(self, ready: asyncio.Future[Endpoint], open_: Opener,
@@ -296,11 +310,20 @@ def _attach(record: Record | None) -> None:
     record.task = asyncio.current_task()
 
 
+def _cleanup(ready: asyncio.Future[Endpoint] | None, lease: Lease, keep_alive: float | None) -> None:
+    """A stream that will not be sent: stop waiting for its engine, give its lease back."""
+    if ready is not None:
+        ready.cancel()
+    lease.release(keep_alive)
+
+
 def _cancelled_by_operator(record: Record | None) -> None:
     """Called with a CancelledError in flight: if an operator's cancel caused it, take it back (the task goes on, to
     answer) and raise :class:`RequestCancelled` instead; otherwise let the cancellation go on."""
-    task = asyncio.current_task()
-    if record is not None and record.cancelled and task is not None and task.uncancel() == 0:
+    if record is None or not record.cancelled:
+        return
+    uncancel = getattr(asyncio.current_task(), "uncancel", None)  # Python 3.11+; nothing to take back before
+    if uncancel is None or uncancel() == 0:
         raise RequestCancelled() from None
 
 

@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     api_keys: str | None = Field(
         None, description="API keys for /v1/* and /api/*: comma-separated, or the path of a file with one per line."
     )
-    admin_key: str | None = Field(None, description="Key for /status, /events and /admin/* (Bearer).")
+    admin_key: str | None = Field(None, description="Key for /status, /events, /admin/* and /logs/* (Bearer).")
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["text", "json"] = Field("text", description="Request log lines as text or JSON.")

@@ -56,15 +56,20 @@ class Tracker:
         self._clock = clock
         self._wall = wall
         self._on_tokens = on_tokens
+        self._serial = 0
 
     @staticmethod
     def tracks(method: str, path: str) -> bool:
         return method == "POST" and path.startswith(("/v1/", "/api/"))
 
     def begin(self, request_id: str, method: str, path: str) -> Record:
-        record = Record(request_id, self._wall(), self._clock(), method, path)
-        # Ids sent by clients may repeat: the newest one is the one a cancel reaches.
-        self._in_flight[request_id] = record
+        # A client may send the X-Request-ID of a request in flight: the list (and a cancel) must not mix them up.
+        key = request_id
+        while key in self._in_flight:
+            self._serial += 1
+            key = f"{request_id}.{self._serial}"
+        record = Record(key, self._wall(), self._clock(), method, path)
+        self._in_flight[key] = record
         return record
 
     def finish(self, record: Record, *, status: int, model: str | None, cache: str | None) -> None:
@@ -76,7 +81,8 @@ class Tracker:
         record.duration_ms = round((self._clock() - record.began) * 1000, 1)
         record.state = "cancelled" if record.cancelled else "done"
         record.task = None
-        self._recent.append(record)
+        if status != 401:  # refused for want of a key: not a request anybody made, and not to crowd out the others
+            self._recent.append(record)
 
     def first_token(self, record: Record) -> None:
         if record.ttft_ms is None:
@@ -92,14 +98,18 @@ class Tracker:
         if self._on_tokens is not None and record.model:
             self._on_tokens(record.model, prompt, completion)
 
-    def cancel(self, request_id: str) -> bool:
+    def cancel(self, request_id: str) -> str:
+        """``cancelled``; ``not_found`` (no such request in flight); ``not_cancellable`` (it is not waiting on an
+        engine: still being read, or a request of a kind that cannot be stopped halfway, such as a pull)."""
         record = self._in_flight.get(request_id)
         if record is None:
-            return False
+            return "not_found"
+        if record.task is None:
+            return "not_cancellable"
         record.cancelled = True
-        if record.task is not None and not record.task.done():
+        if not record.task.done():
             record.task.cancel()
-        return True
+        return "cancelled"
 
     def snapshot(self) -> dict[str, Any]:
         return {"recent": [r.to_dict() for r in reversed(self._recent)],

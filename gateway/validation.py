@@ -13,8 +13,10 @@ from .errors import InvalidRequest, UnsupportedMediaType
 
 Validator = Callable[[dict[str, Any]], None]
 
-_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+# Go's duration syntax, as Ollama takes it: "-1", "300", "30s", "5m", "1h30m", "1.5h", "500ms".
+_DURATION = re.compile(r"^\s*(-?)((?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+|\d+(?:\.\d+)?)\s*$")
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 MAX_DEPTH = 64  # nesting of JSON objects and arrays; OpenAI's bodies need a handful (a tool schema a few more)
@@ -156,14 +158,16 @@ def string(body: dict[str, Any], name: str) -> str | None:
 
 
 def parse_keep_alive(value: Any, param: str) -> float:
-    """Seconds from a number or an Ollama-style duration ("30s", "5m", "1h"); negative (Ollama's -1): until further
-    notice, returned as -1."""
+    """Seconds from a number or an Ollama-style (Go) duration ("30s", "5m", "1h30m"); negative (Ollama's -1): until
+    further notice, returned as -1."""
     if isinstance(value, bool):
         raise InvalidRequest(f"Invalid {param}: use seconds or a duration like '5m'.", param=param)
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        sign, body = -1.0 if match.group(1) else 1.0, match.group(2)
+        parts = _PART.findall(body)
+        seconds = sign * (sum(float(n) * _UNITS[unit] for n, unit in parts) if parts else float(body))
     else:
         raise InvalidRequest(f"Invalid {param} {value!r}: use seconds or a duration like '5m'.", param=param)
     if not math.isfinite(seconds):

@@ -46,7 +46,9 @@ def error_type(status: int) -> str:
 
 def error_body(error: GatewayError) -> dict[str, Any]:
     """Anthropic's error body: ``{"type": "error", "error": {"type", "message"}}``."""
-    return {"type": "error", "error": {"type": error_type(error.status), "message": error.message}}
+    # An operator's cancel is a 503 like an overload, but "overloaded" would tell the client the wrong story.
+    kind = "api_error" if error.code == "request_cancelled" else error_type(error.status)
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
 
 
 def error_event(error: GatewayError) -> bytes:

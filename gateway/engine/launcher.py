@@ -129,8 +129,8 @@ class Launcher:
         plan = plan_launch(program, catalog, port=port, run_dir=run_dir, settings=self._settings,
                            environ=self._environ)  # fmt: skip
         run_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in plan.files.items():
-            (run_dir / name).write_text(text, encoding="utf-8")
+        for file, text in plan.files.items():
+            (run_dir / file).write_text(text, encoding="utf-8")
         command = " ".join(_redact(a) for a in plan.argv)
         self._log.info("starting engine: %s", command)
         output = None

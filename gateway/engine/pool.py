@@ -132,11 +132,12 @@ class EnginePool:
                     # is under way or the engine ready, and this request joins it even if a later one, in line
                     # behind it, marks the engine for a swap (its lease then holds the swap off).
                     await self._admit(name, deadline)
+                if lease is not None:
+                    # Engaged before the engine is ready, not after: the moment it becomes ready, a request for a
+                    # rival in its exclusive group (or one that needs room) may look at it, and must see it in use.
+                    lease.engage()
                 with contextlib.suppress(NotStarted):
-                    endpoint = await lifecycle.join()
-                    if lease is not None:
-                        lease.engage()
-                    return endpoint
+                    return await lifecycle.join()
         finally:
             lifecycle.waiting -= 1
 

@@ -170,10 +170,15 @@ class OllamaRoutes:
         return response
 
     async def _load(self, request: Request, model: Model, keep: float | None, *, chat: bool) -> Response:
-        """No prompt: load the model (Ollama's preload), or with keep_alive 0 unload it."""
+        """No prompt: load the model (Ollama's preload), or with keep_alive 0 unload it: at once when nothing uses
+        its engine, else as soon as the requests in flight are done (as Ollama does: nobody's answer is cut)."""
         unloading = keep == 0
         if unloading:
-            await self._service.pool.unload(model.id)
+            lifecycle = self._service.pool.lifecycle(model.id)
+            if lifecycle.in_flight == 0:
+                await self._service.pool.unload(model.id)
+            else:
+                lifecycle.keep_alive(0)
         else:
             lease = self._service.lease(model.id)
 
@@ -248,24 +253,26 @@ class OllamaRoutes:
         await asyncio.sleep(0)  # the follower subscribes (its first step) before the pull can publish anything
         pull = asyncio.ensure_future(self._service.pool.prepare(model_id))
         yield _line({"status": "pulling manifest"})
+        waiter: asyncio.Future[dict[str, Any]] | None = None
         try:
-            while not pull.done() or not lines.empty():
-                if lines.empty():
-                    waiter = asyncio.ensure_future(lines.get())
-                    await asyncio.wait([pull, waiter], return_when=asyncio.FIRST_COMPLETED)
-                    if not waiter.done():
-                        waiter.cancel()
-                        continue
+            while not pull.done():
+                waiter = asyncio.ensure_future(lines.get())
+                await asyncio.wait([pull, waiter], return_when=asyncio.FIRST_COMPLETED)
+                if waiter.done():
                     yield _line(waiter.result())
                 else:
-                    yield _line(lines.get_nowait())
+                    waiter.cancel()
+            await asyncio.sleep(0)  # the follower takes in the last events the pull published as it ended
+            while not lines.empty():
+                yield _line(lines.get_nowait())
             pull.result()
         except GatewayError as exc:
             yield protocol.error_line(exc)
             return
         finally:
-            follower.cancel()
-            pull.cancel()
+            for task in (waiter, follower, pull):
+                if task is not None:
+                    task.cancel()
         for status in ("verifying sha256 digest", "writing manifest", "success"):
             yield _line({"status": status})
 

@@ -44,6 +44,9 @@ def test_api_keys_and_admin_key(gateways: Start, tmp_path: Path) -> None:
     gw2 = gateways(env={"GATEWAY_API_KEYS": str(keys)})
     assert httpx.get(gw2.v1 + "/models", headers={"Authorization": "Bearer from-a-file"}).status_code == 200
     assert httpx.get(gw2.v1 + "/models").status_code == 401
+    # No admin key: the admin routes are not open to anyone, they take an API key.
+    assert httpx.get(gw2.url + "/status").status_code == 401
+    assert httpx.get(gw2.url + "/status", headers={"Authorization": "Bearer from-a-file"}).status_code == 200
 
 
 def test_admin_actions_and_their_cli(gateways: Start) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ import openai
 import pytest
 
 from tests.helpers import Gateway, wait_for
+from tests.integration.conftest import models_toml
 
 Start = Callable[..., Gateway]
 HELLO = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}
@@ -121,7 +123,7 @@ def test_cancelling_a_whole_answer_or_a_wait_for_a_cold_engine(gateways: Start) 
 @pytest.mark.parametrize(("path", "body", "check"), [
     ("/v1/messages", {"model": "tiny-chat", "max_tokens": 20, "stream": True,
                       "messages": [{"role": "user", "content": "slow:60"}]},
-     lambda last: last.startswith("data: ") and json.loads(last[6:])["error"]["type"] == "overloaded_error"),
+     lambda last: last.startswith("data: ") and json.loads(last[6:])["error"]["type"] == "api_error"),
     ("/api/chat", {"model": "tiny-chat", "messages": [{"role": "user", "content": "slow:60"}]},
      lambda last: "cancelled" in json.loads(last)["error"]),
     ("/v1/responses", {"model": "tiny-chat", "stream": True, "input": "slow:60"},
@@ -178,3 +180,14 @@ def test_the_admin_key_guards_the_data_but_not_the_page(gateways: Start) -> None
     chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}
     assert httpx.post(gw.v1 + "/chat/completions", json=chat, headers=admin, timeout=60).status_code == 200
     assert httpx.post(gw.v1 + "/chat/completions", json=chat, timeout=60).status_code == 401
+
+
+
+def test_a_shared_engine_logs_under_its_group_name(gateways: Start, tmp_path: Path) -> None:
+    shared = '[[groups]]\nname = "text"\nmodels = ["tiny-chat", "tiny-embed"]\nshare_engine = true\n'
+    gw = gateways(models_toml(tmp_path / "shared-models") + shared)  # its engine is started with a config file
+    httpx.post(gw.v1 + "/chat/completions", json=HELLO, timeout=60)
+    with httpx.stream("GET", gw.url + "/logs/stream?engine=text", timeout=30) as response:
+        first = next(line for line in response.iter_lines() if line.startswith("data: "))
+    entry = json.loads(first[6:])
+    assert entry["engine"] == "text" and entry["line"].startswith("$ ") and "multi-model" in entry["line"]

@@ -40,6 +40,8 @@ def test_a_record_from_start_to_finish() -> None:
     for name in ("r2", "r3"):
         tracker.finish(tracker.begin(name, "POST", "/api/chat"), status=200, model="m", cache=None)
     assert [r["id"] for r in tracker.snapshot()["recent"]] == ["r3", "r2"]  # newest first, bounded
+    tracker.finish(tracker.begin("r4", "POST", "/v1/chat/completions"), status=401, model=None, cache=None)
+    assert [r["id"] for r in tracker.snapshot()["recent"]] == ["r3", "r2"]  # refused for want of a key: not listed
 
 
 def test_cancel_reaches_the_task_working_for_the_request() -> None:
@@ -47,12 +49,16 @@ def test_cancel_reaches_the_task_working_for_the_request() -> None:
         tracker = Tracker()
         record = tracker.begin("r1", "POST", "/v1/chat/completions")
         record.task = asyncio.ensure_future(asyncio.sleep(60))
-        assert tracker.cancel("r1") and not tracker.cancel("nope")
+        idle = tracker.begin("r0", "POST", "/api/pull")  # no task waits on an engine for it
+        assert tracker.cancel("r0") == "not_cancellable" and not idle.cancelled
+        assert tracker.cancel("r1") == "cancelled" and tracker.cancel("nope") == "not_found"
         with contextlib.suppress(asyncio.CancelledError):
             await record.task
         assert record.task.cancelled() and record.cancelled
         tracker.finish(record, status=200, model="m", cache=None)
-        assert tracker.snapshot()["recent"][0]["state"] == "cancelled" and not tracker.cancel("r1")
+        assert tracker.snapshot()["recent"][0]["state"] == "cancelled" and tracker.cancel("r1") == "not_found"
+        twin = tracker.begin("r0", "POST", "/v1/chat/completions")  # a client reusing an id in flight
+        assert twin.id != "r0" and twin.id.startswith("r0.")
 
     asyncio.run(scenario())
 

@@ -9,7 +9,7 @@ from gateway.errors import InvalidRequest, UnsupportedMediaType
 @pytest.mark.parametrize(
     ("value", "seconds"),
     [(30, 30.0), (1.5, 1.5), ("45s", 45.0), ("5m", 300.0), ("1h", 3600.0), ("250ms", 0.25), (0, 0.0),
-     (-1, -1.0), ("-1", -1.0), ("-5m", -1.0), (10**9, 1e9)],
+     (-1, -1.0), ("-1", -1.0), ("-5m", -1.0), (10**9, 1e9), ("1h30m", 5400.0), ("1m30s", 90.0), ("1.5h", 5400.0)],
 )  # fmt: skip
 def test_keep_alive_accepts_seconds_durations_and_ollamas_minus_one(value: object, seconds: float) -> None:
     assert validation.parse_keep_alive(value, "keep_alive") == seconds
