@@ -88,11 +88,12 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie still answers kill(0); it is dead for our purposes.
+    # A zombie still answers kill(0); it is dead for our purposes. The process can also be reaped between the two
+    # looks (the open or the read then fails with ENOENT or ESRCH): dead as well.
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
+    except (OSError, IndexError):
         return False
 
 
