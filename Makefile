@@ -22,6 +22,7 @@ run: $(VENV)/.installed-run
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check gateway tests
+	$(BIN)/ruff format --check gateway tests
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 

@@ -157,19 +157,28 @@ class Api:
 
         lease = self._service.lease(model.id)
         if route.path == "/v1/embeddings":
-            return await self._service.whole(request, lease, keep_alive,
-                                             lambda: self._embed(request, body, model, lease))  # fmt: skip
+            return await self._service.whole(
+                request, lease, keep_alive, lambda: self._embed(request, body, model, lease)
+            )
         if route.path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
             return await self._openai(request, route, body, model, lease, keep_alive)
         if route.streams and body.get("stream") is True:
-            return await self._service.stream(model.id, self._relay_opener(route.path, encode), error_event, lease,
-                                              keep_alive)  # fmt: skip
+            return await self._service.stream(
+                model.id, self._relay_opener(route.path, encode), error_event, lease, keep_alive
+            )
         path = route.path
         forward = functools.partial(self._forward, request, model, lease, path, encode, wanted_image)
         return await self._service.whole(request, lease, keep_alive, forward)
 
-    async def _openai(self, request: Request, route: ModelRoute, body: dict[str, Any], model: Model, lease: Lease,
-                      keep_alive: float | None) -> Response:  # fmt: skip
+    async def _openai(
+        self,
+        request: Request,
+        route: ModelRoute,
+        body: dict[str, Any],
+        model: Model,
+        lease: Lease,
+        keep_alive: float | None,
+    ) -> Response:
         """Chat, completions and responses: the plan of engine requests, then one answer or one stream, made
         OpenAI's (chat completions and completions) or the Responses API's."""
         dialect: ChatDialect = OPENAI
@@ -214,8 +223,9 @@ class Api:
         )
         return Response(content, media_type="application/json", headers={"x-cache": cache})
 
-    async def _forward(self, request: Request, model: Model, lease: Lease, path: str, encode: _Encoder,
-                       wanted_image: str | None) -> Response:  # fmt: skip
+    async def _forward(
+        self, request: Request, model: Model, lease: Lease, path: str, encode: _Encoder, wanted_image: str | None
+    ) -> Response:
         endpoint = await self._pool.ensure_ready(model.id, lease)
         payload, rename = encode(endpoint)
         reply = await self._relay.request(endpoint.base_url, path, payload)
@@ -291,8 +301,11 @@ class Api:
         name = request.path_params["model"]
         model = self._catalog.find(name)
         if model is None:
-            raise ModelNotFound(f"The model '{name}' does not exist. Available models: "
-                                f"{', '.join(m.id for m in self._catalog.models)}.", param="model")  # fmt: skip
+            raise ModelNotFound(
+                f"The model '{name}' does not exist. Available models: "
+                f"{', '.join(m.id for m in self._catalog.models)}.",
+                param="model",
+            )
         return model
 
     async def admin_load(self, request: Request) -> Response:

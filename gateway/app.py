@@ -74,18 +74,25 @@ def create_app(
     if pool is None:
         pool = _pool(settings, catalog, run_dir / "engine", events, logs)
     upstream = upstream or AiohttpUpstream()
-    relay = Relay(upstream, stall_timeout=settings.stall_timeout, request_timeout=settings.request_timeout,
-                  on_failure=pool.engine_failed)  # fmt: skip
+    relay = Relay(
+        upstream,
+        stall_timeout=settings.stall_timeout,
+        request_timeout=settings.request_timeout,
+        on_failure=pool.engine_failed,
+    )
     memory = MemoryStore(int(settings.embedding_cache_mb * 1024 * 1024), ttl=settings.embedding_cache_ttl)
     shared = RedisStore(settings.cache_url, ttl=settings.embedding_cache_ttl) if settings.cache_url else None
     embeddings = Embeddings(relay, memory, shared)
     service = ModelService(pool, relay, events, loading_interval=settings.loading_interval, tracker=tracker)
     intake = Intake(catalog, max_body_mb=settings.max_body_mb)
-    api = Api(settings, catalog, intake, service, ImageStore(run_dir / "images", ttl=settings.image_ttl), embeddings,
-              events)  # fmt: skip
-    dialects = [*AnthropicRoutes(intake, service).routes(),
-                *OllamaRoutes(catalog, intake, service, embeddings, events).routes(),
-                *Console(tracker, logs).routes()]  # fmt: skip
+    api = Api(
+        settings, catalog, intake, service, ImageStore(run_dir / "images", ttl=settings.image_ttl), embeddings, events
+    )
+    dialects = [
+        *AnthropicRoutes(intake, service).routes(),
+        *OllamaRoutes(catalog, intake, service, embeddings, events).routes(),
+        *Console(tracker, logs).routes(),
+    ]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -141,8 +148,17 @@ def create_app(
 class GatewayApp:
     """The ASGI app that uvicorn serves, with the parts the command line needs to reach."""
 
-    def __init__(self, app: ASGIApp, *, pool: EnginePool, catalog: Catalog, api: Api, relay: Relay,
-                 events: EventBus, logs: LogHub) -> None:  # fmt: skip
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        pool: EnginePool,
+        catalog: Catalog,
+        api: Api,
+        relay: Relay,
+        events: EventBus,
+        logs: LogHub,
+    ) -> None:
         self.app = app
         self.pool = pool
         self.catalog = catalog
@@ -165,9 +181,12 @@ class GatewayApp:
     async def end_drain(self) -> None:
         """The drain deadline: every request still talking to the engine ends now, with an answer in its own shape
         (a JSON 503, or a stream's final error event), never a connection cut or a plain-text 500."""
-        await self._relay.close(EngineUnavailable(
-            "The gateway is shutting down and this request outlasted GATEWAY_SHUTDOWN_TIMEOUT. Retry it.",
-            retry_after=1))  # fmt: skip
+        await self._relay.close(
+            EngineUnavailable(
+                "The gateway is shutting down and this request outlasted GATEWAY_SHUTDOWN_TIMEOUT. Retry it.",
+                retry_after=1,
+            )
+        )
 
 
 class ModelRouteDispatch:
@@ -208,11 +227,18 @@ def _pool(settings: Settings, catalog: Catalog, run_dir: Path, events: EventBus,
     import time
 
     logger = logging.getLogger("gateway.engine")
-    launcher = Launcher(settings, spawner=SubprocessSpawner(logger), probe=AiohttpUpstream(), clock=time.monotonic,
-                        logger=logger, logs=logs)  # fmt: skip
+    launcher = Launcher(
+        settings,
+        spawner=SubprocessSpawner(logger),
+        probe=AiohttpUpstream(),
+        clock=time.monotonic,
+        logger=logger,
+        logs=logs,
+    )
     preparer = Preparer(settings, downloader=lambda: _downloader(settings, events), events=events)
-    return EnginePool(settings, catalog, run_dir=run_dir, launcher=launcher, preparer=preparer, events=events,
-                      logger=logger)  # fmt: skip
+    return EnginePool(
+        settings, catalog, run_dir=run_dir, launcher=launcher, preparer=preparer, events=events, logger=logger
+    )
 
 
 def _downloader(settings: Settings, events: EventBus) -> Downloader:

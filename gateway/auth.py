@@ -88,7 +88,10 @@ def _presented(scope: Scope) -> str:
 async def _unauthorized(send: Send, what: str, path: str) -> None:
     error = Unauthorized(f"This request needs {what}: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
     body = error_bytes(error, path)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               *((name.lower().encode(), value.encode()) for name, value in error.headers.items())]  # fmt: skip
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((name.lower().encode(), value.encode()) for name, value in error.headers.items()),
+    ]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

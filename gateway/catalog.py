@@ -238,8 +238,13 @@ class Catalog:
         models = tuple(m for m in self.models if m.id in wanted)
         default = self.default_model if self.default_model in wanted else None
         embedding = self.default_embedding_model if self.default_embedding_model in wanted else None
-        return replace(self, models=models, default_model=default, default_embedding_model=embedding,
-                       units=(Unit("+".join(sorted(wanted)), models),))  # fmt: skip
+        return replace(
+            self,
+            models=models,
+            default_model=default,
+            default_embedding_model=embedding,
+            units=(Unit("+".join(sorted(wanted)), models),),
+        )
 
     def find(self, name: str) -> Model | None:
         for model in self.models:
@@ -356,16 +361,20 @@ def _units(origin: str, models: tuple[Model, ...], groups: list[GroupEntry]) -> 
             raise ConfigError(f"{where}: the name is already used by another group or a model. Fix: rename it.")
         names.add(group.name)
         if group.share_engine and group.exclusive:
-            raise ConfigError(f"{where}: share_engine and exclusive exclude each other (members that share one "
-                              "engine always run together). Fix: drop one.")  # fmt: skip
+            raise ConfigError(
+                f"{where}: share_engine and exclusive exclude each other (members that share one "
+                "engine always run together). Fix: drop one."
+            )
         members: list[Model] = []
         for name in group.models:
             model = by_name.get(name)
             if model is None:
                 raise ConfigError(f"{where}: {name!r} names no model. Fix: use the id of a [[models]] entry.")
             if model.id in grouped:
-                raise ConfigError(f"{where}: the model {model.id!r} is already in the group {grouped[model.id]!r}. "
-                                  "Fix: put every model in one group at most.")  # fmt: skip
+                raise ConfigError(
+                    f"{where}: the model {model.id!r} is already in the group {grouped[model.id]!r}. "
+                    "Fix: put every model in one group at most."
+                )
             grouped[model.id] = group.name
             members.append(model)
         preload = group.preload or any(m.entry.preload for m in members)

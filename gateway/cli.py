@@ -46,14 +46,18 @@ def _parser() -> argparse.ArgumentParser:
         default = None if p is parser else argparse.SUPPRESS
         p.add_argument("--models-file", default=default, help="models file (TOML); env GATEWAY_MODELS_FILE")
         if p is not pull:
-            p.add_argument("--engine-binary", default=default,
-                           help="mistralrs or mistralrs-server program; env GATEWAY_ENGINE_BINARY")  # fmt: skip
+            p.add_argument(
+                "--engine-binary",
+                default=default,
+                help="mistralrs or mistralrs-server program; env GATEWAY_ENGINE_BINARY",
+            )
     for p in (parser, serve):
         default = None if p is parser else argparse.SUPPRESS
         p.add_argument("--host", default=default, help="listen address (default 127.0.0.1); env GATEWAY_HOST")
         p.add_argument("--port", type=int, default=default, help="listen port (default 8080); env GATEWAY_PORT")
-        p.add_argument("--idle-timeout", type=float, default=default,
-                       help="seconds before an idle engine stops; 0 = never")  # fmt: skip
+        p.add_argument(
+            "--idle-timeout", type=float, default=default, help="seconds before an idle engine stops; 0 = never"
+        )
         p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=default)
     return parser
 
@@ -141,8 +145,14 @@ def check(settings: Settings) -> int:
     for unit in catalog.units:
         run_dir = Path(f"<run-dir>/{unit.name}")
         try:
-            plan = plan_launch(program, catalog.only(unit.ids), port=settings.engine_port or 1234, run_dir=run_dir,
-                               settings=settings, environ={})  # fmt: skip
+            plan = plan_launch(
+                program,
+                catalog.only(unit.ids),
+                port=settings.engine_port or 1234,
+                run_dir=run_dir,
+                settings=settings,
+                environ={},
+            )
         except EngineStartFailed as exc:
             print(f"  {unit.name}: {exc.message}")
             failed = True
@@ -286,9 +296,17 @@ def models_table(status: dict[str, Any]) -> str:
         engine = engines.get(model.get("engine"), {})
         memory = model.get("memory_mb")
         until = model.get("seconds_until_idle_stop")
-        rows.append((model["id"], str(model.get("engine")), str(model.get("state")), str(engine.get("pid") or "-"),
-                     f"{memory:g} MB" if memory is not None else "-", str(engine.get("in_flight", 0)),
-                     f"{until:.0f} s" if until is not None else "-"))  # fmt: skip
+        rows.append(
+            (
+                model["id"],
+                str(model.get("engine")),
+                str(model.get("state")),
+                str(engine.get("pid") or "-"),
+                f"{memory:g} MB" if memory is not None else "-",
+                str(engine.get("in_flight", 0)),
+                f"{until:.0f} s" if until is not None else "-",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     budget = status.get("budget") or {}

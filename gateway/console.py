@@ -24,17 +24,22 @@ from .service import SSE_HEADERS
 from .tracking import Tracker
 
 UI = Path(__file__).parent / "ui"
-_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-          ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}  # fmt: skip
+_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+}
 # Everything the page loads comes from the gateway itself: an offline machine shows it whole, and a page that tried
 # to load anything else would be refused by the browser (and the test suite would see the refusal).
 PAGE_HEADERS = {
     "content-security-policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-                               "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
     "cache-control": "no-cache",
-}  # fmt: skip
+}
 LOG_TICK = 15.0  # seconds between keep-alive comments on a quiet log stream (proxies cut silent connections)
 
 
@@ -76,11 +81,15 @@ class Console:
         request_id = request.path_params["id"]
         outcome = self._tracker.cancel(request_id)
         if outcome == "not_found":
-            raise RouteNotFound(f"No request {request_id!r} is in flight (it may have ended).",
-                                code="request_not_found")  # fmt: skip
+            raise RouteNotFound(
+                f"No request {request_id!r} is in flight (it may have ended).", code="request_not_found"
+            )
         if outcome == "not_cancellable":
-            raise GatewayError(f"The request {request_id!r} cannot be cancelled now: it is not waiting on an engine.",
-                               status=409, code="request_not_cancellable")  # fmt: skip
+            raise GatewayError(
+                f"The request {request_id!r} cannot be cancelled now: it is not waiting on an engine.",
+                status=409,
+                code="request_not_cancellable",
+            )
         return JSONResponse({"id": request_id, "cancelled": True})
 
     async def log_stream(self, request: Request) -> Response:

@@ -130,8 +130,9 @@ class Embeddings:
         dimensions = body.get("dimensions")
         if dimensions is not None:
             if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
-                raise InvalidRequest("'dimensions' must be a positive integer.", param="dimensions",
-                                     code="invalid_value")  # fmt: skip
+                raise InvalidRequest(
+                    "'dimensions' must be a positive integer.", param="dimensions", code="invalid_value"
+                )
             if not supports_matryoshka(model):
                 raise UnsupportedForModel(
                     f"The model '{model.id}' does not support 'dimensions': it is not trained for truncated "
@@ -177,9 +178,17 @@ class Embeddings:
                 found.update(remote)
         return found
 
-    async def _compute(self, wanted: dict[str, Item], model: Model, endpoint: Callable[[], Awaitable[Endpoint]],
-                       body: dict[str, Any], dimensions: int | None, *, share: bool,
-                       store: bool) -> dict[str, Entry]:  # fmt: skip
+    async def _compute(
+        self,
+        wanted: dict[str, Item],
+        model: Model,
+        endpoint: Callable[[], Awaitable[Endpoint]],
+        body: dict[str, Any],
+        dimensions: int | None,
+        *,
+        share: bool,
+        store: bool,
+    ) -> dict[str, Entry]:
         results: dict[str, Entry] = {}
         waiting: dict[str, asyncio.Future[Entry]] = {}
         mine: dict[str, Item] = {}
@@ -201,9 +210,16 @@ class Embeddings:
             results[key] = await asyncio.shield(fut)
         return results
 
-    async def _fetch(self, mine: dict[str, Item], futures: dict[str, asyncio.Future[Entry]], model: Model,
-                     endpoint: Callable[[], Awaitable[Endpoint]], body: dict[str, Any], dimensions: int | None,
-                     store: bool) -> None:  # fmt: skip
+    async def _fetch(
+        self,
+        mine: dict[str, Item],
+        futures: dict[str, asyncio.Future[Entry]],
+        model: Model,
+        endpoint: Callable[[], Awaitable[Endpoint]],
+        body: dict[str, Any],
+        dimensions: int | None,
+        store: bool,
+    ) -> None:
         try:
             entries = await self._call_engine(list(mine.values()), model, endpoint, body, dimensions)
             computed = dict(zip(mine, entries, strict=True))
@@ -225,14 +241,22 @@ class Embeddings:
                 if self._inflight.get(key) is fut:
                     del self._inflight[key]
 
-    async def _call_engine(self, items: list[Item], model: Model, endpoint: Callable[[], Awaitable[Endpoint]],
-                           body: dict[str, Any], dimensions: int | None) -> list[Entry]:  # fmt: skip
+    async def _call_engine(
+        self,
+        items: list[Item],
+        model: Model,
+        endpoint: Callable[[], Awaitable[Endpoint]],
+        body: dict[str, Any],
+        dimensions: int | None,
+    ) -> list[Entry]:
         target = await endpoint()
         extra = {k: v for k, v in body.items() if k not in ("model", "input", "dimensions", "encoding_format")}
         # The stdlib encoder: unknown fields pass through as sent, whatever they hold (orjson refuses
         # integers beyond 64 bits, a client's mistake that must reach the engine, not crash the gateway).
-        payload = json.dumps({**extra, "model": target.engine_ids.get(model.id, model.id), "input": items,
-                              "encoding_format": "float"}, separators=(",", ":")).encode()  # fmt: skip
+        payload = json.dumps(
+            {**extra, "model": target.engine_ids.get(model.id, model.id), "input": items, "encoding_format": "float"},
+            separators=(",", ":"),
+        ).encode()
         self.stats.engine_requests += 1
         reply = await self._relay.request(target.base_url, "/v1/embeddings", payload)
         try:
@@ -255,8 +279,10 @@ class Embeddings:
                 if dimensions > array.size:
                     raise InvalidRequest(
                         f"'dimensions' is {dimensions}, but the model '{model.id}' makes {array.size}-dimensional "
-                        "vectors.", param="dimensions", code="invalid_value",
-                    )  # fmt: skip
+                        "vectors.",
+                        param="dimensions",
+                        code="invalid_value",
+                    )
                 array = array[:dimensions]
                 norm = float(np.linalg.norm(array))
                 if norm > 0:
@@ -277,6 +303,10 @@ class Embeddings:
                     embedding = embedding.astype(np.float32)
             data.append({"object": "embedding", "index": index, "embedding": embedding})
         tokens = sum(e.tokens for e in entries)
-        answer = {"object": "list", "data": data, "model": model.id,
-                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+        answer = {
+            "object": "list",
+            "data": data,
+            "model": model.id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
         return orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)

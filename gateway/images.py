@@ -30,8 +30,11 @@ def to_engine_request(body: dict[str, Any]) -> str:
     if wanted is None:  # left out, or null: OpenAI's default
         wanted = "url"
     elif not isinstance(wanted, str):
-        raise InvalidRequest("Invalid type for 'response_format': expected 'url' or 'b64_json'.",
-                             param="response_format", code="invalid_type")  # fmt: skip
+        raise InvalidRequest(
+            "Invalid type for 'response_format': expected 'url' or 'b64_json'.",
+            param="response_format",
+            code="invalid_type",
+        )
     elif wanted not in RESPONSE_FORMATS:  # "" and "URL" too: a slip must not quietly become "url"
         raise InvalidRequest(f"Invalid response_format {wanted!r}: use 'url' or 'b64_json'.", param="response_format")
     body["response_format"] = "B64Json"

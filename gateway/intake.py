@@ -39,25 +39,32 @@ class Intake:
     def _too_large(self) -> BodyTooLarge:
         return BodyTooLarge(f"The request body is larger than {self._max_body_mb:g} MiB (GATEWAY_MAX_BODY_MB).")
 
-    def model(self, name: Any, kinds: Iterable[str], route: str, *,
-              find: Callable[[str], Model | None] | None = None) -> Model:  # fmt: skip
+    def model(
+        self, name: Any, kinds: Iterable[str], route: str, *, find: Callable[[str], Model | None] | None = None
+    ) -> Model:
         """The model a request names (``find``: a dialect's own way to look names up), or the default for
         ``kinds`` when it names none."""
         kinds = frozenset(kinds)
         if name is None or name == "":
             name = self._catalog.default_for(kinds)
             if name is None:
-                raise ModelNotFound(f"No model was named and no model of kind {' or '.join(sorted(kinds))} is "
-                                    "configured.", param="model")  # fmt: skip
+                raise ModelNotFound(
+                    f"No model was named and no model of kind {' or '.join(sorted(kinds))} is configured.",
+                    param="model",
+                )
         if not isinstance(name, str):
             raise InvalidRequest("Invalid type for 'model': expected a string.", param="model", code="invalid_type")
         model = (find or self._catalog.find)(name)
         if model is None:
-            raise ModelNotFound(f"The model '{name}' does not exist. Available models: "
-                                f"{', '.join(m.id for m in self._catalog.models)}.", param="model")  # fmt: skip
+            raise ModelNotFound(
+                f"The model '{name}' does not exist. Available models: "
+                f"{', '.join(m.id for m in self._catalog.models)}.",
+                param="model",
+            )
         if model.kind not in kinds:
-            raise UnsupportedForModel(f"The model '{model.id}' is a {model.kind} model and cannot serve {route}.",
-                                      param="model")  # fmt: skip
+            raise UnsupportedForModel(
+                f"The model '{model.id}' is a {model.kind} model and cannot serve {route}.", param="model"
+            )
         return model
 
 

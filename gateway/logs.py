@@ -32,8 +32,7 @@ class _Follower:
 
 
 class LogHub:
-    def __init__(self, *, per_engine: int = 500, queue_size: int = 1000,
-                 wall: Callable[[], float] = time.time) -> None:  # fmt: skip
+    def __init__(self, *, per_engine: int = 500, queue_size: int = 1000, wall: Callable[[], float] = time.time) -> None:
         self._per_engine = per_engine
         self._queue_size = queue_size
         self._wall = wall
@@ -61,8 +60,9 @@ class LogHub:
             return list(self._lines.get(engine, ()))
         return sorted((entry for lines in self._lines.values() for entry in lines), key=lambda e: e.seq)
 
-    async def follow(self, engine: str | None = None, *,
-                     tick: float | None = None) -> AsyncGenerator[LogLine | int | None, None]:  # fmt: skip
+    async def follow(
+        self, engine: str | None = None, *, tick: float | None = None
+    ) -> AsyncGenerator[LogLine | int | None, None]:
         """The history, then live lines, until the caller stops (or :meth:`close`); an ``int`` in the stream is
         the number of lines this follower just lost, a ``None`` says ``tick`` seconds passed without a line (for
         keep-alives). Use with ``contextlib.aclosing``."""

@@ -31,17 +31,34 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("gateway_requests", "Requests by route, model and status.",
-                                ["route", "model", "status"], registry=self.registry)  # fmt: skip
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests by route, model and status.",
+            ["route", "model", "status"],
+            registry=self.registry,
+        )
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
-        self.latency = Histogram("gateway_request_duration_seconds", "Time to the last byte of the answer.",
-                                 ["route"], registry=self.registry, buckets=buckets)  # fmt: skip
-        self.ttft = Histogram("gateway_time_to_first_token_seconds", "Time to the engine's first token of a stream.",
-                              ["route"], registry=self.registry,
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))  # fmt: skip
+        self.latency = Histogram(
+            "gateway_request_duration_seconds",
+            "Time to the last byte of the answer.",
+            ["route"],
+            registry=self.registry,
+            buckets=buckets,
+        )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "Time to the engine's first token of a stream.",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
         self.in_flight = Gauge("gateway_requests_in_flight", "Requests being answered.", registry=self.registry)
-        self.tokens = Counter("gateway_tokens", "Tokens by model: prompt (read) and completion (generated), as the "
-                              "engine counted them.", ["model", "kind"], registry=self.registry)  # fmt: skip
+        self.tokens = Counter(
+            "gateway_tokens",
+            "Tokens by model: prompt (read) and completion (generated), as the engine counted them.",
+            ["model", "kind"],
+            registry=self.registry,
+        )
 
     def count_tokens(self, model: str, prompt: int, completion: int) -> None:
         """The tracker's token sink (gateway/tracking.py)."""
@@ -70,16 +87,19 @@ def engine_metrics(status: dict[str, Any]) -> list[Metric]:
     crashes.add_metric([], sum(e["crashes"] for e in engines))
     cold = GaugeMetricFamily("gateway_engine_cold_start_seconds", "Seconds the last engine start took.")
     cold.add_metric([], max((e["last_start_seconds"] or 0.0 for e in engines), default=0.0))
-    model_state = GaugeMetricFamily("gateway_model_state", "1 for the state of each model's engine.",
-                                    labels=["model", "state"])  # fmt: skip
+    model_state = GaugeMetricFamily(
+        "gateway_model_state", "1 for the state of each model's engine.", labels=["model", "state"]
+    )
     model_starts = CounterMetricFamily("gateway_model_starts", "Starts of each model's engine.", labels=["model"])
     model_crashes = CounterMetricFamily("gateway_model_crashes", "Crashes of each model's engine.", labels=["model"])
     evictions = CounterMetricFamily(
         "gateway_model_evictions", "Stops of each model's engine to make room for another.", labels=["model"]
     )
-    memory = GaugeMetricFamily("gateway_model_memory_bytes",
-                               "Memory of each model's engine (a shared engine's for each of its models).",
-                               labels=["model", "engine"])  # fmt: skip
+    memory = GaugeMetricFamily(
+        "gateway_model_memory_bytes",
+        "Memory of each model's engine (a shared engine's for each of its models).",
+        labels=["model", "engine"],
+    )
     for engine in engines:
         for model in engine["models"]:
             for name in _ENGINE_STATES:
@@ -89,8 +109,9 @@ def engine_metrics(status: dict[str, Any]) -> list[Metric]:
             evictions.add_metric([model], engine["evictions"])
             if engine["memory_mb"] is not None:
                 memory.add_metric([model, engine["name"]], engine["memory_mb"] * 1024 * 1024)
-    budget = GaugeMetricFamily("gateway_memory_budget_bytes", "GATEWAY_MEMORY_BUDGET_MB, and the part in use.",
-                               labels=["kind"])  # fmt: skip
+    budget = GaugeMetricFamily(
+        "gateway_memory_budget_bytes", "GATEWAY_MEMORY_BUDGET_MB, and the part in use.", labels=["kind"]
+    )
     if status["budget"]["budget_mb"]:
         budget.add_metric(["budget"], status["budget"]["budget_mb"] * 1024 * 1024)
     budget.add_metric(["used"], status["budget"]["used_mb"] * 1024 * 1024)
@@ -127,8 +148,15 @@ def download_metrics(downloads: dict[str, dict[str, Any]]) -> list[Metric]:
 class RequestObserver:
     """Pure ASGI middleware: X-Request-ID in and out, an access log line, request metrics."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, log_format: str = "text",
-                 clock: Callable[[], float] = time.perf_counter, tracker: Tracker | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        log_format: str = "text",
+        clock: Callable[[], float] = time.perf_counter,
+        tracker: Tracker | None = None,
+    ) -> None:
         self.app = app
         self._metrics = metrics
         self._tracker = tracker
@@ -155,8 +183,11 @@ class RequestObserver:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         tracker = self._tracker
-        record = tracker.begin(request_id, scope["method"], scope["path"]) \
-            if tracker is not None and tracker.tracks(scope["method"], scope["path"]) else None  # fmt: skip
+        record = (
+            tracker.begin(request_id, scope["method"], scope["path"])
+            if tracker is not None and tracker.tracks(scope["method"], scope["path"])
+            else None
+        )
         if record is not None:
             state["record"] = record
         header = (b"x-request-id", request_id.encode())
@@ -210,20 +241,38 @@ class RequestObserver:
                 timed[1].observe(first_data - began)
             self._log(scope, status, elapsed, sent, model, cache, request_id)
 
-    def _log(self, scope: Scope, status: int, elapsed: float, sent: int, model: str, cache: str,
-             request_id: str) -> None:  # fmt: skip
+    def _log(
+        self, scope: Scope, status: int, elapsed: float, sent: int, model: str, cache: str, request_id: str
+    ) -> None:
         if not _access.isEnabledFor(logging.INFO):
             return
         if self._json:
-            _access.info(json.dumps({
-                "method": scope["method"], "path": scope["path"], "model": model or None, "status": status,
-                "duration_ms": round(elapsed * 1000, 2), "bytes": sent, "cache": cache or None,
-                "request_id": request_id,
-            }))  # fmt: skip
+            _access.info(
+                json.dumps(
+                    {
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "model": model or None,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 2),
+                        "bytes": sent,
+                        "cache": cache or None,
+                        "request_id": request_id,
+                    }
+                )
+            )
         else:
-            _access.info('%s %s model=%s status=%d duration_ms=%.1f bytes=%d cache=%s request_id=%s',
-                         loggable(scope["method"]), loggable(scope["path"]), loggable(model or "-"), status,
-                         elapsed * 1000, sent, cache or "-", request_id)  # fmt: skip
+            _access.info(
+                "%s %s model=%s status=%d duration_ms=%.1f bytes=%d cache=%s request_id=%s",
+                loggable(scope["method"]),
+                loggable(scope["path"]),
+                loggable(model or "-"),
+                status,
+                elapsed * 1000,
+                sent,
+                cache or "-",
+                request_id,
+            )
 
 
 def loggable(text: str) -> str:

@@ -154,8 +154,9 @@ class Relay:
         if self._closed is not None:
             raise self._closed
         try:
-            response = await self._upstream.post(base_url + path, body, deadline=deadline,
-                                                 headers={"accept": "text/event-stream"})  # fmt: skip
+            response = await self._upstream.post(
+                base_url + path, body, deadline=deadline, headers={"accept": "text/event-stream"}
+            )
         except UpstreamError as exc:
             raise self._failed(exc, self._stall_timeout, "GATEWAY_STALL_TIMEOUT", base_url) from exc
         if response.status != 200:  # an error, or something no stream ever is (204, 304)

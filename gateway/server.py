@@ -98,8 +98,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         if not self.transport.is_closing():
             # Nothing is answered: the client sent no complete request, and most such clients are not listening.
-            _log.debug("closing a connection from %s: no complete request head within %g s", self.client,
-                       self.limits.header_timeout)  # fmt: skip
+            _log.debug(
+                "closing a connection from %s: no complete request head within %g s",
+                self.client,
+                self.limits.header_timeout,
+            )
             self.transport.close()
 
     def _refuse(self) -> None:
@@ -118,8 +121,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         limits.refused += 1
         now = time.monotonic()
         if now - limits.warned_at >= WARN_EVERY:
-            _log.warning("refused %d connection(s): %d connections are open (GATEWAY_MAX_CONNECTIONS)",
-                         limits.refused, limits.max_connections)  # fmt: skip
+            _log.warning(
+                "refused %d connection(s): %d connections are open (GATEWAY_MAX_CONNECTIONS)",
+                limits.refused,
+                limits.max_connections,
+            )
             limits.refused, limits.warned_at = 0, now
 
 

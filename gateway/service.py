@@ -75,9 +75,14 @@ class LeasedStream(StreamingResponse):
     """A streaming answer that releases its lease however it ends, even if it never started; ``waiting`` (the wait
     for a cold engine, when the stream owns it) is cancelled then too, so that nothing waits on for nobody."""
 
-    def __init__(self, content: AsyncIterator[bytes], lease: Lease, keep_alive: float | None,
-                 media_type: str = "text/event-stream",
-                 waiting: asyncio.Future[Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        lease: Lease,
+        keep_alive: float | None,
+        media_type: str = "text/event-stream",
+        waiting: asyncio.Future[Any] | None = None,
+    ) -> None:
         headers = SSE_HEADERS if media_type == "text/event-stream" else {"x-accel-buffering": "no"}
         super().__init__(content, media_type=media_type, headers=headers)
         self._lease = lease
@@ -139,8 +144,15 @@ async def until_disconnect(loop: asyncio.AbstractEventLoop, request: Request, wo
 class ModelService:
     """Runs model requests against the engine pool; shared by every dialect's routes."""
 
-    def __init__(self, pool: EnginePool, relay: Relay, events: EventBus, *, loading_interval: float,
-                 tracker: Tracker | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pool: EnginePool,
+        relay: Relay,
+        events: EventBus,
+        *,
+        loading_interval: float,
+        tracker: Tracker | None = None,
+    ) -> None:
         self.pool = pool
         self.relay = relay
         self.tracker = tracker or Tracker()
@@ -167,8 +179,9 @@ class ModelService:
             raise EngineUnavailable("The gateway is shutting down.", retry_after=1)
         return self.pool.lease(model_id)
 
-    async def whole(self, request: Request, lease: Lease, keep_alive: float | None,
-                    work: Callable[[], Awaitable[Response]]) -> Response:  # fmt: skip
+    async def whole(
+        self, request: Request, lease: Lease, keep_alive: float | None, work: Callable[[], Awaitable[Response]]
+    ) -> Response:
         """A whole answer made by ``work``, cancelled if the client leaves (or an operator cancels it); the lease is
         released at the end."""
         record = current(request.state)
@@ -183,8 +196,9 @@ class ModelService:
                 record.task = None  # the answer is being sent: too late for a cancel to reach it
             lease.release(keep_alive)
 
-    async def chat(self, request: Request, model_id: str, plan: Plan, dialect: ChatDialect, lease: Lease,
-                   keep_alive: float | None) -> Response:  # fmt: skip
+    async def chat(
+        self, request: Request, model_id: str, plan: Plan, dialect: ChatDialect, lease: Lease, keep_alive: float | None
+    ) -> Response:
         """A chat or completions plan, answered whole or streamed in ``dialect``; the lease is released at the end."""
         record = current(request.state)
         if record is not None:
@@ -202,8 +216,17 @@ class ModelService:
                     stream.events = self._observed(stream.events, stream, record)
                 return dialect.stream(stream)
 
-            return await self.stream(model_id, open_, dialect.failed, lease, keep_alive, media_type=dialect.media_type,
-                                     loading=dialect.loading_comments, record=record, request=request)  # fmt: skip
+            return await self.stream(
+                model_id,
+                open_,
+                dialect.failed,
+                lease,
+                keep_alive,
+                media_type=dialect.media_type,
+                loading=dialect.loading_comments,
+                record=record,
+                request=request,
+            )
 
         async def whole() -> Response:
             result = await self.answer(model_id, plan, lease, record)
@@ -223,8 +246,9 @@ class ModelService:
         if record is not None:
             self.tracker.usage(record, answer.get("usage"))
 
-    async def _observed(self, events: AsyncIterator[Event], stream: serving.Stream,
-                        record: Record) -> AsyncIterator[Event]:  # fmt: skip
+    async def _observed(
+        self, events: AsyncIterator[Event], stream: serving.Stream, record: Record
+    ) -> AsyncIterator[Event]:
         """A stream's engine events, noting the first token's time and, at the end, the usage."""
         async for event in events:
             if record.ttft_ms is None and event.comment is None:
@@ -232,9 +256,19 @@ class ModelService:
             yield event
         self.tracker.usage(record, stream.usage())
 
-    async def stream(self, model_id: str, open_: Opener, on_error: ErrorEvent, lease: Lease, keep_alive: float | None,
-                     *, media_type: str = "text/event-stream", loading: bool = True,
-                     record: Record | None = None, request: Request | None = None) -> Response:  # fmt: skip
+    async def stream(
+        self,
+        model_id: str,
+        open_: Opener,
+        on_error: ErrorEvent,
+        lease: Lease,
+        keep_alive: float | None,
+        *,
+        media_type: str = "text/event-stream",
+        loading: bool = True,
+        record: Record | None = None,
+        request: Request | None = None,
+    ) -> Response:
         """A streamed answer: opened once the engine is ready; the lease is released when the stream ends.
 
         Errors that come at once (no engine installed, backoff) still get a proper status code. A start that takes
@@ -268,8 +302,9 @@ class ModelService:
             _cleanup(ready, lease, keep_alive)
             raise
 
-    async def _cold_stream(self, ready: asyncio.Future[Endpoint], open_: Opener,
-                           on_error: ErrorEvent) -> AsyncIterator[bytes]:  # fmt: skip
+    async def _cold_stream(
+        self, ready: asyncio.Future[Endpoint], open_: Opener, on_error: ErrorEvent
+    ) -> AsyncIterator[bytes]:
         try:
             yield self._loading()
             while not ready.done():

@@ -142,8 +142,9 @@ class Settings(BaseSettings):
         if value is not None:
             parts = urlsplit(value.strip())
             if parts.scheme != "http" or not parts.hostname or parts.path.strip("/") or parts.query:
-                raise ValueError(f"must be the engine's plain http:// address, such as http://127.0.0.1:1234 (got "
-                                 f"{value!r})")  # fmt: skip
+                raise ValueError(
+                    f"must be the engine's plain http:// address, such as http://127.0.0.1:1234 (got {value!r})"
+                )
             return value.strip().rstrip("/")
         return value
 

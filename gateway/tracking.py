@@ -42,15 +42,32 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         stamp = datetime.fromtimestamp(self.time, tz=timezone.utc).isoformat(timespec="milliseconds")
-        return {"id": self.id, "time": stamp.replace("+00:00", "Z"), "method": self.method, "path": self.path,
-                "model": self.model, "stream": self.stream, "status": self.status, "duration_ms": self.duration_ms,
-                "ttft_ms": self.ttft_ms, "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
-                "cache": self.cache, "state": self.state}  # fmt: skip
+        return {
+            "id": self.id,
+            "time": stamp.replace("+00:00", "Z"),
+            "method": self.method,
+            "path": self.path,
+            "model": self.model,
+            "stream": self.stream,
+            "status": self.status,
+            "duration_ms": self.duration_ms,
+            "ttft_ms": self.ttft_ms,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "cache": self.cache,
+            "state": self.state,
+        }
 
 
 class Tracker:
-    def __init__(self, *, capacity: int = 300, clock: Callable[[], float] = time.perf_counter,
-                 wall: Callable[[], float] = time.time, on_tokens: TokenSink | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        capacity: int = 300,
+        clock: Callable[[], float] = time.perf_counter,
+        wall: Callable[[], float] = time.time,
+        on_tokens: TokenSink | None = None,
+    ) -> None:
         self._recent: deque[Record] = deque(maxlen=capacity)
         self._in_flight: dict[str, Record] = {}
         self._clock = clock
@@ -112,8 +129,10 @@ class Tracker:
         return "cancelled"
 
     def snapshot(self) -> dict[str, Any]:
-        return {"recent": [r.to_dict() for r in reversed(self._recent)],
-                "in_flight": [r.to_dict() for r in self._in_flight.values()]}  # fmt: skip
+        return {
+            "recent": [r.to_dict() for r in reversed(self._recent)],
+            "in_flight": [r.to_dict() for r in self._in_flight.values()],
+        }
 
 
 def current(scope_state: Any) -> Record | None:

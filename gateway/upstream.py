@@ -169,8 +169,9 @@ class AiohttpUpstream:
 
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=self._keepalive, use_dns_cache=False)
             # No default headers beyond HTTP's own, no cookies, no decompression the engine never asks for.
-            self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                                  skip_auto_headers=("User-Agent",))  # fmt: skip
+            self._session = aiohttp.ClientSession(
+                connector=connector, cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
+            )
         return self._session
 
     def _timeout(self, deadline: Deadline) -> aiohttp.ClientTimeout:

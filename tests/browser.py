@@ -31,9 +31,17 @@ def chromium(width: int = 1400, height: int = 1000) -> webdriver.Chrome:
     options = webdriver.ChromeOptions()
     binary = next(path for name in BROWSERS if (path := shutil.which(name)))
     options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 f"--window-size={width},{height}", "--no-first-run", "--disable-extensions",
-                 "--disable-background-networking", "--disable-component-update"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={width},{height}",
+        "--no-first-run",
+        "--disable-extensions",
+        "--disable-background-networking",
+        "--disable-component-update",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     driver = next(path for name in DRIVERS if (path := shutil.which(name)))

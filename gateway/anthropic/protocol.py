@@ -26,9 +26,16 @@ if TYPE_CHECKING:
     from ..openai.serving import Stream
 
 # Anthropic's error types, by HTTP status (https://docs.anthropic.com/en/api/errors).
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
-                529: "overloaded_error"}  # fmt: skip
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
 _MEDIA_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 
@@ -78,8 +85,10 @@ def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
     if kind == "base64":
         media, data = source.get("media_type"), source.get("data")
         if media not in _MEDIA_TYPES:
-            raise invalid(f"{where}.source.media_type", f"Invalid '{where}.source.media_type': use one of "
-                                                        f"{', '.join(sorted(_MEDIA_TYPES))}.")  # fmt: skip
+            raise invalid(
+                f"{where}.source.media_type",
+                f"Invalid '{where}.source.media_type': use one of {', '.join(sorted(_MEDIA_TYPES))}.",
+            )
         if not isinstance(data, str):
             raise wrong_type(f"{where}.source.data", "a base64 string")
         url = f"data:{media};base64,{data}"
@@ -101,8 +110,9 @@ def _tool_result(block: dict[str, Any], where: str) -> dict[str, Any]:
         texts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text":
-                raise unsupported(f"{where}.content[{j}]", "a tool result is passed to the engine as text: use "
-                                                           "text blocks.")  # fmt: skip
+                raise unsupported(
+                    f"{where}.content[{j}]", "a tool result is passed to the engine as text: use text blocks."
+                )
             texts.append(_text(part, f"{where}.content[{j}]"))
         content = "\n".join(texts)
     elif not isinstance(content, str):
@@ -194,8 +204,10 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
         if not isinstance(tool, dict):
             raise wrong_type(where, "an object")
         if tool.get("type", "custom") != "custom":
-            why = f"{tool.get('type')!r} is one of Anthropic's server tools (they run on Anthropic's platform); " \
-                "offer the model a custom tool instead."  # fmt: skip
+            why = (
+                f"{tool.get('type')!r} is one of Anthropic's server tools (they run on Anthropic's platform); "
+                "offer the model a custom tool instead."
+            )
             raise unsupported(f"{where}.type", why)
         if not isinstance(tool.get("name"), str):
             raise wrong_type(f"{where}.name", "a string")
@@ -238,17 +250,20 @@ def _output_format(body: dict[str, Any]) -> dict[str, Any] | None:
     if fmt is None:
         return None
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
-        raise invalid("output_config.format", "Invalid 'output_config.format': use {'type': 'json_schema', "
-                                              "'schema': {...}}.")  # fmt: skip
+        raise invalid(
+            "output_config.format", "Invalid 'output_config.format': use {'type': 'json_schema', 'schema': {...}}."
+        )
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
 
 
 def to_chat(body: dict[str, Any], *, count_only: bool = False) -> dict[str, Any]:
     """The chat request that answers a Messages request (or, ``count_only``, measures its prompt); raises
     InvalidRequest with the Messages API's field names."""
-    for name, why in {"mcp_servers": "the engine connects to MCP servers configured on the gateway's side "
-                                     "([engine] mcp_config), not per request.",
-                      "container": "there are no code-execution containers here."}.items():  # fmt: skip
+    for name, why in {
+        "mcp_servers": "the engine connects to MCP servers configured on the gateway's side "
+        "([engine] mcp_config), not per request.",
+        "container": "there are no code-execution containers here.",
+    }.items():
         if body.get(name):
             raise unsupported(name, why)
     value = require(body, "messages")
@@ -308,15 +323,23 @@ def _input(arguments: str) -> dict[str, Any]:
 def _tool_block(call: dict[str, Any]) -> dict[str, Any]:
     function = call.get("function") or {}
     call_id = call.get("id") or new_id("toolu")
-    return {"type": "tool_use", "id": call_id, "name": function.get("name", ""),
-            "input": _input(function.get("arguments") or "")}  # fmt: skip
+    return {
+        "type": "tool_use",
+        "id": call_id,
+        "name": function.get("name", ""),
+        "input": _input(function.get("arguments") or ""),
+    }
 
 
 def _usage(usage: dict[str, Any] | None) -> dict[str, Any]:
     usage = usage or {}
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    return {"input_tokens": usage.get("prompt_tokens", 0), "output_tokens": usage.get("completion_tokens", 0),
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}  # fmt: skip
+    return {
+        "input_tokens": usage.get("prompt_tokens", 0),
+        "output_tokens": usage.get("completion_tokens", 0),
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+    }
 
 
 def _stop_reason(finish: str | None, called: bool) -> str:
@@ -336,9 +359,16 @@ def from_chat(answer: dict[str, Any], message_id: str, model: str) -> dict[str, 
         content.append({"type": "text", "text": message["content"]})
     calls = message.get("tool_calls") or []
     content += [_tool_block(call) for call in calls]
-    return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": _stop_reason(choice.get("finish_reason"), bool(calls)), "stop_sequence": None,
-            "usage": _usage(answer.get("usage"))}  # fmt: skip
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": _stop_reason(choice.get("finish_reason"), bool(calls)),
+        "stop_sequence": None,
+        "usage": _usage(answer.get("usage")),
+    }
 
 
 # -------------------------------------------------------------------------------------------------- stream
@@ -362,9 +392,16 @@ class EventWriter:
         self._finish: str | None = None
 
     def start(self) -> list[bytes]:
-        message: dict[str, Any] = {"id": self._id, "type": "message", "role": "assistant", "model": self._model,
-                                   "content": [], "stop_reason": None, "stop_sequence": None,
-                                   "usage": _usage(None)}  # fmt: skip
+        message: dict[str, Any] = {
+            "id": self._id,
+            "type": "message",
+            "role": "assistant",
+            "model": self._model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": _usage(None),
+        }
         return [_sse("message_start", {"type": "message_start", "message": message}), self.ping()]
 
     @staticmethod
@@ -378,10 +415,12 @@ class EventWriter:
         out = self._close()
         self._index += 1
         self._open = kind
-        block: dict[str, Any] = {"type": "text", "text": ""} if kind == "text" else \
-            {"type": "thinking", "thinking": "", "signature": ""}  # fmt: skip
-        out.append(_sse("content_block_start", {"type": "content_block_start", "index": self._index,
-                                                "content_block": block}))  # fmt: skip
+        block: dict[str, Any] = (
+            {"type": "text", "text": ""} if kind == "text" else {"type": "thinking", "thinking": "", "signature": ""}
+        )
+        out.append(
+            _sse("content_block_start", {"type": "content_block_start", "index": self._index, "content_block": block})
+        )
         return out
 
     def _close(self) -> list[bytes]:
@@ -416,8 +455,11 @@ class EventWriter:
         for call in calls:
             self._index += 1
             block = {**_tool_block(call), "input": {}}
-            out.append(_sse("content_block_start", {"type": "content_block_start", "index": self._index,
-                                                    "content_block": block}))  # fmt: skip
+            out.append(
+                _sse(
+                    "content_block_start", {"type": "content_block_start", "index": self._index, "content_block": block}
+                )
+            )
             arguments = json.dumps(_input(call["function"]["arguments"]), ensure_ascii=False)
             out.append(self._delta({"type": "input_json_delta", "partial_json": arguments}))
             out.append(_sse("content_block_stop", {"type": "content_block_stop", "index": self._index}))

@@ -29,8 +29,10 @@ class AnthropicRoutes:
         self._service = service
 
     def routes(self) -> list[BaseRoute]:
-        return [Route(MESSAGES, self.messages, methods=["POST"]),
-                Route(MESSAGES + "/count_tokens", self.count_tokens, methods=["POST"])]  # fmt: skip
+        return [
+            Route(MESSAGES, self.messages, methods=["POST"]),
+            Route(MESSAGES + "/count_tokens", self.count_tokens, methods=["POST"]),
+        ]
 
     def _model(self, request: Request, body: dict[str, Any]) -> Model:
         model = self._intake.model(body.get("model"), CHAT_KINDS, request.url.path)

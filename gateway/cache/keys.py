@@ -22,8 +22,15 @@ Item = Union[str, list[int]]  # noqa: UP007 - a runtime alias
 def model_identity(model: Model) -> str:
     """A string that changes whenever the model's weights may have changed."""
     src = model.source
-    parts = [model.id, model.kind, src.model_id, src.filename or "", model.entry.revision or "",
-             model.entry.sha256 or "", model.entry.url or ""]  # fmt: skip
+    parts = [
+        model.id,
+        model.kind,
+        src.model_id,
+        src.filename or "",
+        model.entry.revision or "",
+        model.entry.sha256 or "",
+        model.entry.url or "",
+    ]
     if src.local:
         path = Path(src.model_id) / src.filename if src.filename else Path(src.model_id)
         for candidate in [path, *(sorted(path.glob("*.safetensors")) if path.is_dir() else [])]:

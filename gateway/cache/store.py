@@ -108,8 +108,12 @@ def check_dimensions(entry: Entry, expected: int | None) -> int:
 
 
 def _rejected(where: str, key: str, exc: BadValue) -> None:
-    _log.warning("embedding cache: ignored the value of %s in %s (%s); the engine computes it again and it is "
-                 "replaced", key, where, exc)  # fmt: skip
+    _log.warning(
+        "embedding cache: ignored the value of %s in %s (%s); the engine computes it again and it is replaced",
+        key,
+        where,
+        exc,
+    )
 
 
 class Store(Protocol):
@@ -186,9 +190,17 @@ class RedisStore:
     timeout, not one per request), then tries again: it recovers by itself when Redis comes back.
     """
 
-    def __init__(self, url: str, *, ttl: float = 0, prefix: str = "mistral-gateway:emb:", timeout: float = 0.5,
-                 retry_after: float = 2.0, clock: Callable[[], float] = time.monotonic,
-                 client: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl: float = 0,
+        prefix: str = "mistral-gateway:emb:",
+        timeout: float = 0.5,
+        retry_after: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        client: Any = None,
+    ) -> None:
         import redis.asyncio as redis
 
         self._client = client or redis.Redis.from_url(
@@ -209,8 +221,9 @@ class RedisStore:
     def _failed(self, action: str, exc: Exception) -> None:
         self.errors += 1
         self._down_until = self._clock() + self._retry_after
-        _log.warning("redis cache %s failed (%s: %s); skipping it for %.0f s", action, type(exc).__name__, exc,
-                     self._retry_after)  # fmt: skip
+        _log.warning(
+            "redis cache %s failed (%s: %s); skipping it for %.0f s", action, type(exc).__name__, exc, self._retry_after
+        )
 
     async def get_many(self, keys: Sequence[str], dimensions: int | None = None) -> dict[str, Entry]:
         if not keys or not self.available:

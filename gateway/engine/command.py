@@ -122,8 +122,15 @@ def _default_model(catalog: Catalog) -> Model:
 def _legacy(
     program: EngineProgram, catalog: Catalog, *, port: int, run_dir: str, extra_args: Sequence[str]
 ) -> EngineCommand:
-    argv = [*program.argv, "--serve-ip", "127.0.0.1", "--port", str(port), *_legacy_engine_flags(program, catalog),
-            *extra_args]  # fmt: skip
+    argv = [
+        *program.argv,
+        "--serve-ip",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *_legacy_engine_flags(program, catalog),
+        *extra_args,
+    ]
     vision_name = "vision-plain" if _before(program, (0, 8, 0)) else "multimodal-plain"
     if len(catalog.models) == 1:
         model = catalog.models[0]
@@ -343,8 +350,11 @@ def _from_config_toml(program: EngineProgram, catalog: Catalog, port: int) -> st
                 "models.format", {"format": "gguf", "quantized_file": src.filename, "tok_model_id": src.tokenizer}
             )
         lines += _table("models.quantization", {"in_situ_quant": model_opts.isq, "from_uqff": model_opts.from_uqff})
-        device = {"cpu": True if opts.cpu else None, "max_seq_len": model_opts.max_seq_len,
-                  "max_batch_size": model_opts.max_batch_size}  # fmt: skip
+        device = {
+            "cpu": True if opts.cpu else None,
+            "max_seq_len": model_opts.max_seq_len,
+            "max_batch_size": model_opts.max_batch_size,
+        }
         lines += _table("models.device", device)
         if model.kind == "vision-plain":
             multimodal = {"max_num_images": model_opts.max_num_images, "max_image_length": model_opts.max_image_length}

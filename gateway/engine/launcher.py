@@ -64,19 +64,33 @@ class LaunchPlan:
     engine_ids: dict[str, tuple[str, ...]]  # model id -> the ids the engine may serve it under, likeliest first
 
 
-def plan_launch(program: EngineProgram, catalog: Catalog, *, port: int, run_dir: Path, settings: Settings,
-                environ: Mapping[str, str]) -> LaunchPlan:  # fmt: skip
+def plan_launch(
+    program: EngineProgram,
+    catalog: Catalog,
+    *,
+    port: int,
+    run_dir: Path,
+    settings: Settings,
+    environ: Mapping[str, str],
+) -> LaunchPlan:
     """The command line, environment and files that start ``catalog``'s models in one engine process (pure)."""
     env = {**environ, **settings.engine_env}
     if settings.hf_token is not None:
         env["HF_TOKEN"] = settings.hf_token.get_secret_value()  # in its environment, never on its command line
     try:
-        command = build_command(program, catalog, port=port, run_dir=str(run_dir),
-                                extra_args=shlex.split(settings.engine_args))  # fmt: skip
+        command = build_command(
+            program, catalog, port=port, run_dir=str(run_dir), extra_args=shlex.split(settings.engine_args)
+        )
     except CommandError as exc:
         raise EngineStartFailed(str(exc)) from exc
-    return LaunchPlan(tuple(command.argv), env, dict(command.files), port, run_dir,
-                      {model: tuple(ids) for model, ids in command.engine_ids.items()})  # fmt: skip
+    return LaunchPlan(
+        tuple(command.argv),
+        env,
+        dict(command.files),
+        port,
+        run_dir,
+        {model: tuple(ids) for model, ids in command.engine_ids.items()},
+    )
 
 
 def token_source(settings: Settings, environ: Mapping[str, str]) -> str | None:
@@ -119,15 +133,15 @@ class Launcher:
         # Finding the program runs `--version`: keep that off the event loop.
         return await asyncio.to_thread(self._find_program)
 
-    async def launch(self, catalog: Catalog, run_dir: Path, program: EngineProgram | None = None, *,
-                     name: str = "engine") -> Running:  # fmt: skip
+    async def launch(
+        self, catalog: Catalog, run_dir: Path, program: EngineProgram | None = None, *, name: str = "engine"
+    ) -> Running:
         """Start ``catalog``'s models in one engine (``name``: the console's label for its output) and wait until
         it answers (GATEWAY_STARTUP_TIMEOUT)."""
         deadline = self._clock() + self._settings.startup_timeout
         program = program or await self.program()
         port = self._settings.engine_port or free_port()
-        plan = plan_launch(program, catalog, port=port, run_dir=run_dir, settings=self._settings,
-                           environ=self._environ)  # fmt: skip
+        plan = plan_launch(program, catalog, port=port, run_dir=run_dir, settings=self._settings, environ=self._environ)
         run_dir.mkdir(parents=True, exist_ok=True)
         for file, text in plan.files.items():
             (run_dir / file).write_text(text, encoding="utf-8")
@@ -240,8 +254,13 @@ class Launcher:
         for model_id, candidates in plan.engine_ids.items():
             found = next((c for c in candidates if c in served), None)
             if found is None:
-                self._log.warning("the engine does not list model %r under any of %s (it lists %s); sending %r anyway",
-                                  model_id, list(candidates), sorted(served), candidates[0])  # fmt: skip
+                self._log.warning(
+                    "the engine does not list model %r under any of %s (it lists %s); sending %r anyway",
+                    model_id,
+                    list(candidates),
+                    sorted(served),
+                    candidates[0],
+                )
             ids[model_id] = found or candidates[0]
         return ids
 

@@ -333,20 +333,29 @@ class EngineLifecycle:
         endpoint = self.endpoint
         if not self.ready or self._health_check is not None or endpoint is None:
             return
-        self._health_check = asyncio.create_task(self._check_health(endpoint, error),
-                                                 name=f"engine-health-check-{self.name}")  # fmt: skip
+        self._health_check = asyncio.create_task(
+            self._check_health(endpoint, error), name=f"engine-health-check-{self.name}"
+        )
 
     # ----------------------------------------------------------------------------------- internals
 
     async def _check_health(self, endpoint: Endpoint, error: GatewayError) -> None:
         try:
             if await self._healthy(endpoint.base_url, HEALTH_TIMEOUT):
-                self._log.warning("a request to %s failed (%s), but the engine answers its health check: kept running",
-                                  self.name, error.message)  # fmt: skip
+                self._log.warning(
+                    "a request to %s failed (%s), but the engine answers its health check: kept running",
+                    self.name,
+                    error.message,
+                )
                 return
             watch, running = self._watch_task, self._running
-            if watch is not None and not watch.done() and running is not None and running.proc is not None \
-                    and running.proc.exited:  # fmt: skip
+            if (
+                watch is not None
+                and not watch.done()
+                and running is not None
+                and running.proc is not None
+                and running.proc.exited
+            ):
                 # The engine died (its sockets close before its exit is reported): let the watcher handle it, so
                 # that a crash is counted and reported as one rather than as "not answering".
                 await asyncio.wait({watch}, timeout=EXIT_GRACE)
@@ -357,8 +366,9 @@ class EngineLifecycle:
                 self._running, self._ready_since = None, None
                 self._sm.transition(EngineState.READY, EngineState.FAILED)
                 return
-            self._log.error("the engine of %s does not answer its health check after %s: restarting it", self.name,
-                            error.message)  # fmt: skip
+            self._log.error(
+                "the engine of %s does not answer its health check after %s: restarting it", self.name, error.message
+            )
             self._last_error = f"The engine stopped answering and was restarted ({error.message})"
             await self.stop("not answering")
         finally:
@@ -384,8 +394,14 @@ class EngineLifecycle:
             self._events.publish("engine.starting", **about)
         elif current is EngineState.READY:
             running = self._running
-            self._events.publish("engine.ready", **about, pid=self.pid, port=running.port if running else None,
-                                 seconds=self.last_start_seconds, adopted=self.adopted)  # fmt: skip
+            self._events.publish(
+                "engine.ready",
+                **about,
+                pid=self.pid,
+                port=running.port if running else None,
+                seconds=self.last_start_seconds,
+                adopted=self.adopted,
+            )
         elif current is EngineState.STOPPED:
             self._events.publish("engine.stopped", **about, reason=self._stop_reason)
         elif current is EngineState.FAILED:
@@ -407,8 +423,9 @@ class EngineLifecycle:
         if isinstance(exc, GatewayError):
             raise exc
         if exc is not None:
-            raise EngineStartFailed(f"The engine failed to start: {str(exc) or type(exc).__name__}",
-                                    retry_after=1) from exc  # fmt: skip
+            raise EngineStartFailed(
+                f"The engine failed to start: {str(exc) or type(exc).__name__}", retry_after=1
+            ) from exc
 
     async def _start(self) -> Endpoint:
         began = self._clock()
@@ -430,8 +447,9 @@ class EngineLifecycle:
         if running.proc is not None:
             self._watch_task = asyncio.create_task(self._watch(running.proc), name=f"engine-watch-{running.proc.pid}")
         self._sm.transition(EngineState.STARTING, EngineState.READY)
-        self._log.info("engine %s ready at %s after %.2f s", self.name, running.endpoint.base_url,
-                       self.last_start_seconds)  # fmt: skip
+        self._log.info(
+            "engine %s ready at %s after %.2f s", self.name, running.endpoint.base_url, self.last_start_seconds
+        )
         return running.endpoint
 
     def _failed_start(self, wait: float) -> EngineUnavailable:
@@ -453,8 +471,13 @@ class EngineLifecycle:
             self._last_error = exc.message
         else:
             self._last_error = f"The engine failed to start: {str(exc) or type(exc).__name__}"
-        self._log.error("engine %s: start failed (%d in a row; next try in %.0f s): %s", self.name, self._failures,
-                        delay, self._last_error)  # fmt: skip
+        self._log.error(
+            "engine %s: start failed (%d in a row; next try in %.0f s): %s",
+            self.name,
+            self._failures,
+            delay,
+            self._last_error,
+        )
         if self._sm.state in (EngineState.STARTING, EngineState.READY):
             self._sm.transition(self._sm.state, EngineState.FAILED)
 

@@ -200,11 +200,17 @@ class EnginePool:
 
     async def _evict_until_fits(self, unit: Unit, needed: float, budget: float) -> None:
         candidates = sorted(
-            (lc for name, lc in self._lifecycles.items()
-             if name != unit.name and lc.state is EngineState.READY and not lc.busy and not lc.adopted
-             and not self._units[name].persistent),
+            (
+                lc
+                for name, lc in self._lifecycles.items()
+                if name != unit.name
+                and lc.state is EngineState.READY
+                and not lc.busy
+                and not lc.adopted
+                and not self._units[name].persistent
+            ),
             key=lambda lc: lc.last_activity,
-        )  # fmt: skip
+        )
         for victim in candidates:
             if self._used(except_=unit.name) + needed <= budget:
                 return
@@ -213,12 +219,19 @@ class EnginePool:
     async def _stop_for(self, victim: EngineLifecycle, unit: Unit, why: str) -> None:
         self._log.info("stopping the engine of %s to make room for %s (%s)", victim.name, unit.name, why)
         victim.evictions += 1
-        self._events.publish("engine.evicted", engine=victim.name, models=list(victim.models), to_start=unit.name,
-                             reason=why, memory_mb=self.footprint(victim.name))  # fmt: skip
+        self._events.publish(
+            "engine.evicted",
+            engine=victim.name,
+            models=list(victim.models),
+            to_start=unit.name,
+            reason=why,
+            memory_mb=self.footprint(victim.name),
+        )
         await victim.stop(why)
 
-    async def _wait_for_change(self, deadline: float, name: str, *, needed: float | None = None,
-                               budget: float = 0.0) -> None:  # fmt: skip
+    async def _wait_for_change(
+        self, deadline: float, name: str, *, needed: float | None = None, budget: float = 0.0
+    ) -> None:
         remaining = deadline - self._clock()
         if remaining <= 0:
             busy = ", ".join(n for n, lc in self._lifecycles.items() if lc.busy and n != name) or "none"
@@ -257,8 +270,11 @@ class EnginePool:
         return measured if measured is not None else self._preparer.estimate_mb(unit.models)
 
     def _used(self, except_: str | None = None) -> float:
-        return sum(self.footprint(name) or 0.0 for name, lc in self._lifecycles.items()
-                   if lc.state in _HOLDS_MEMORY and name != except_)  # fmt: skip
+        return sum(
+            self.footprint(name) or 0.0
+            for name, lc in self._lifecycles.items()
+            if lc.state in _HOLDS_MEMORY and name != except_
+        )
 
     async def _measure(self) -> None:
         """Refresh what every running engine uses (resident memory of its process tree, GPU memory)."""
@@ -305,8 +321,10 @@ class EnginePool:
 
     async def run(self) -> None:
         """Background work for the gateway's life: preload what asks for it, run every idle stopper."""
-        stoppers = [asyncio.create_task(lc.run_idle_stopper(), name=f"idle-stopper-{name}")
-                    for name, lc in self._lifecycles.items()]  # fmt: skip
+        stoppers = [
+            asyncio.create_task(lc.run_idle_stopper(), name=f"idle-stopper-{name}")
+            for name, lc in self._lifecycles.items()
+        ]
         try:
             await self._preload()
             await asyncio.gather(*stoppers)
@@ -332,9 +350,12 @@ class EnginePool:
         name = self._by_model[model_id]
         lifecycle = self._lifecycles[name]
         until = lifecycle.seconds_until_idle_stop()
-        return {"state": lifecycle.state.value, "engine": name,
-                "seconds_until_idle_stop": round(until, 3) if until is not None else None,
-                "memory_mb": self.footprint(name)}  # fmt: skip
+        return {
+            "state": lifecycle.state.value,
+            "engine": name,
+            "seconds_until_idle_stop": round(until, 3) if until is not None else None,
+            "memory_mb": self.footprint(name),
+        }
 
     def status(self) -> dict[str, Any]:
         engines = []
@@ -342,8 +363,13 @@ class EnginePool:
             unit = self._units[name]
             row = lifecycle.status()
             row["memory_mb"] = self.footprint(name)
-            row["memory_source"] = ("declared" if unit.memory_mb is not None
-                                    else "measured" if lifecycle.memory_mb is not None else "estimated")  # fmt: skip
+            row["memory_source"] = (
+                "declared"
+                if unit.memory_mb is not None
+                else "measured"
+                if lifecycle.memory_mb is not None
+                else "estimated"
+            )
             row["persistent"] = unit.persistent
             row["exclusive_group"] = unit.exclusive
             engines.append(row)

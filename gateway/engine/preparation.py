@@ -105,8 +105,9 @@ class Preparer:
         from ..models.hub import HubFetcher
 
         token = self._settings.hf_token
-        return HubFetcher(self._settings.model_dir, token=token.get_secret_value() if token else None,
-                          events=self._events)  # fmt: skip
+        return HubFetcher(
+            self._settings.model_dir, token=token.get_secret_value() if token else None, events=self._events
+        )
 
 
 def engine_catalog(catalog: Catalog, folders: Mapping[str, Path], token_source: str | None) -> Catalog:

@@ -48,8 +48,9 @@ class EngineProcess(Protocol):
 
 
 class ProcessSpawner(Protocol):
-    async def spawn(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path,
-                    output: Callable[[str], None] | None = None) -> EngineProcess:  # fmt: skip
+    async def spawn(
+        self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, output: Callable[[str], None] | None = None
+    ) -> EngineProcess:
         """Start ``argv``; each line it prints goes to the log, its tail, and ``output``."""
         ...
 
@@ -67,8 +68,13 @@ def _die_with_parent(parent_pid: int) -> None:
 class _ChildProcess:
     """An engine started by :class:`SubprocessSpawner`; its output is logged and its tail kept."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, logger: logging.Logger, tail_lines: int,
-                 output: Callable[[str], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        logger: logging.Logger,
+        tail_lines: int,
+        output: Callable[[str], None] | None = None,
+    ) -> None:
         self._proc = proc
         self._logger = logger
         self._output = output
@@ -140,8 +146,9 @@ class SubprocessSpawner:
         self._logger = logger or logging.getLogger("gateway.engine")
         self._tail_lines = tail_lines
 
-    async def spawn(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path,
-                    output: Callable[[str], None] | None = None) -> EngineProcess:  # fmt: skip
+    async def spawn(
+        self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, output: Callable[[str], None] | None = None
+    ) -> EngineProcess:
         parent = os.getpid()
         proc = await asyncio.create_subprocess_exec(
             *argv,

@@ -71,8 +71,15 @@ class DownloadError(Exception):
     or in need of a mirror is told what to do about it.
     """
 
-    def __init__(self, message: str, *, file: str | None = None, url: str | None = None, retryable: bool = False,
-                 network: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        url: str | None = None,
+        retryable: bool = False,
+        network: bool = False,
+    ):
         super().__init__(message)
         self.message = message
         self.file = file
@@ -498,10 +505,14 @@ class Downloader:
     async def _download(self, job: _Job) -> None:
         try:
             await retry_while_progressing(
-                lambda: self._attempt(job), lambda: job.high_water, attempts=self._attempts,
-                backoff_min=self._backoff_min, backoff_max=self._backoff_max, sleep=self._sleep,
+                lambda: self._attempt(job),
+                lambda: job.high_water,
+                attempts=self._attempts,
+                backoff_min=self._backoff_min,
+                backoff_max=self._backoff_max,
+                sleep=self._sleep,
                 before_retry=lambda state: self._before_retry(job, state),
-            )  # fmt: skip
+            )
         except DownloadError as exc:
             if not exc.retryable:
                 raise

@@ -222,8 +222,12 @@ def explain(exc: BaseException, snapshot: Snapshot, hub_url: str) -> DownloadErr
         return fatal(f"{where}: {_first_line(exc)}")
     if isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _TRANSPORT_MODULES:
         if name_not_resolved(exc):  # no network, or one that needs a proxy or a mirror: retrying will not cure it
-            return DownloadError(f"{hub_url} cannot be reached: its name does not resolve ({_first_line(exc)})",
-                                 file=repo, url=hub_url, network=True)  # fmt: skip
+            return DownloadError(
+                f"{hub_url} cannot be reached: its name does not resolve ({_first_line(exc)})",
+                file=repo,
+                url=hub_url,
+                network=True,
+            )
         return retry(f"{type(exc).__name__} ({_first_line(exc)})")
     return fatal(f"{where}: {type(exc).__name__}: {_first_line(exc)}")
 
@@ -302,11 +306,15 @@ class HfHub:
         try:
             # Offline, huggingface_hub resolves the revision through the cache's refs and checks the snapshot
             # against the file listing it cached when it downloaded it: a partial copy is not returned.
-            folder = Path(snapshot_download(
-                snapshot.repo, revision=snapshot.revision,
-                allow_patterns=list(snapshot.patterns) if snapshot.patterns else None,
-                cache_dir=self._cache_dir, local_files_only=True,
-            ))  # fmt: skip
+            folder = Path(
+                snapshot_download(
+                    snapshot.repo,
+                    revision=snapshot.revision,
+                    allow_patterns=list(snapshot.patterns) if snapshot.patterns else None,
+                    cache_dir=self._cache_dir,
+                    local_files_only=True,
+                )
+            )
         except (LocalEntryNotFoundError, OSError, ValueError):
             return None
         return folder if any(p.is_file() for p in folder.rglob("*")) else None
@@ -376,17 +384,33 @@ class HubFetcher:
         try:
             present = recorded_files(snapshot)
             if present is not None:
-                self._events.publish("download.present", file=repo, path=str(snapshot.folder),
-                                     bytes=sum(present.values()), verified=False, files=len(present))  # fmt: skip
+                self._events.publish(
+                    "download.present",
+                    file=repo,
+                    path=str(snapshot.folder),
+                    bytes=sum(present.values()),
+                    verified=False,
+                    files=len(present),
+                )
                 return snapshot.folder
             try:
                 await self._fetch(_Job(snapshot, began=self._clock()))
             except _FoundInCache as found:
-                self._log.warning("%s cannot be fetched (%s): loading the copy in huggingface_hub's cache, %s",
-                                  repo, found.reason, found.folder)  # fmt: skip
-                self._events.publish("download.present", file=repo, path=str(found.folder),
-                                     bytes=sum(found.sizes), verified=False, files=len(found.sizes),
-                                     source="huggingface_hub cache")  # fmt: skip
+                self._log.warning(
+                    "%s cannot be fetched (%s): loading the copy in huggingface_hub's cache, %s",
+                    repo,
+                    found.reason,
+                    found.folder,
+                )
+                self._events.publish(
+                    "download.present",
+                    file=repo,
+                    path=str(found.folder),
+                    bytes=sum(found.sizes),
+                    verified=False,
+                    files=len(found.sizes),
+                    source="huggingface_hub cache",
+                )
                 return found.folder
             return snapshot.folder
         except DownloadError as exc:
@@ -405,10 +429,14 @@ class HubFetcher:
     async def _fetch(self, job: _Job) -> None:
         try:
             await retry_while_progressing(
-                lambda: self._attempt(job), lambda: len(job.files), attempts=self._attempts,
-                backoff_min=self._backoff_min, backoff_max=self._backoff_max, sleep=self._sleep,
+                lambda: self._attempt(job),
+                lambda: len(job.files),
+                attempts=self._attempts,
+                backoff_min=self._backoff_min,
+                backoff_max=self._backoff_max,
+                sleep=self._sleep,
                 before_retry=lambda state: self._before_retry(job, state),
-            )  # fmt: skip
+            )
         except DownloadError as exc:
             if not exc.retryable:
                 raise
@@ -471,11 +499,25 @@ class HubFetcher:
         total = sum(s for s in sizes.values() if s is not None) if None not in sizes.values() else None
         stale = set(_partial_files(snapshot.folder))
         start = _bytes_done(snapshot.folder, sizes, stale)
-        self._events.publish("download.started", url=url, file=snapshot.repo, path=str(snapshot.folder), total=total,
-                             resumed_from=start, attempt=job.attempt, commit=listing.commit,
-                             files=len(sizes))  # fmt: skip
-        self._log.info("fetching %s at %s into %s (%d files, %s)", snapshot.repo, listing.commit[:12],
-                       snapshot.folder, len(sizes), _human(total))  # fmt: skip
+        self._events.publish(
+            "download.started",
+            url=url,
+            file=snapshot.repo,
+            path=str(snapshot.folder),
+            total=total,
+            resumed_from=start,
+            attempt=job.attempt,
+            commit=listing.commit,
+            files=len(sizes),
+        )
+        self._log.info(
+            "fetching %s at %s into %s (%d files, %s)",
+            snapshot.repo,
+            listing.commit[:12],
+            snapshot.folder,
+            len(sizes),
+            _human(total),
+        )
         previous = self._running.get(snapshot.folder)
         if previous is not None and not previous.done():
             # An earlier start that was cancelled left its download running: let it end rather than race it.
@@ -503,8 +545,12 @@ class HubFetcher:
         missing = [name for name in sizes if name not in job.files]
         if missing:
             sample = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            raise DownloadError(f"{len(missing)} files are missing after the download ({sample})",
-                                file=snapshot.repo, url=url, retryable=True)  # fmt: skip
+            raise DownloadError(
+                f"{len(missing)} files are missing after the download ({sample})",
+                file=snapshot.repo,
+                url=url,
+                retryable=True,
+            )
         details = meter.finish(sum(job.files.values()), self._clock())
         if details is not None:
             self._events.publish("download.progress", file=snapshot.repo, **details)

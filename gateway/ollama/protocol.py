@@ -37,12 +37,24 @@ if TYPE_CHECKING:
 OLLAMA_VERSION = "0.13.0"
 NDJSON = "application/x-ndjson"
 # Options mapped to the engine's sampling fields.
-_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
-             "stop": "stop", "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-             "frequency_penalty": "frequency_penalty"}  # fmt: skip
+_SAMPLING = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "seed": "seed",
+    "stop": "stop",
+    "repeat_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
 _DONE_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop"}
-_IMAGE_TYPES = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
-                (b"RIFF", "image/webp"))  # fmt: skip
+_IMAGE_TYPES = (
+    (b"\x89PNG", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF8", "image/gif"),
+    (b"RIFF", "image/webp"),
+)
 _QUANT = re.compile(r"(?i)(?:^|[-_.])((?:I?Q\d+(?:_[A-Z0-9]+)*)|F16|BF16|F32)(?:[-_.]|$)")
 
 
@@ -192,24 +204,36 @@ def _messages(value: Any) -> list[dict[str, Any]]:
                 call_id = match[0] if match else f"call_{i}"
             pending = [p for p in pending if p[0] != call_id]
             content = message.get("content")
-            out.append({"role": "tool", "tool_call_id": call_id, "content": content if isinstance(content, str)
-                        else json.dumps(content)})  # fmt: skip
+            out.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": call_id,
+                    "content": content if isinstance(content, str) else json.dumps(content),
+                }
+            )
             continue
-        chat: dict[str, Any] = {"role": role, "content": _content(message.get("content"), message.get("images"),
-                                                                  where)}  # fmt: skip
+        chat: dict[str, Any] = {"role": role, "content": _content(message.get("content"), message.get("images"), where)}
         calls = message.get("tool_calls")
         if calls and role == "assistant":
             if not isinstance(calls, list):
                 raise wrong_type(f"{where}.tool_calls", "an array")
             chat["tool_calls"] = []
             for j, call in enumerate(calls):
-                function = _object(_object(call, f"{where}.tool_calls[{j}]").get("function"),
-                                   f"{where}.tool_calls[{j}].function")  # fmt: skip
+                function = _object(
+                    _object(call, f"{where}.tool_calls[{j}]").get("function"), f"{where}.tool_calls[{j}].function"
+                )
                 arguments = function.get("arguments", {})
                 call_id = call.get("id") if isinstance(call.get("id"), str) else f"call_{i}_{j}"
-                chat["tool_calls"].append({"id": call_id, "type": "function", "function": {
-                    "name": function.get("name", ""),
-                    "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}})  # fmt: skip
+                chat["tool_calls"].append(
+                    {
+                        "id": call_id,
+                        "type": "function",
+                        "function": {
+                            "name": function.get("name", ""),
+                            "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments),
+                        },
+                    }
+                )
                 pending.append((call_id, str(function.get("name", ""))))
             if not chat["content"]:
                 chat["content"] = None
@@ -261,11 +285,12 @@ def generate_request(body: dict[str, Any]) -> Translated:
     prompt = body.get("prompt") or ""
     if not isinstance(prompt, str):
         raise wrong_type("prompt", "a string")
-    for name, why in {"suffix": "the engine does not fill in the middle; send the text before it as the prompt.",
-                      "template": "the model's own chat template applies; send raw: true with a formatted prompt "
-                                  "to use another.",
-                      "context": "the gateway keeps no token context between requests: use /api/chat with the "
-                                 "conversation's messages."}.items():  # fmt: skip
+    for name, why in {
+        "suffix": "the engine does not fill in the middle; send the text before it as the prompt.",
+        "template": "the model's own chat template applies; send raw: true with a formatted prompt to use another.",
+        "context": "the gateway keeps no token context between requests: use /api/chat with the "
+        "conversation's messages.",
+    }.items():
         if body.get(name):
             raise unsupported(name, why)
     if body.get("raw") is True:
@@ -333,9 +358,14 @@ class Timing:
         opened = self.opened if self.opened is not None else self.began
         first = self.first if self.first is not None else opened
         usage = usage or {}
-        return {"total_duration": _ns(end - self.began), "load_duration": _ns(opened - self.began),
-                "prompt_eval_count": usage.get("prompt_tokens", 0), "prompt_eval_duration": _ns(first - opened),
-                "eval_count": usage.get("completion_tokens", 0), "eval_duration": _ns(end - first)}  # fmt: skip
+        return {
+            "total_duration": _ns(end - self.began),
+            "load_duration": _ns(opened - self.began),
+            "prompt_eval_count": usage.get("prompt_tokens", 0),
+            "prompt_eval_duration": _ns(first - opened),
+            "eval_count": usage.get("completion_tokens", 0),
+            "eval_duration": _ns(end - first),
+        }
 
 
 def _ns(seconds: float) -> int:
@@ -429,8 +459,12 @@ class GenerateDialect(_Dialect):
 
 def load_answer(model: str, *, chat: bool, unloaded: bool, wall: float) -> dict[str, Any]:
     """The answer to a request without prompt or messages: the model was loaded (or unloaded, keep_alive 0)."""
-    answer: dict[str, Any] = {"model": model, "created_at": timestamp(wall), "done": True,
-                              "done_reason": "unload" if unloaded else "load"}  # fmt: skip
+    answer: dict[str, Any] = {
+        "model": model,
+        "created_at": timestamp(wall),
+        "done": True,
+        "done_reason": "unload" if unloaded else "load",
+    }
     if chat:
         answer["message"] = {"role": "assistant", "content": ""}
     else:
@@ -458,8 +492,14 @@ def details(model: Model) -> dict[str, Any]:
     family = model.entry.options.arch or model.kind
     quant = _QUANT.search(filename.rsplit("/", 1)[-1].removesuffix(".gguf"))
     level = quant.group(1).upper() if quant else (model.entry.options.isq or "")
-    return {"parent_model": "", "format": fmt, "family": family, "families": [family], "parameter_size": "",
-            "quantization_level": level}  # fmt: skip
+    return {
+        "parent_model": "",
+        "format": fmt,
+        "family": family,
+        "families": [family],
+        "parameter_size": "",
+        "quantization_level": level,
+    }
 
 
 def capabilities(model: Model) -> list[str]:
@@ -472,8 +512,14 @@ def capabilities(model: Model) -> list[str]:
 
 def model_entry(model: Model, name: str, *, size: int, modified: float) -> dict[str, Any]:
     """A model as ``/api/tags`` lists it."""
-    return {"name": ollama_name(name), "model": ollama_name(name), "modified_at": timestamp(modified),
-            "size": size, "digest": digest(model), "details": details(model)}  # fmt: skip
+    return {
+        "name": ollama_name(name),
+        "model": ollama_name(name),
+        "modified_at": timestamp(modified),
+        "size": size,
+        "digest": digest(model),
+        "details": details(model),
+    }
 
 
 def show(model: Model, *, modified: float) -> dict[str, Any]:
@@ -495,11 +541,19 @@ def pull_line(event_type: str, event: dict[str, Any]) -> dict[str, Any] | None:
     """A download event of the gateway as a line of ``/api/pull``'s progress (None: nothing to say)."""
     file = str(event.get("file", ""))
     if event_type == "download.started":
-        return {"status": f"pulling {file}", "digest": file, "total": event.get("total") or 0,
-                "completed": event.get("resumed_from") or 0}  # fmt: skip
+        return {
+            "status": f"pulling {file}",
+            "digest": file,
+            "total": event.get("total") or 0,
+            "completed": event.get("resumed_from") or 0,
+        }
     if event_type == "download.progress":
-        return {"status": f"pulling {file}", "digest": file, "total": event.get("total") or 0,
-                "completed": event.get("bytes") or 0}  # fmt: skip
+        return {
+            "status": f"pulling {file}",
+            "digest": file,
+            "total": event.get("total") or 0,
+            "completed": event.get("bytes") or 0,
+        }
     if event_type in ("download.done", "download.present"):
         size = event.get("bytes") or 0
         return {"status": f"pulling {file}", "digest": file, "total": size, "completed": size}

@@ -38,9 +38,17 @@ _NOT_HERE = ("create", "copy", "delete", "push", "blobs")
 
 
 class OllamaRoutes:
-    def __init__(self, catalog: Catalog, intake: Intake, service: ModelService, embeddings: Embeddings,
-                 events: EventBus, *, clock: Callable[[], float] = time.perf_counter,
-                 wall: Callable[[], float] = time.time) -> None:  # fmt: skip
+    def __init__(
+        self,
+        catalog: Catalog,
+        intake: Intake,
+        service: ModelService,
+        embeddings: Embeddings,
+        events: EventBus,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self._catalog = catalog
         self._intake = intake
         self._service = service
@@ -108,9 +116,17 @@ class OllamaRoutes:
             expires = now + (timedelta(seconds=until) if until is not None else FOREVER)
             size = int((status["memory_mb"] or 0) * (1 << 20))
             name = protocol.ollama_name(model.id)
-            running.append({"name": name, "model": name, "size": size, "size_vram": 0,
-                            "digest": protocol.digest(model), "details": protocol.details(model),
-                            "expires_at": expires.isoformat().replace("+00:00", "Z")})  # fmt: skip
+            running.append(
+                {
+                    "name": name,
+                    "model": name,
+                    "size": size,
+                    "size_vram": 0,
+                    "digest": protocol.digest(model),
+                    "details": protocol.details(model),
+                    "expires_at": expires.isoformat().replace("+00:00", "Z"),
+                }
+            )
         return JSONResponse({"models": running})
 
     async def show(self, request: Request) -> Response:
@@ -142,9 +158,16 @@ class OllamaRoutes:
         dialect = protocol.GenerateDialect(model.id, self._clock, self._wall)
         return await self._generate(request, model, translated, dialect, keep, chat=False)
 
-    async def _generate(self, request: Request, model: Model, translated: protocol.Translated,
-                        dialect: protocol.ChatDialect | protocol.GenerateDialect, keep: float | None, *,
-                        chat: bool) -> Response:  # fmt: skip
+    async def _generate(
+        self,
+        request: Request,
+        model: Model,
+        translated: protocol.Translated,
+        dialect: protocol.ChatDialect | protocol.GenerateDialect,
+        keep: float | None,
+        *,
+        chat: bool,
+    ) -> Response:
         headers = {"x-ignored-options": ",".join(translated.ignored)} if translated.ignored else {}
         if translated.load_only:
             return await self._load(request, model, keep, chat=chat)
@@ -217,10 +240,19 @@ class OllamaRoutes:
             if legacy:
                 return JSONResponse({"embedding": vectors[0]}, headers={"x-cache": cache})
             total = int((self._clock() - began) * 1e9)
-            return Response(orjson.dumps({"model": model.id, "embeddings": vectors, "total_duration": total,
-                                          "load_duration": 0,
-                                          "prompt_eval_count": (answer.get("usage") or {}).get("prompt_tokens", 0)}),
-                            media_type="application/json", headers={"x-cache": cache})  # fmt: skip
+            return Response(
+                orjson.dumps(
+                    {
+                        "model": model.id,
+                        "embeddings": vectors,
+                        "total_duration": total,
+                        "load_duration": 0,
+                        "prompt_eval_count": (answer.get("usage") or {}).get("prompt_tokens", 0),
+                    }
+                ),
+                media_type="application/json",
+                headers={"x-cache": cache},
+            )
 
         return await self._service.whole(request, lease, keep, work)
 

@@ -78,8 +78,11 @@ def _top(entry: Any) -> dict[str, Any]:
     token = entry.get("token")
     text = token if isinstance(token, str) else entry.get("bytes") if isinstance(entry.get("bytes"), str) else ""
     raw = entry.get("bytes")
-    return {"token": text, "logprob": _logprob(entry.get("logprob")),
-            "bytes": raw if isinstance(raw, list) else _utf8(text)}  # fmt: skip
+    return {
+        "token": text,
+        "logprob": _logprob(entry.get("logprob")),
+        "bytes": raw if isinstance(raw, list) else _utf8(text),
+    }
 
 
 def token_logprob(entry: Any, top: int) -> dict[str, Any]:
@@ -151,9 +154,11 @@ def tool_calls(value: Any, *, single: bool, delta: bool) -> list[dict[str, Any]]
         out: dict[str, Any] = {
             "id": str(call.get("id") or f"call_{position}"),
             "type": "function",
-            "function": {"name": str(function.get("name", "")),
-                         "arguments": arguments if isinstance(arguments, str) else _compact(arguments)},
-        }  # fmt: skip
+            "function": {
+                "name": str(function.get("name", "")),
+                "arguments": arguments if isinstance(arguments, str) else _compact(arguments),
+            },
+        }
         if delta:
             out["index"] = call["index"] if isinstance(call.get("index"), int) else position
         calls.append(out)
@@ -180,19 +185,31 @@ def _chat_choice(choice: Any, shape: Shape, index: int) -> dict[str, Any]:
     reason = finish_reason(choice.get("finish_reason")) or "stop"
     if calls and reason == "stop":
         reason = "tool_calls"
-    return {"index": index, "message": out_message, "finish_reason": reason,
-            "logprobs": chat_logprobs(choice.get("logprobs"), shape.logprobs)}  # fmt: skip
+    return {
+        "index": index,
+        "message": out_message,
+        "finish_reason": reason,
+        "logprobs": chat_logprobs(choice.get("logprobs"), shape.logprobs),
+    }
 
 
 def _completion_choice(choice: Any, shape: Shape, index: int) -> dict[str, Any]:
     logprobs, _ = completion_logprobs(choice.get("logprobs"), shape.logprobs, shape.text_offset)
-    return {"index": index, "text": str(choice.get("text") or ""),
-            "finish_reason": finish_reason(choice.get("finish_reason")) or "stop", "logprobs": logprobs}  # fmt: skip
+    return {
+        "index": index,
+        "text": str(choice.get("text") or ""),
+        "finish_reason": finish_reason(choice.get("finish_reason")) or "stop",
+        "logprobs": logprobs,
+    }
 
 
 def _head(body: dict[str, Any], shape: Shape, obj: str) -> dict[str, Any]:
-    head = {"id": str(body.get("id") or ""), "object": obj, "created": int(body.get("created") or 0),
-            "model": shape.model}  # fmt: skip
+    head = {
+        "id": str(body.get("id") or ""),
+        "object": obj,
+        "created": int(body.get("created") or 0),
+        "model": shape.model,
+    }
     if isinstance(body.get("system_fingerprint"), str):
         head["system_fingerprint"] = body["system_fingerprint"]
     return head
@@ -250,8 +267,14 @@ def chat_chunk(body: dict[str, Any], shape: Shape, index: int = 0) -> ChunkParts
         reason = finish_reason(choice.get("finish_reason"))
         if calls and reason == "stop":
             reason = "tool_calls"
-        choices.append({"index": index, "delta": out_delta, "finish_reason": reason,
-                        "logprobs": chat_logprobs(choice.get("logprobs"), shape.logprobs)})  # fmt: skip
+        choices.append(
+            {
+                "index": index,
+                "delta": out_delta,
+                "finish_reason": reason,
+                "logprobs": chat_logprobs(choice.get("logprobs"), shape.logprobs),
+            }
+        )
     return _chunk_parts(body, shape, "chat.completion.chunk", choices)
 
 
@@ -269,8 +292,14 @@ def completion_chunk(body: dict[str, Any], shape: Shape, offsets: CompletionOffs
             continue
         start = offsets.next.get(index, shape.text_offset)
         logprobs, offsets.next[index] = completion_logprobs(choice.get("logprobs"), shape.logprobs, start)
-        choices.append({"index": index, "text": str(choice.get("text") or ""),
-                        "finish_reason": finish_reason(choice.get("finish_reason")), "logprobs": logprobs})  # fmt: skip
+        choices.append(
+            {
+                "index": index,
+                "text": str(choice.get("text") or ""),
+                "finish_reason": finish_reason(choice.get("finish_reason")),
+                "logprobs": logprobs,
+            }
+        )
     return _chunk_parts(body, shape, "text_completion", choices)
 
 

@@ -155,15 +155,19 @@ def messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         content = message.get("content")
         if content is None:
             if role != "assistant" or not message.get("tool_calls"):
-                raise invalid(f"{where}.content", f"Missing required parameter: '{where}.content'.",
-                              "missing_required_parameter")  # fmt: skip
+                raise invalid(
+                    f"{where}.content", f"Missing required parameter: '{where}.content'.", "missing_required_parameter"
+                )
         elif isinstance(content, list):
             _text_parts(content, f"{where}.content", only_text=role in ("system", "developer", "tool", "assistant"))
         elif not isinstance(content, str):
             raise wrong_type(f"{where}.content", "a string or an array of content parts")
         if role == "tool" and not isinstance(message.get("tool_call_id"), str):
-            raise invalid(f"{where}.tool_call_id", f"Missing required parameter: '{where}.tool_call_id'.",
-                          "missing_required_parameter")  # fmt: skip
+            raise invalid(
+                f"{where}.tool_call_id",
+                f"Missing required parameter: '{where}.tool_call_id'.",
+                "missing_required_parameter",
+            )
         if message.get("tool_calls") is not None:
             if role != "assistant":
                 raise invalid(f"{where}.tool_calls", f"Invalid '{where}': only assistant messages carry tool_calls.")
@@ -190,12 +194,15 @@ def tools(body: dict[str, Any]) -> list[str]:
             raise unsupported(f"{where}.type", f"only function tools can be offered to the engine, not {kind!r}.")
         function = tool.get("function")
         if not isinstance(function, dict):
-            raise invalid(f"{where}.function", f"Missing required parameter: '{where}.function'.",
-                          "missing_required_parameter")  # fmt: skip
+            raise invalid(
+                f"{where}.function", f"Missing required parameter: '{where}.function'.", "missing_required_parameter"
+            )
         name = function.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
-            raise invalid(f"{where}.function.name", f"Invalid '{where}.function.name': use 1 to 64 letters, digits, "
-                                                    "underscores or dashes.")  # fmt: skip
+            raise invalid(
+                f"{where}.function.name",
+                f"Invalid '{where}.function.name': use 1 to 64 letters, digits, underscores or dashes.",
+            )
         if function.get("parameters") is not None:
             _object(function["parameters"], f"{where}.function.parameters")
         if function.get("description") is not None and not isinstance(function["description"], str):
@@ -222,8 +229,10 @@ def tool_choice(body: dict[str, Any], names: list[str]) -> None:
         return
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
         raise unsupported("tool_choice", "the 'allowed_tools' form is not offered; pass only the tools allowed.")
-    raise invalid("tool_choice", "Invalid 'tool_choice': use 'none', 'auto', 'required' or "
-                                 "{'type': 'function', 'function': {'name': ...}}.")  # fmt: skip
+    raise invalid(
+        "tool_choice",
+        "Invalid 'tool_choice': use 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}.",
+    )
 
 
 def response_format(body: dict[str, Any], param: str = "response_format") -> None:
@@ -238,11 +247,14 @@ def response_format(body: dict[str, Any], param: str = "response_format") -> Non
         raise invalid(f"{param}.type", f"Invalid '{param}.type': use 'text', 'json_object' or 'json_schema'.")
     spec = value.get("json_schema")
     if not isinstance(spec, dict):
-        raise invalid(f"{param}.json_schema", f"Missing required parameter: '{param}.json_schema'.",
-                      "missing_required_parameter")  # fmt: skip
+        raise invalid(
+            f"{param}.json_schema", f"Missing required parameter: '{param}.json_schema'.", "missing_required_parameter"
+        )
     if not isinstance(spec.get("name"), str) or not _NAME.match(spec["name"]):
-        raise invalid(f"{param}.json_schema.name", f"Invalid '{param}.json_schema.name': use 1 to 64 letters, "
-                                                   "digits, underscores or dashes.")  # fmt: skip
+        raise invalid(
+            f"{param}.json_schema.name",
+            f"Invalid '{param}.json_schema.name': use 1 to 64 letters, digits, underscores or dashes.",
+        )
     if spec.get("schema") is not None:
         _object(spec["schema"], f"{param}.json_schema.schema")
 
@@ -261,12 +273,15 @@ def chat(body: dict[str, Any]) -> None:
     tool_choice(body, tools(body))
     boolean(body, "parallel_tool_calls")
     response_format(body)
-    _refuse(body, {
-        "functions": "use 'tools' (the function-calling fields OpenAI deprecated are not translated).",
-        "function_call": "use 'tool_choice' (the function-calling fields OpenAI deprecated are not translated).",
-        "audio": "the engine does not produce audio in chat; use /v1/audio/speech with a speech model.",
-        "prediction": "the engine has no predicted outputs.",
-    })  # fmt: skip
+    _refuse(
+        body,
+        {
+            "functions": "use 'tools' (the function-calling fields OpenAI deprecated are not translated).",
+            "function_call": "use 'tool_choice' (the function-calling fields OpenAI deprecated are not translated).",
+            "audio": "the engine does not produce audio in chat; use /v1/audio/speech with a speech model.",
+            "prediction": "the engine has no predicted outputs.",
+        },
+    )
     modalities = body.get("modalities")
     if modalities is not None and modalities != ["text"]:
         raise unsupported("modalities", "the engine answers chat with text only.")
@@ -281,8 +296,9 @@ def completion(body: dict[str, Any]) -> None:
         if not prompt:
             raise invalid("prompt", "'prompt' must not be an empty array.")
         if not all(isinstance(p, str) for p in prompt):
-            raise unsupported("prompt", "the engine takes prompts as text (a string or an array of strings), not "
-                                        "as token ids.")  # fmt: skip
+            raise unsupported(
+                "prompt", "the engine takes prompts as text (a string or an array of strings), not as token ids."
+            )
     elif not isinstance(prompt, str):
         raise wrong_type("prompt", "a string or an array of strings")
     sampling(body)
@@ -291,8 +307,10 @@ def completion(body: dict[str, Any]) -> None:
     string(body, "suffix")
     best_of = integer(body, "best_of", 1, 20)
     if best_of is not None and best_of > 1:
-        raise unsupported("best_of", "the engine cannot rank several candidate completions; use 'n' to get "
-                                     "several and choose yourself.")  # fmt: skip
+        raise unsupported(
+            "best_of",
+            "the engine cannot rank several candidate completions; use 'n' to get several and choose yourself.",
+        )
 
 
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {"chat": chat, "completion": completion}

@@ -19,8 +19,20 @@ COMPLETIONS_PATH = "/v1/completions"
 
 # Fields OpenAI has that change nothing the engine does (they are about OpenAI's platform), or that the gateway
 # handles itself: none of them reach the engine.
-_GATEWAY_ONLY = ("n", "stream_options", "seed", "parallel_tool_calls", "user", "metadata", "store", "service_tier",
-                 "prompt_cache_key", "safety_identifier", "modalities", "verbosity")  # fmt: skip
+_GATEWAY_ONLY = (
+    "n",
+    "stream_options",
+    "seed",
+    "parallel_tool_calls",
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "safety_identifier",
+    "modalities",
+    "verbosity",
+)
 # mistral.rs constrains JSON with llguidance, which by default lets the model put any whitespace between tokens: small
 # models then fill max_tokens with tabs. Compact JSON means the same to every JSON reader.
 COMPACT = {"whitespace_flexible": False}
@@ -121,5 +133,13 @@ def plan_completion(body: dict[str, Any], model: str) -> Plan:
     shape = Shape(model=model, logprobs=body.get("logprobs"), include_usage=include_usage)
     # Legacy logprobs give each token's offset in the choice's text, which starts with the prompt when echoed.
     offsets = tuple(len(text) for text in prompts for _ in range(n)) if body.get("echo") is True else ()
-    return Plan(COMPLETIONS_PATH, bodies, shape, chat=False, stream=stream, prompts=len(prompts), text_offsets=offsets,
-                whole=include_usage)  # fmt: skip
+    return Plan(
+        COMPLETIONS_PATH,
+        bodies,
+        shape,
+        chat=False,
+        stream=stream,
+        prompts=len(prompts),
+        text_offsets=offsets,
+        whole=include_usage,
+    )

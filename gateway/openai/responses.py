@@ -53,8 +53,9 @@ def _text_of(parts: list[Any], param: str) -> str | list[dict[str, Any]]:
         elif kind == "input_image":
             url = part.get("image_url")
             if not isinstance(url, str):
-                raise unsupported(f"{where}.image_url", "images are taken by URL or data URL ('image_url'), not "
-                                                        "by file id.")  # fmt: skip
+                raise unsupported(
+                    f"{where}.image_url", "images are taken by URL or data URL ('image_url'), not by file id."
+                )
             out.append({"type": "image_url", "image_url": {"url": url, "detail": part.get("detail", "auto")}})
         elif kind in ("input_file", "input_audio"):
             raise unsupported(where, f"the engine takes no {kind.removeprefix('input_')} input.")
@@ -140,8 +141,10 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
         if not isinstance(tool, dict):
             raise wrong_type(where, "an object")
         if tool.get("type") != "function":
-            raise unsupported(f"{where}.type", f"only function tools are offered (the gateway has no hosted "
-                                               f"{tool.get('type')!r} tool).")  # fmt: skip
+            raise unsupported(
+                f"{where}.type",
+                f"only function tools are offered (the gateway has no hosted {tool.get('type')!r} tool).",
+            )
         function: dict[str, Any] = tool["function"] if isinstance(tool.get("function"), dict) else tool  # chat form
         spec = {key: function[key] for key in ("name", "description", "parameters", "strict") if key in function}
         tools.append({"type": "function", "function": spec})
@@ -257,8 +260,14 @@ def _message_item(item_id: str, text: str, status: str, logprobs: list[dict[str,
 
 def _call_item(item_id: str, call: dict[str, Any], status: str) -> dict[str, Any]:
     function = call.get("function") or {}
-    return {"id": item_id, "type": "function_call", "status": status, "call_id": call.get("id") or item_id,
-            "name": function.get("name", ""), "arguments": function.get("arguments", "")}  # fmt: skip
+    return {
+        "id": item_id,
+        "type": "function_call",
+        "status": status,
+        "call_id": call.get("id") or item_id,
+        "name": function.get("name", ""),
+        "arguments": function.get("arguments", ""),
+    }
 
 
 @dataclass
@@ -270,8 +279,13 @@ class Skeleton:
     request: dict[str, Any]
     created_at: int = field(default_factory=lambda: int(time.time()))
 
-    def response(self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None = None,
-                 error: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    def response(
+        self,
+        status: str,
+        output: list[dict[str, Any]],
+        usage: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         req = self.request
         fmt = (req.get("text") or {}).get("format") if isinstance(req.get("text"), dict) else None
         return {
@@ -303,8 +317,13 @@ class Skeleton:
 
 def _echo_tool(tool: dict[str, Any]) -> dict[str, Any]:
     spec: dict[str, Any] = tool["function"] if isinstance(tool.get("function"), dict) else tool
-    return {"type": "function", "name": spec.get("name"), "description": spec.get("description"),
-            "parameters": spec.get("parameters"), "strict": spec.get("strict", False)}  # fmt: skip
+    return {
+        "type": "function",
+        "name": spec.get("name"),
+        "description": spec.get("description"),
+        "parameters": spec.get("parameters"),
+        "strict": spec.get("strict", False),
+    }
 
 
 def _echo_tool_choice(choice: Any) -> Any:
@@ -353,8 +372,10 @@ class EventWriter:
 
     def start(self) -> list[bytes]:
         response = self._skeleton.response("in_progress", [])
-        return [self._event("response.created", response=response),
-                self._event("response.in_progress", response=response)]  # fmt: skip
+        return [
+            self._event("response.created", response=response),
+            self._event("response.in_progress", response=response),
+        ]
 
     def chunk(self, chunk: dict[str, Any]) -> list[bytes]:
         out: list[bytes] = []
@@ -376,13 +397,28 @@ class EventWriter:
             self._message["content"] = []
             out.append(self._event("response.output_item.added", output_index=self._index(), item=self._message))
             part = {"type": "output_text", "text": "", "annotations": []}
-            out.append(self._event("response.content_part.added", item_id=self._message["id"],
-                                   output_index=self._index(), content_index=0, part=part))  # fmt: skip
+            out.append(
+                self._event(
+                    "response.content_part.added",
+                    item_id=self._message["id"],
+                    output_index=self._index(),
+                    content_index=0,
+                    part=part,
+                )
+            )
         tokens = _logprobs(logprobs) if self._logprobs else []
         self._tokens += tokens
         self._text.append(text)
-        out.append(self._event("response.output_text.delta", item_id=self._message["id"], output_index=self._index(),
-                               content_index=0, delta=text, logprobs=tokens))  # fmt: skip
+        out.append(
+            self._event(
+                "response.output_text.delta",
+                item_id=self._message["id"],
+                output_index=self._index(),
+                content_index=0,
+                delta=text,
+                logprobs=tokens,
+            )
+        )
         return out
 
     def _index(self) -> int:
@@ -395,16 +431,23 @@ class EventWriter:
         item = self._calls.get(index)
         function = call.get("function") or {}
         if item is None:
-            item = _call_item(new_id("fc"), {"id": call.get("id"), "function": {"name": function.get("name", "")}},
-                              "in_progress")  # fmt: skip
+            item = _call_item(
+                new_id("fc"), {"id": call.get("id"), "function": {"name": function.get("name", "")}}, "in_progress"
+            )
             item["arguments"] = ""
             self._calls[index] = item
             out.append(self._event("response.output_item.added", output_index=self._call_index(index), item=item))
         piece = function.get("arguments") or ""
         if piece:
             item["arguments"] += piece
-            out.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
-                                   output_index=self._call_index(index), delta=piece))  # fmt: skip
+            out.append(
+                self._event(
+                    "response.function_call_arguments.delta",
+                    item_id=item["id"],
+                    output_index=self._call_index(index),
+                    delta=piece,
+                )
+            )
         return out
 
     def _call_index(self, index: int) -> int:
@@ -418,12 +461,19 @@ class EventWriter:
         part = item["content"][0]
         index = self._index()
         out = [
-            self._event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                        text=text, logprobs=self._tokens if self._logprobs else []),
-            self._event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
-                        part=part),
+            self._event(
+                "response.output_text.done",
+                item_id=item["id"],
+                output_index=index,
+                content_index=0,
+                text=text,
+                logprobs=self._tokens if self._logprobs else [],
+            ),
+            self._event(
+                "response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part
+            ),
             self._event("response.output_item.done", output_index=index, item=item),
-        ]  # fmt: skip
+        ]
         self._output.append(item)
         self._message, self._text, self._tokens = None, [], []
         return out
@@ -433,8 +483,15 @@ class EventWriter:
         for item in self._calls.values():
             index = self._index()
             item["status"] = "completed"
-            out.append(self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                                   name=item["name"], arguments=item["arguments"]))  # fmt: skip
+            out.append(
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    name=item["name"],
+                    arguments=item["arguments"],
+                )
+            )
             out.append(self._event("response.output_item.done", output_index=index, item=item))
             self._output.append(item)
         self._calls = {}

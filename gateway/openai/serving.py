@@ -47,8 +47,9 @@ def _decode(content: bytes) -> dict[str, Any]:
     try:
         data = orjson.loads(content)
     except orjson.JSONDecodeError as exc:
-        raise EngineError(f"The engine answered with something that is not JSON: {content[:200]!r}",
-                          status=502) from exc  # fmt: skip
+        raise EngineError(
+            f"The engine answered with something that is not JSON: {content[:200]!r}", status=502
+        ) from exc
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
         raise EngineError(f"The engine's answer has no choices: {content[:200]!r}", status=502)
     return data

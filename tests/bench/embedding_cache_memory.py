@@ -114,8 +114,12 @@ def child(dim: int, max_bytes: int, ttl: float) -> None:
 
 
 def rss(dim: int, max_bytes: int, ttl: float) -> dict[str, int]:
-    out = subprocess.run([sys.executable, "-m", "tests.bench.embedding_cache_memory", "--child", str(dim),
-                          str(max_bytes), str(ttl)], check=True, capture_output=True, text=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.bench.embedding_cache_memory", "--child", str(dim), str(max_bytes), str(ttl)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     result: dict[str, int] = json.loads(out)
     return result
 
@@ -137,11 +141,15 @@ def main() -> None:
             for mb in bounds:
                 fresh, churned = traced(dim, mb * MiB, ttl)
                 structures += [fresh.structure(), churned.structure()]
-                print(f"{mode}  {dim:4d} {mb:4d} | {churned.entries:7d} {churned.per_entry():11.0f} "
-                      f"{churned.structure():10.0f} {churned.real / (mb * MiB):11.2f} | "
-                      f"{fresh.structure():16.0f} {fresh.real / (mb * MiB):11.2f}")  # fmt: skip
-            print(f"{mode}  {dim:4d} structure per entry: min {min(structures):.0f}, max {max(structures):.0f}, "
-                  f"middle {(min(structures) + max(structures)) / 2:.0f}")  # fmt: skip
+                print(
+                    f"{mode}  {dim:4d} {mb:4d} | {churned.entries:7d} {churned.per_entry():11.0f} "
+                    f"{churned.structure():10.0f} {churned.real / (mb * MiB):11.2f} | "
+                    f"{fresh.structure():16.0f} {fresh.real / (mb * MiB):11.2f}"
+                )
+            print(
+                f"{mode}  {dim:4d} structure per entry: min {min(structures):.0f}, max {max(structures):.0f}, "
+                f"middle {(min(structures) + max(structures)) / 2:.0f}"
+            )
     if args.quick:
         return
     for ttl in (0.0, 3600.0):

@@ -48,9 +48,12 @@ async def run(url: str, hit_ratio: float, fresh: itertools.count[int]) -> dict[s
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
         elapsed = time.perf_counter() - began
     latencies.sort()
-    return {"hit_ratio": hit_ratio, "requests_per_s": round(REQUESTS / elapsed, 1),
-            "p50_ms": round(statistics.median(latencies) * 1000, 2),
-            "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2)}  # fmt: skip
+    return {
+        "hit_ratio": hit_ratio,
+        "requests_per_s": round(REQUESTS / elapsed, 1),
+        "p50_ms": round(statistics.median(latencies) * 1000, 2),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
+    }
 
 
 def main() -> None:

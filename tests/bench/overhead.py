@@ -158,13 +158,26 @@ def start_engine(root: Path) -> tuple[subprocess.Popen[bytes], int]:
     chat.mkdir(parents=True)
     embed.mkdir(parents=True)
     config = root / "engine-models.json"
-    config.write_text(json.dumps({
-        "chat": {"Plain": {"model_id": str(chat)}, "alias": CHAT_MODEL},
-        "embed": {"Embedding": {"model_id": str(embed)}, "alias": EMBED_MODEL},
-    }))  # fmt: skip
+    config.write_text(
+        json.dumps(
+            {
+                "chat": {"Plain": {"model_id": str(chat)}, "alias": CHAT_MODEL},
+                "embed": {"Embedding": {"model_id": str(embed)}, "alias": EMBED_MODEL},
+            }
+        )
+    )
     port = free_port()
-    argv = [sys.executable, str(FAKE_ENGINE), "--serve-ip", "127.0.0.1", "--port", str(port),
-            "multi-model", "-c", str(config)]  # fmt: skip
+    argv = [
+        sys.executable,
+        str(FAKE_ENGINE),
+        "--serve-ip",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "multi-model",
+        "-c",
+        str(config),
+    ]
     with (root / "engine.log").open("wb") as log:
         proc = subprocess.Popen(argv, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT)
 
@@ -270,8 +283,12 @@ def start_litellm(root: Path, binary: str, engine_port: int) -> Target:
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
-            env=env, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            env=env,
+            cwd=folder,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def ready() -> bool:
         if proc.poll() is not None:
@@ -424,10 +441,12 @@ def _chat(text: str, stream: bool = False) -> bytes:
     return json.dumps(body).encode()
 
 
-EMBED_BATCH = json.dumps({
-    "model": EMBED_MODEL,
-    "input": [f"benchmark passage {i}: the quick brown fox jumps over the lazy dog" for i in range(EMBED_ITEMS)],
-}).encode()  # fmt: skip
+EMBED_BATCH = json.dumps(
+    {
+        "model": EMBED_MODEL,
+        "input": [f"benchmark passage {i}: the quick brown fox jumps over the lazy dog" for i in range(EMBED_ITEMS)],
+    }
+).encode()
 
 SMALL_CHAT = Workload("chat", "/v1/chat/completions", _chat("hello there"))
 WORKLOADS = {
@@ -616,8 +635,13 @@ def summarize(work: Workload, concurrency: int, count: int, rounds: int, stats: 
         row["rps_vs_direct"] = round(row["rps"] / direct["rps"], 3)
         if work.stream:
             row["added_ttfc_p50_ms"] = round(row["ttfc_p50_ms"] - direct["ttfc_p50_ms"], 3)
-    return {"workload": work.name, "concurrency": concurrency, "requests_per_path": count, "rounds": rounds,
-            "paths": paths}  # fmt: skip
+    return {
+        "workload": work.name,
+        "concurrency": concurrency,
+        "requests_per_path": count,
+        "rounds": rounds,
+        "paths": paths,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -635,8 +659,10 @@ def _fmt(value: Any, spec: str = ".2f", signed: bool = False) -> str:
 
 def table(cells: list[dict[str, Any]]) -> str:
     lines = []
-    head = (f"{'workload':<14}{'c':>3}  {'path':<8}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'+p50 ms':>9}{'x p50':>7}"
-            f"{'thr %':>7}{'CPU s/1k':>9}{'err':>5}")  # fmt: skip
+    head = (
+        f"{'workload':<14}{'c':>3}  {'path':<8}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'+p50 ms':>9}{'x p50':>7}"
+        f"{'thr %':>7}{'CPU s/1k':>9}{'err':>5}"
+    )
     stream_head = f"{'ttfc p50':>9}{'gap mean':>9}{'gap max':>9}"
     last = ""
     for cell in cells:
@@ -655,8 +681,10 @@ def table(cells: list[dict[str, Any]]) -> str:
                 f"{_fmt(row.get('proxy_cpu_s_per_1k')):>9}{row['errors']:>5}"
             )
             if stream:
-                line += (f"{_fmt(row.get('ttfc_p50_ms')):>9}{_fmt(row.get('gap_mean_ms'), '.3f'):>9}"
-                         f"{_fmt(row.get('gap_max_p50_ms')):>9}")  # fmt: skip
+                line += (
+                    f"{_fmt(row.get('ttfc_p50_ms')):>9}{_fmt(row.get('gap_mean_ms'), '.3f'):>9}"
+                    f"{_fmt(row.get('gap_max_p50_ms')):>9}"
+                )
             lines.append(line)
     return "\n".join(lines)
 
@@ -672,17 +700,32 @@ def targets_report(cells: list[dict[str, Any]], gateway_rss_rest: float | None) 
         cell = _cell(cells, workload, c)
         return {n: r.get(key) for n, r in cell["paths"].items() if n != "direct"} if cell else {}
 
-    def add(name: str, value: float | None, limit: float, higher_is_better: bool, unit: str,
-            others: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def add(
+        name: str,
+        value: float | None,
+        limit: float,
+        higher_is_better: bool,
+        unit: str,
+        others: dict[str, Any] | None = None,
+    ) -> None:
         ok = None if value is None else (value >= limit if higher_is_better else value <= limit)
-        results.append({"target": name, "gateway": value, "limit": limit, "unit": unit,
-                        "pass": ok, "others": {k: v for k, v in (others or {}).items() if k != "gateway"}})  # fmt: skip
+        results.append(
+            {
+                "target": name,
+                "gateway": value,
+                "limit": limit,
+                "unit": unit,
+                "pass": ok,
+                "others": {k: v for k, v in (others or {}).items() if k != "gateway"},
+            }
+        )
 
     small = path_value("chat", 1, "added_p50_ms")
     add("small chat c=1: added median", small.get("gateway"), MAX_ADDED_SMALL_MS, False, "ms", small)
     stream = path_value("stream100", 1, "added_p50_ms")
-    add("100-chunk stream c=1: added total (median)", stream.get("gateway"), MAX_ADDED_STREAM100_MS, False, "ms",
-        stream)  # fmt: skip
+    add(
+        "100-chunk stream c=1: added total (median)", stream.get("gateway"), MAX_ADDED_STREAM100_MS, False, "ms", stream
+    )
     thr = path_value("chat", 32, "rps_vs_direct")
     add("small chat c=32: throughput vs direct", thr.get("gateway"), MIN_THROUGHPUT_C32, True, "x", thr)
     off, warm = _cell(cells, "embed-nostore", 1), _cell(cells, "embed-warm", 1)
@@ -700,8 +743,10 @@ def print_targets(results: list[dict[str, Any]]) -> None:
         verdict = {True: "PASS", False: "MISS", None: "n/a "}[r["pass"]]
         sign = ">=" if r["target"].startswith(("small chat c=32", "embeddings")) else "<="
         others = ", ".join(f"{k} {_fmt(v)}" for k, v in r["others"].items() if v is not None)
-        print(f"  {verdict}  {r['target']}: gateway {_fmt(r['gateway'])} {r['unit']} (target {sign} {r['limit']})"
-              + (f"   [{others}]" if others else ""))  # fmt: skip
+        print(
+            f"  {verdict}  {r['target']}: gateway {_fmt(r['gateway'])} {r['unit']} (target {sign} {r['limit']})"
+            + (f"   [{others}]" if others else "")
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -720,10 +765,24 @@ async def profile_gateway(gateway: Target, out: Path, seconds: float) -> None:
         print("\nprofile: py-spy not found (.venv/bin/pip install py-spy); skipped")
         return
     spy = subprocess.Popen(
-        [py_spy, "record", "--pid", str(gateway.proc.pid), "--duration", str(int(seconds)), "--rate", "250",
-         "--format", "raw", "--output", str(out), "--nonblocking"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(gateway.proc.pid),
+            "--duration",
+            str(int(seconds)),
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     await asyncio.sleep(1.0)  # py-spy attaches
     stats = PathStats()
     deadline = time.monotonic() + seconds - 1.5
@@ -828,9 +887,11 @@ def processes(
         if "litellm" in skip:
             print("litellm: skipped (--skip litellm)")
         elif litellm is None:
-            print("litellm: no `litellm` program on PATH and no LITELLM_BIN; its path is skipped "
-                  "(python -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]', "
-                  "then LITELLM_BIN=/tmp/litellm-venv/bin/litellm)")  # fmt: skip
+            print(
+                "litellm: no `litellm` program on PATH and no LITELLM_BIN; its path is skipped "
+                "(python -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]', "
+                "then LITELLM_BIN=/tmp/litellm-venv/bin/litellm)"
+            )
         else:
             try:
                 lite = start_litellm(root, litellm, engine_port)
@@ -863,9 +924,12 @@ async def bench(args: argparse.Namespace, targets: list[Target], engine: subproc
         for concurrency in concurrencies:
             cell = await run_cell(targets, engine_pids, WORKLOADS[name], concurrency, count, plan.rounds)
             gw = cell["paths"].get("gateway", {})
-            print(f"  {name:<14} c={concurrency:<3} done ({time.perf_counter() - began:6.1f} s): gateway "
-                  f"p50 {_fmt(gw.get('p50_ms'))} ms, {_fmt(gw.get('added_p50_ms'), signed=True)} ms vs direct, "
-                  f"{_fmt(gw.get('rps'), '.0f')} req/s", flush=True)  # fmt: skip
+            print(
+                f"  {name:<14} c={concurrency:<3} done ({time.perf_counter() - began:6.1f} s): gateway "
+                f"p50 {_fmt(gw.get('p50_ms'))} ms, {_fmt(gw.get('added_p50_ms'), signed=True)} ms vs direct, "
+                f"{_fmt(gw.get('rps'), '.0f')} req/s",
+                flush=True,
+            )
             cells.append(cell)
     for target in targets:
         if target.proc is not None:
@@ -901,8 +965,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--gateway-src", type=Path, help="run the gateway package found in this folder (default: this repository)"
     )
-    parser.add_argument("--baseline-src", type=Path,
-                        help="also run the gateway package in this folder, as the path `baseline`")  # fmt: skip
+    parser.add_argument(
+        "--baseline-src", type=Path, help="also run the gateway package in this folder, as the path `baseline`"
+    )
     args = parser.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
@@ -920,9 +985,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"the gateway died during the run:\n{gateway.log()[-2000:]}")
     cells = result["cells"]
     print(table(cells))
-    print("\n+p50 / x p50 / thr %: against the direct path in the same run. CPU s/1k: the proxy's CPU seconds per "
-          "1,000 requests.\nStreams: p50 / p99 are the total time; ttfc = time to first chunk; gap mean, and gap max "
-          "as the median of each stream's largest gap (ms).")  # fmt: skip
+    print(
+        "\n+p50 / x p50 / thr %: against the direct path in the same run. CPU s/1k: the proxy's CPU seconds per "
+        "1,000 requests.\nStreams: p50 / p99 are the total time; ttfc = time to first chunk; gap mean, and gap max "
+        "as the median of each stream's largest gap (ms)."
+    )
 
     def client_cpu(streaming: bool) -> str:
         worst: dict[str, float] = {}
@@ -932,22 +999,33 @@ def main(argv: Sequence[str] | None = None) -> None:
                     worst[name] = max(worst.get(name, 0.0), row.get("client_cpu_s_per_1k") or 0.0)
         return ", ".join(f"{name} {value:.2f}" for name, value in worst.items())
 
-    print(f"Load generator CPU, s per 1,000 requests (worst cell): chat and embeddings: {client_cpu(False)}; "
-          f"streams: {client_cpu(True)}.")  # fmt: skip
+    print(
+        f"Load generator CPU, s per 1,000 requests (worst cell): chat and embeddings: {client_cpu(False)}; "
+        f"streams: {client_cpu(True)}."
+    )
     memory = {t.name: {"rss_rest_mb": t.rss_rest_mb, "rss_after_mb": t.rss_after_mb} for t in targets if t.proc}
-    print("RSS (MB, whole process tree), at rest -> after the run: "
-          + ", ".join(f"{n} {m['rss_rest_mb']} -> {m['rss_after_mb']}" for n, m in memory.items()))  # fmt: skip
+    print(
+        "RSS (MB, whole process tree), at rest -> after the run: "
+        + ", ".join(f"{n} {m['rss_rest_mb']} -> {m['rss_after_mb']}" for n, m in memory.items())
+    )
     gw_rest = memory.get("gateway", {}).get("rss_rest_mb")
     targets_result = targets_report(cells, gw_rest)
     print_targets(targets_result)
     if args.json is not None:
         meta = {
-            "quick": args.quick, "python": platform.python_version(), "cpus": os.cpu_count(),
-            "machine": platform.platform(), "paths": [t.name for t in targets], "seconds": result["seconds"],
-            "embed_items": EMBED_ITEMS, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "gateway": described,
-        }  # fmt: skip
-        args.json.write_text(json.dumps({"meta": meta, "memory": memory, "cells": cells, "targets": targets_result},
-                                        indent=2) + "\n")  # fmt: skip
+            "quick": args.quick,
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "machine": platform.platform(),
+            "paths": [t.name for t in targets],
+            "seconds": result["seconds"],
+            "embed_items": EMBED_ITEMS,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "gateway": described,
+        }
+        args.json.write_text(
+            json.dumps({"meta": meta, "memory": memory, "cells": cells, "targets": targets_result}, indent=2) + "\n"
+        )
         print(f"\nwrote {args.json}")
     shutil.rmtree(root, ignore_errors=True)
 

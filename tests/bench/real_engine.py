@@ -31,8 +31,13 @@ def rss_mb(pid: int) -> float:
 
 def stream_tokens(base: str, model: str, prompt: str = "hello") -> tuple[float, float, int]:
     """(seconds to first chunk, total seconds, chunks) for one greedy stream of TOKENS tokens."""
-    body = {"model": model, "stream": True, "max_tokens": TOKENS, "temperature": 0,
-            "messages": [{"role": "user", "content": prompt}]}  # fmt: skip
+    body = {
+        "model": model,
+        "stream": True,
+        "max_tokens": TOKENS,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": prompt}],
+    }
     began = time.perf_counter()
     first, chunks = 0.0, 0
     with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=300) as response:
@@ -69,10 +74,22 @@ def main() -> None:
     port = free_port()
     began = time.perf_counter()
     engine = subprocess.Popen(
-        [sys.executable, "-m", "gateway.engine.bundled", "--serve-ip", "127.0.0.1", "--port", str(port), "plain",
-         "-m", str(root / "plain")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"RUST_LOG": "error", "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gateway.engine.bundled",
+            "--serve-ip",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "plain",
+            "-m",
+            str(root / "plain"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={"RUST_LOG": "error", "PATH": "/usr/bin:/bin"},
+    )
     direct = f"http://127.0.0.1:{port}"
     wait_for(lambda: _ok(direct + "/health"), 60, "the bundled engine")
     results["bundled engine: spawn to ready (s)"] = round(time.perf_counter() - began, 3)
@@ -85,8 +102,16 @@ def main() -> None:
     engine.wait()
 
     toml = f'[[models]]\nid = "tiny"\nkind = "plain"\npath = "{root / "plain"}"\n'
-    gw = start_gateway(root, toml, env={"GATEWAY_ENGINE": "bundled", "GATEWAY_ENGINE_BINARY": "",
-                                        "GATEWAY_IDLE_TIMEOUT": "3", "RUST_LOG": "error"})  # fmt: skip
+    gw = start_gateway(
+        root,
+        toml,
+        env={
+            "GATEWAY_ENGINE": "bundled",
+            "GATEWAY_ENGINE_BINARY": "",
+            "GATEWAY_IDLE_TIMEOUT": "3",
+            "RUST_LOG": "error",
+        },
+    )
     try:
         cold_first, _, _ = stream_tokens(gw.url, "tiny")
         engine_load = gw.engine()["last_start_seconds"]

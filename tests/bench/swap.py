@@ -33,8 +33,13 @@ ADMIN = {"Authorization": "Bearer bench"}
 
 
 def first_token(gw: Gateway, model: str) -> float:
-    body = {"model": model, "stream": True, "max_tokens": 8, "temperature": 0,
-            "messages": [{"role": "user", "content": "Say hello."}]}  # fmt: skip
+    body = {
+        "model": model,
+        "stream": True,
+        "max_tokens": 8,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Say hello."}],
+    }
     began = time.perf_counter()
     with httpx.stream("POST", gw.v1 + "/chat/completions", json=body, timeout=300) as response:
         response.raise_for_status()
@@ -65,8 +70,11 @@ def settle(gw: Gateway, running: set[str]) -> None:
 
 def stop_seconds(gw: Gateway, after: int) -> float | None:
     """Seconds from the last `engine.evicted` event to the `engine.stopped` that followed it, from line ``after``."""
-    events = [json.loads(line.split("gateway.events: ", 1)[1]) for line in gw.log().splitlines()[after:]
-              if "gateway.events: " in line]  # fmt: skip
+    events = [
+        json.loads(line.split("gateway.events: ", 1)[1])
+        for line in gw.log().splitlines()[after:]
+        if "gateway.events: " in line
+    ]
     evicted = [e for e in events if e["type"] == "engine.evicted"]
     stopped = [e for e in events if e["type"] == "engine.stopped"]
     if not evicted or not stopped:
@@ -90,9 +98,19 @@ def main() -> None:
     toml = "".join(f'[[models]]\nid = "{name}"\n{model}' for name in ("m1", "m2", "x1", "x2"))
     toml += '[[groups]]\nname = "pair"\nmodels = ["x1", "x2"]\nexclusive = true\n'
     root = Path(tempfile.mkdtemp(prefix="bench-swap-"))
-    gw = start_gateway(root, toml, env={
-        "GATEWAY_ENGINE": "bundled", "GATEWAY_ENGINE_BINARY": "", "RUST_LOG": "error", "GATEWAY_ADMIN_KEY": "bench",
-        "GATEWAY_MEMORY_BUDGET_MB": "500", "GATEWAY_IDLE_TIMEOUT": "0", "GATEWAY_LOG_LEVEL": "info"})  # fmt: skip
+    gw = start_gateway(
+        root,
+        toml,
+        env={
+            "GATEWAY_ENGINE": "bundled",
+            "GATEWAY_ENGINE_BINARY": "",
+            "RUST_LOG": "error",
+            "GATEWAY_ADMIN_KEY": "bench",
+            "GATEWAY_MEMORY_BUDGET_MB": "500",
+            "GATEWAY_IDLE_TIMEOUT": "0",
+            "GATEWAY_LOG_LEVEL": "info",
+        },
+    )
     samples: dict[str, list[float]] = {"cold": [], "evict": [], "exclusive": [], "warm": []}
     stops: dict[str, list[float]] = {"evict": [], "exclusive": []}
     try:

@@ -75,8 +75,9 @@ class FakeSpawner:
         self.ignore_term = False
         self.envs: list[dict[str, str]] = []
 
-    async def spawn(self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path,
-                    output: Callable[[str], None] | None = None) -> FakeProcess:  # fmt: skip
+    async def spawn(
+        self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, output: Callable[[str], None] | None = None
+    ) -> FakeProcess:
         port = int(argv[argv.index("--port") + 1])
         code = self.exit_codes.pop(0) if self.exit_codes else None
         proc = FakeProcess(1000 + len(self.procs), port, argv, exit_code=code, ignore_term=self.ignore_term)
@@ -144,11 +145,26 @@ def make_pool(
     config = Settings(_env_file=None, model_dir=tmp_path / "models", **settings)
     catalog = parse_catalog(toml, origin="m.toml", model_dir=config.model_dir)
     logger = logging.getLogger("tests.pool")
-    launcher = Launcher(config, spawner=spawner, probe=spawner.probe(), clock=clock, find_program=lambda: LEGACY,
-                        environ=environ, logger=logger)  # fmt: skip
+    launcher = Launcher(
+        config,
+        spawner=spawner,
+        probe=spawner.probe(),
+        clock=clock,
+        find_program=lambda: LEGACY,
+        environ=environ,
+        logger=logger,
+    )
     preparer = Preparer(config, downloader=downloader, hub=hub)
-    return EnginePool(config, catalog, run_dir=tmp_path / "run", launcher=launcher, preparer=preparer, clock=clock,
-                      meter=meter or FakeMeter(), logger=logger)  # fmt: skip
+    return EnginePool(
+        config,
+        catalog,
+        run_dir=tmp_path / "run",
+        launcher=launcher,
+        preparer=preparer,
+        clock=clock,
+        meter=meter or FakeMeter(),
+        logger=logger,
+    )
 
 
 def repo_models(*names: str, **fields: Any) -> str:

@@ -1145,10 +1145,14 @@ def _tool_call_objects(plan: Plan) -> list[dict[str, Any]] | None:
     if not plan.calls:
         return None
     return [
-        {"index": index, "id": f"call-{uuid.uuid4()}", "type": "function",
-         "function": {"name": name, "arguments": arguments}}
+        {
+            "index": index,
+            "id": f"call-{uuid.uuid4()}",
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
         for index, (name, arguments) in enumerate(plan.calls)
-    ]  # fmt: skip
+    ]
 
 
 # --- logprobs --------------------------------------------------------------------------------------
@@ -1167,11 +1171,13 @@ def token_logprob(piece: str, top: int) -> dict[str, Any]:
     rest = math.log(-math.expm1(chosen))  # log(1 - p)
     first_id = int.from_bytes(digest[1:4], "big") % VOCAB_SIZE
     alternatives = [
-        {"token": (first_id + rank * 7919) % VOCAB_SIZE,  # 7919 is prime to VOCAB_SIZE: distinct ids
-         "logprob": round(chosen if rank == 0 else rest - rank * math.log(2), 6),
-         "bytes": piece if rank == 0 else f"alt{rank}"}
+        {
+            "token": (first_id + rank * 7919) % VOCAB_SIZE,  # 7919 is prime to VOCAB_SIZE: distinct ids
+            "logprob": round(chosen if rank == 0 else rest - rank * math.log(2), 6),
+            "bytes": piece if rank == 0 else f"alt{rank}",
+        }
         for rank in range(min(top, VOCAB_SIZE))
-    ]  # fmt: skip
+    ]
     return {"token": piece, "logprob": round(chosen, 6), "bytes": list(piece.encode()), "top_logprobs": alternatives}
 
 
@@ -1645,8 +1651,13 @@ class FakeEngine:
         usage = _usage(_count_words(messages), gen.n * len(plan.tokens))
 
         def head(kind: str) -> dict[str, Any]:
-            return {"id": request_id, "object": kind, "created": created, "model": model.model_id,
-                    "system_fingerprint": "local"}  # fmt: skip
+            return {
+                "id": request_id,
+                "object": kind,
+                "created": created,
+                "model": model.model_id,
+                "system_fingerprint": "local",
+            }
 
         if stream:
 
@@ -1676,8 +1687,13 @@ class FakeEngine:
         request_id, created = self._new_id("cmpl"), int(time.time())
 
         def head() -> dict[str, Any]:
-            return {"id": request_id, "object": "text_completion", "created": created, "model": model.model_id,
-                    "system_fingerprint": "local"}  # fmt: skip
+            return {
+                "id": request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model.model_id,
+                "system_fingerprint": "local",
+            }
 
         if stream:
 
@@ -1886,8 +1902,16 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         return
     spawn_log = _open_log(knobs.spawn_log)
     if spawn_log is not None:
-        _append_line(spawn_log, {"pid": os.getpid(), "argv": args, "prog": prog, "cwd": os.getcwd(),
-                                 "hf_token_set": bool(os.environ.get("HF_TOKEN"))})  # fmt: skip
+        _append_line(
+            spawn_log,
+            {
+                "pid": os.getpid(),
+                "argv": args,
+                "prog": prog,
+                "cwd": os.getcwd(),
+                "hf_token_set": bool(os.environ.get("HF_TOKEN")),
+            },
+        )
         os.close(spawn_log)
     signal.signal(signal.SIGTERM, signal.SIG_IGN if knobs.ignore_sigterm else signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -42,18 +42,38 @@ DRIP = float(os.environ.get("HOSTILE_DRIP", "0.5"))
 
 
 def _chunk(content: str, finish: str | None = None) -> bytes:
-    body = {"id": "1", "object": "chat.completion.chunk", "created": 1, "model": MODEL, "system_fingerprint": "x",
-            "choices": [{"index": 0, "delta": {"role": "assistant", "content": content}, "finish_reason": finish,
-                         "logprobs": None}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2} if finish else None}  # fmt: skip
+    body = {
+        "id": "1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": MODEL,
+        "system_fingerprint": "x",
+        "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": content}, "finish_reason": finish, "logprobs": None}
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2} if finish else None,
+    }
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
 def _whole(content: str = "fine") -> bytes:
-    return json.dumps({"id": "1", "object": "chat.completion", "created": 1, "model": MODEL,
-                       "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                    "finish_reason": "stop", "logprobs": None}],
-                       "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()  # fmt: skip
+    return json.dumps(
+        {
+            "id": "1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+    ).encode()
 
 
 def _stream(content: str = "fine") -> bytes:
@@ -62,8 +82,16 @@ def _stream(content: str = "fine") -> bytes:
 
 def _answer(body: bytes, *, stream: bool, status: bytes = b"200 OK", extra: bytes = b"") -> bytes:
     kind = b"text/event-stream" if stream else b"application/json"
-    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: " + kind + b"\r\ncontent-length: %d\r\n" % len(body) + extra
-            + b"\r\n" + body)  # fmt: skip
+    return (
+        b"HTTP/1.1 "
+        + status
+        + b"\r\ncontent-type: "
+        + kind
+        + b"\r\ncontent-length: %d\r\n" % len(body)
+        + extra
+        + b"\r\n"
+        + body
+    )
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -136,12 +164,17 @@ async def _serve_scenario(name: str, stream: bool, writer: asyncio.StreamWriter)
         status = b"204 No Content" if name == "204" else b"304 Not Modified"
         writer.write(b"HTTP/1.1 " + status + b"\r\n\r\n")
     elif name == "html-500":
-        page = _answer(b"<html><body>Internal Server Error</body></html>", stream=False,
-                       status=b"500 Internal Server Error")  # fmt: skip
+        page = _answer(
+            b"<html><body>Internal Server Error</body></html>", stream=False, status=b"500 Internal Server Error"
+        )
         writer.write(page.replace(b"application/json", b"text/html"))
     elif name == "http10":
-        writer.write(b"HTTP/1.0 200 OK\r\ncontent-type: " + (b"text/event-stream" if stream else b"application/json")
-                     + b"\r\n\r\n" + good)  # fmt: skip
+        writer.write(
+            b"HTTP/1.0 200 OK\r\ncontent-type: "
+            + (b"text/event-stream" if stream else b"application/json")
+            + b"\r\n\r\n"
+            + good
+        )
         return False
     elif name == "conn-close":
         writer.write(_answer(good, stream=stream, extra=b"connection: close\r\n"))
@@ -164,8 +197,10 @@ async def _connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
             if line.startswith(b"GET /health"):
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nOK")
             elif line.startswith(b"GET /v1/models"):
-                listing = {"object": "list", "data": [{"id": MODEL, "object": "model", "created": int(time.time()),
-                                                       "owned_by": "local"}]}  # fmt: skip
+                listing = {
+                    "object": "list",
+                    "data": [{"id": MODEL, "object": "model", "created": int(time.time()), "owned_by": "local"}],
+                }
                 writer.write(_answer(json.dumps(listing).encode(), stream=False))
             elif not await _serve_scenario(*_scenario(body), writer):
                 await writer.drain()

@@ -68,8 +68,9 @@ class FakeUpstream:
         response = self._answer(Call("GET", url, b"", Deadline(total=timeout), {}))
         return response.status, await response.read()
 
-    async def post(self, url: str, body: bytes, *, deadline: Deadline,
-                   headers: dict[str, str] | None = None) -> _Response:  # fmt: skip
+    async def post(
+        self, url: str, body: bytes, *, deadline: Deadline, headers: dict[str, str] | None = None
+    ) -> _Response:
         return self._answer(Call("POST", url, body, deadline, dict(headers or {})))
 
     def _answer(self, call: Call) -> _Response:

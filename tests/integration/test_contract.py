@@ -30,16 +30,38 @@ from tests.tinymodels import make_qwen3_embedding, make_qwen3_gguf
 
 ENGINES = ["fake", "bundled", "bundled-smollm2", "mistralrs", "mistralrs-server"]
 CITIES = ["Paris", "Rome"]
-WEATHER: dict[str, Any] = {"type": "function", "function": {
-    "name": "get_weather", "description": "Get the weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": CITIES}},
-                   "required": ["city"], "additionalProperties": False}}}  # fmt: skip
-TIME: dict[str, Any] = {"type": "function", "function": {
-    "name": "get_time", "description": "Get the time in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": CITIES}},
-                   "required": ["city"], "additionalProperties": False}}}  # fmt: skip
-ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
-                 "required": ["answer"], "additionalProperties": False}  # fmt: skip
+WEATHER: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": CITIES}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Get the time in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": CITIES}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
 
 
 @dataclass
@@ -88,8 +110,10 @@ path = "{embed_path}"
 def _fake_models(root: Path) -> str:
     for name in ("chat", "embed"):
         (root / name).mkdir(parents=True, exist_ok=True)
-    return (f'default_model = "chat"\n[[models]]\nid = "chat"\nkind = "plain"\npath = "{root / "chat"}"\n'
-            f'[[models]]\nid = "embed"\nkind = "embedding"\npath = "{root / "embed"}"\n')  # fmt: skip
+    return (
+        f'default_model = "chat"\n[[models]]\nid = "chat"\nkind = "plain"\npath = "{root / "chat"}"\n'
+        f'[[models]]\nid = "embed"\nkind = "embedding"\npath = "{root / "embed"}"\n'
+    )
 
 
 @pytest.fixture(scope="module", params=ENGINES)
@@ -134,8 +158,13 @@ def _post(t: Target, path: str, body: dict[str, Any]) -> httpx.Response:
 
 
 def chat(t: Target, **fields: Any) -> dict[str, Any]:
-    body = {"model": t.chat_model, "temperature": 0, "max_tokens": t.tokens,
-            "messages": [{"role": "user", "content": "Say hello to the world"}], **fields}  # fmt: skip
+    body = {
+        "model": t.chat_model,
+        "temperature": 0,
+        "max_tokens": t.tokens,
+        "messages": [{"role": "user", "content": "Say hello to the world"}],
+        **fields,
+    }
     response = _post(t, "/chat/completions", body)
     assert response.status_code == 200, response.text
     data: dict[str, Any] = response.json()
@@ -144,8 +173,14 @@ def chat(t: Target, **fields: Any) -> dict[str, Any]:
 
 
 def chat_stream(t: Target, **fields: Any) -> list[Any]:
-    body = {"model": t.chat_model, "temperature": 0, "max_tokens": t.tokens, "stream": True,
-            "messages": [{"role": "user", "content": "Say hello to the world"}], **fields}  # fmt: skip
+    body = {
+        "model": t.chat_model,
+        "temperature": 0,
+        "max_tokens": t.tokens,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Say hello to the world"}],
+        **fields,
+    }
     response = _post(t, "/chat/completions", body)
     assert response.status_code == 200, response.text
     return check_stream("chat", response.text)
@@ -259,8 +294,12 @@ def test_max_tokens_ends_in_length(target: Target) -> None:
 
 def _calls(t: Target, stream: bool = False, **fields: Any) -> tuple[list[dict[str, Any]], str]:
     """The tool calls and the finish reason of one answer (whole or streamed)."""
-    request = {"tools": [WEATHER, TIME], "max_tokens": t.tool_tokens,
-               "messages": [{"role": "user", "content": "What is the weather in Paris?"}], **fields}  # fmt: skip
+    request = {
+        "tools": [WEATHER, TIME],
+        "max_tokens": t.tool_tokens,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        **fields,
+    }
     if not stream:
         choice = chat(t, **request)["choices"][0]
         return choice["message"].get("tool_calls") or [], choice["finish_reason"]
@@ -357,9 +396,18 @@ def test_completions_with_a_string_and_a_list_prompt(target: Target) -> None:
     both = completion(target, prompt=["Once upon a time", "The weather today"])
     assert [c["text"] for c in both["choices"]] == [one["choices"][0]["text"], other["choices"][0]["text"]]
     assert both["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"] + other["usage"]["prompt_tokens"]
-    response = _post(target, "/completions", {"model": target.chat_model, "temperature": 0, "max_tokens": target.tokens,
-                                              "prompt": ["Once upon a time", "The weather today"], "stream": True,
-                                              "stream_options": {"include_usage": True}})  # fmt: skip
+    response = _post(
+        target,
+        "/completions",
+        {
+            "model": target.chat_model,
+            "temperature": 0,
+            "max_tokens": target.tokens,
+            "prompt": ["Once upon a time", "The weather today"],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     chunks = check_stream("completion", response.text)
     streamed: dict[int, str] = {}
     for chunk in chunks:
@@ -370,8 +418,13 @@ def test_completions_with_a_string_and_a_list_prompt(target: Target) -> None:
 
 
 def test_completion_logprobs(target: Target) -> None:
-    body = {"model": target.chat_model, "temperature": 0, "max_tokens": target.tokens, "prompt": "Once upon a time",
-            "logprobs": 2}  # fmt: skip
+    body = {
+        "model": target.chat_model,
+        "temperature": 0,
+        "max_tokens": target.tokens,
+        "prompt": "Once upon a time",
+        "logprobs": 2,
+    }
     if not target.completion_logprobs:
         refused(_post(target, "/completions", body), "logprobs")
         return
@@ -396,8 +449,12 @@ def test_embeddings_and_one_rule_for_empty_input(target: Target) -> None:
 
 
 def test_responses_plain_streamed_and_with_tools(target: Target) -> None:
-    body = {"model": target.chat_model, "input": "Say hello to the world", "temperature": 0,
-            "max_output_tokens": target.tokens}  # fmt: skip
+    body = {
+        "model": target.chat_model,
+        "input": "Say hello to the world",
+        "temperature": 0,
+        "max_output_tokens": target.tokens,
+    }
     response = _post(target, "/responses", body)
     assert response.status_code == 200, response.text
     whole = check_body("response", response.json())
@@ -405,29 +462,47 @@ def test_responses_plain_streamed_and_with_tools(target: Target) -> None:
     assert whole.output_text == chat(target)["choices"][0]["message"]["content"]
     streamed = check_stream("response", _post(target, "/responses", {**body, "stream": True}).text)
     types = [e.type for e in streamed]
-    assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
-                         "response.content_part.added"]  # fmt: skip
-    assert types[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
-                          f"response.{whole.status}"]  # fmt: skip
+    assert types[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert types[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        f"response.{whole.status}",
+    ]
     assert "".join(e.delta for e in streamed if e.type == "response.output_text.delta") == whole.output_text
     flat = {"type": "function", **WEATHER["function"]}
-    called = _post(target, "/responses", {**body, "max_output_tokens": target.tool_tokens, "tools": [flat],
-                                          "tool_choice": "required"})  # fmt: skip
+    called = _post(
+        target,
+        "/responses",
+        {**body, "max_output_tokens": target.tool_tokens, "tools": [flat], "tool_choice": "required"},
+    )
     assert called.status_code == 200, called.text
     calls = [item for item in check_body("response", called.json()).output if item.type == "function_call"]
     assert calls and calls[0].name == "get_weather" and json.loads(calls[0].arguments)["city"] in CITIES
-    sdk = target.sdk().responses.create(model=target.chat_model, input="Say hello to the world", temperature=0,
-                                        max_output_tokens=target.tokens)  # fmt: skip
+    sdk = target.sdk().responses.create(
+        model=target.chat_model, input="Say hello to the world", temperature=0, max_output_tokens=target.tokens
+    )
     assert sdk.output_text == whole.output_text
 
 
 def test_the_openai_sdk_drives_every_route(target: Target) -> None:
     client = target.sdk()
-    reply = client.chat.completions.create(model=target.chat_model, messages=[{"role": "user", "content": "hi"}],
-                                           max_tokens=target.tokens, temperature=0, n=2)  # fmt: skip
+    reply = client.chat.completions.create(
+        model=target.chat_model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=target.tokens,
+        temperature=0,
+        n=2,
+    )
     assert len(reply.choices) == 2 and reply.choices[0].message.content
-    with client.chat.completions.stream(model=target.chat_model, messages=[{"role": "user", "content": "hi"}],
-                                        max_tokens=target.tokens, temperature=0) as stream:  # fmt: skip
+    with client.chat.completions.stream(
+        model=target.chat_model, messages=[{"role": "user", "content": "hi"}], max_tokens=target.tokens, temperature=0
+    ) as stream:
         streamed = "".join(event.delta for event in stream if event.type == "content.delta")
     assert (
         streamed
@@ -441,6 +516,7 @@ def test_the_openai_sdk_drives_every_route(target: Target) -> None:
         .message.content
     )
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=target.chat_model, messages=[{"role": "user", "content": "hi"}],
-                                       seed=3, temperature=1)  # fmt: skip
+        client.chat.completions.create(
+            model=target.chat_model, messages=[{"role": "user", "content": "hi"}], seed=3, temperature=1
+        )
     assert info.value.param == "seed"

@@ -33,9 +33,16 @@ GREEDY = {"temperature": 0}
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 32).decode()
 FORCED: Any = {"type": "tool", "name": "get_weather"}
 NO_TOOL: Any = {"type": "none"}
-WEATHER: Any = {"name": "get_weather", "description": "Get the weather in a city",
-           "input_schema": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
-                            "required": ["city"], "additionalProperties": False}}  # fmt: skip
+WEATHER: Any = {
+    "name": "get_weather",
+    "description": "Get the weather in a city",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
 
 
 @dataclass
@@ -61,9 +68,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _models(chat: str, chat_path: Path, embed_path: Path, kind: str = "gguf") -> str:
-    return (f'default_model = "{chat}"\n[[models]]\nid = "{chat}"\nkind = "{kind}"\npath = "{chat_path}"\n'
-            f'aliases = ["claude-haiku-4-5", "llama3.2:1b"]\n'
-            f'[[models]]\nid = "embed"\nkind = "embedding"\npath = "{embed_path}"\n')  # fmt: skip
+    return (
+        f'default_model = "{chat}"\n[[models]]\nid = "{chat}"\nkind = "{kind}"\npath = "{chat_path}"\n'
+        f'aliases = ["claude-haiku-4-5", "llama3.2:1b"]\n'
+        f'[[models]]\nid = "embed"\nkind = "embedding"\npath = "{embed_path}"\n'
+    )
 
 
 @pytest.fixture(scope="module", params=ENGINES)
@@ -101,9 +110,13 @@ def test_anthropic_create_and_the_stream_helpers_say_the_same(target: Target) ->
     client = target.claude()
     # Greedy, for answers that repeat: this SDK no longer offers `temperature` (newer models take none), and the
     # Messages API still does, so it goes as an extra field.
-    ask: dict[str, Any] = {"model": target.chat_model, "max_tokens": target.tokens, "extra_body": GREEDY,
-                           "system": "You are terse.",
-                           "messages": [{"role": "user", "content": "Say hello."}]}  # fmt: skip
+    ask: dict[str, Any] = {
+        "model": target.chat_model,
+        "max_tokens": target.tokens,
+        "extra_body": GREEDY,
+        "system": "You are terse.",
+        "messages": [{"role": "user", "content": "Say hello."}],
+    }
     message = client.messages.create(**ask)
     assert message.type == "message" and message.role == "assistant" and message.model == target.chat_model
     assert message.stop_reason in ("end_turn", "max_tokens") and message.usage.output_tokens > 0
@@ -119,16 +132,32 @@ def test_anthropic_create_and_the_stream_helpers_say_the_same(target: Target) ->
 def test_anthropic_two_turn_tool_loop(target: Target) -> None:
     client = target.claude()
     messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris? call:get_weather"}]
-    first = client.messages.create(model=target.chat_model, max_tokens=64, extra_body=GREEDY, messages=messages,
-                                   tools=[WEATHER], tool_choice=FORCED)  # fmt: skip
+    first = client.messages.create(
+        model=target.chat_model,
+        max_tokens=64,
+        extra_body=GREEDY,
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice=FORCED,
+    )
     uses = [block for block in first.content if block.type == "tool_use"]
     assert first.stop_reason == "tool_use" and len(uses) == 1, first
     assert uses[0].name == "get_weather" and uses[0].input in ({"city": "Paris"}, {"city": "Rome"})
-    messages += [{"role": "assistant", "content": first.content},
-                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": uses[0].id,
-                                               "content": "Sunny, 24 degrees"}]}]  # fmt: skip
-    second = client.messages.create(model=target.chat_model, max_tokens=target.tokens, extra_body=GREEDY,
-                                    messages=messages, tools=[WEATHER], tool_choice=NO_TOOL)  # fmt: skip
+    messages += [
+        {"role": "assistant", "content": first.content},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": uses[0].id, "content": "Sunny, 24 degrees"}],
+        },
+    ]
+    second = client.messages.create(
+        model=target.chat_model,
+        max_tokens=target.tokens,
+        extra_body=GREEDY,
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice=NO_TOOL,
+    )
     assert second.stop_reason in ("end_turn", "max_tokens") and second.content[0].type == "text"
     if target.engine == "fake":  # it repeats what the tool said: the result reached the engine as a tool message
         assert second.content[0].text.startswith("tool said: Sunny")
@@ -177,18 +206,28 @@ def test_ollama_generate(target: Target) -> None:
     options = {"temperature": 0, "num_predict": target.tokens}
     whole = client.generate(model=target.chat_model, prompt="Say hello.", options=options)
     assert whole.done and whole.response and whole.eval_count
-    streamed = "".join(p.response or "" for p in client.generate(model=target.chat_model, prompt="Say hello.",
-                                                                  options=options, stream=True))  # fmt: skip
+    streamed = "".join(
+        p.response or ""
+        for p in client.generate(model=target.chat_model, prompt="Say hello.", options=options, stream=True)
+    )
     assert streamed == whole.response
 
 
 def test_ollama_json_formats(target: Target) -> None:
     client = target.ollama()
-    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
-              "required": ["answer"], "additionalProperties": False}  # fmt: skip
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
     for fmt in ("json", schema):
-        answer = client.chat(model=target.chat_model, format=fmt, options={"temperature": 0, "num_predict": 48},
-                             messages=[{"role": "user", "content": "Is the sky blue? Answer in JSON."}])  # fmt: skip
+        answer = client.chat(
+            model=target.chat_model,
+            format=fmt,
+            options={"temperature": 0, "num_predict": 48},
+            messages=[{"role": "user", "content": "Is the sky blue? Answer in JSON."}],
+        )
         content = answer.message.content or ""
         assert is_json_prefix(content), content
         if answer.done_reason == "stop":  # whole: the format holds from the first character to the last
@@ -249,8 +288,12 @@ def test_ollama_errors(target: Target) -> None:
 def test_ollama_tool_loop_and_ignored_options(gateways: Any) -> None:
     gw: Gateway = gateways()
     client = ollama.Client(host=gw.url, timeout=60)
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "weather",
-                                               "parameters": WEATHER["input_schema"]}}]  # fmt: skip
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "description": "weather", "parameters": WEATHER["input_schema"]},
+        }
+    ]
     messages: list[Any] = [{"role": "user", "content": "call:get_weather"}]
     first = client.chat(model="tiny-chat", messages=messages, tools=tools)
     calls = first.message.tool_calls or []
@@ -258,17 +301,26 @@ def test_ollama_tool_loop_and_ignored_options(gateways: Any) -> None:
     messages += [first.message, {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
     second = client.chat(model="tiny-chat", messages=messages, tools=tools)
     assert second.message.content == "tool said: sunny"
-    raw = httpx.post(gw.url + "/api/chat", timeout=60, json={
-        "model": "tiny-chat", "stream": False, "messages": [{"role": "user", "content": "hi"}],
-        "options": {"num_ctx": 8192, "mirostat": 1, "temperature": 0}})  # fmt: skip
+    raw = httpx.post(
+        gw.url + "/api/chat",
+        timeout=60,
+        json={
+            "model": "tiny-chat",
+            "stream": False,
+            "messages": [{"role": "user", "content": "hi"}],
+            "options": {"num_ctx": 8192, "mirostat": 1, "temperature": 0},
+        },
+    )
     assert raw.status_code == 200 and raw.headers["x-ignored-options"] == "mirostat,num_ctx"
 
 
 def test_ollama_pull_shows_the_downloader_progress(gateways: Any) -> None:
     with FileServer(b"\0" * (3 << 20), path="/files/tiny-Q8_0.gguf") as server:
         server.chunk_delay = 0.01
-        toml = (f'[[models]]\nid = "tiny-chat"\nkind = "gguf"\nurl = "{server.url}"\nfile = "tiny/tiny-Q8_0.gguf"\n'
-                f'sha256 = "{server.sha256}"\n')  # fmt: skip
+        toml = (
+            f'[[models]]\nid = "tiny-chat"\nkind = "gguf"\nurl = "{server.url}"\nfile = "tiny/tiny-Q8_0.gguf"\n'
+            f'sha256 = "{server.sha256}"\n'
+        )
         gw: Gateway = gateways(toml)
         client = ollama.Client(host=gw.url, timeout=60)
         progress = list(client.pull("tiny-chat", stream=True))
@@ -288,18 +340,22 @@ def test_anthropic_keys_streams_and_failures(gateways: Any) -> None:
     gw: Gateway = gateways(env={"GATEWAY_API_KEYS": "sk-one"})
     with pytest.raises(anthropic.AuthenticationError) as refused:
         anthropic.Anthropic(base_url=gw.url, api_key="wrong", max_retries=0).messages.create(
-            model="tiny-chat", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+            model="tiny-chat", max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+        )
     assert refused.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
     client = anthropic.Anthropic(base_url=gw.url, api_key="sk-one", max_retries=0, timeout=60)  # sent as x-api-key
     answer = client.messages.create(model="tiny-chat", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     assert answer.content[0].type == "text" and answer.content[0].text == "echo: hi"
     crash: list[Any] = [{"role": "user", "content": "crash"}]  # the engine dies mid-stream: an `error` event
-    with pytest.raises(anthropic.APIStatusError) as broken, \
-            client.messages.stream(model="tiny-chat", max_tokens=8, messages=crash) as stream:  # fmt: skip
+    with (
+        pytest.raises(anthropic.APIStatusError) as broken,
+        client.messages.stream(model="tiny-chat", max_tokens=8, messages=crash) as stream,
+    ):
         list(stream.text_stream)
     assert "engine" in str(broken.value).lower()
-    models = httpx.get(gw.url + "/v1/models", headers={"x-api-key": "sk-one", "anthropic-version": "2023-06-01"},
-                       timeout=30).json()  # fmt: skip
+    models = httpx.get(
+        gw.url + "/v1/models", headers={"x-api-key": "sk-one", "anthropic-version": "2023-06-01"}, timeout=30
+    ).json()
     assert models["data"][0]["type"] == "model" and "display_name" in models["data"][0]
     listed = [m.id for m in client.models.list()]
     assert "tiny-chat" in listed

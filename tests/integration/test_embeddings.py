@@ -45,8 +45,9 @@ path = "{root / "other-embed"}"
 
 def embed(gw: Gateway, inputs: Any, **kw: Any) -> httpx.Response:
     headers = kw.pop("headers", {})
-    response = httpx.post(gw.v1 + "/embeddings", json={"model": "qwen3-embed", "input": inputs, **kw},
-                          headers=headers, timeout=30)  # fmt: skip
+    response = httpx.post(
+        gw.v1 + "/embeddings", json={"model": "qwen3-embed", "input": inputs, **kw}, headers=headers, timeout=30
+    )
     return response
 
 
@@ -105,8 +106,11 @@ def test_base64_is_the_float_answer_bit_for_bit(gateways: Start, tmp_path: Path)
     decoded = np.frombuffer(base64.b64decode(raw), dtype="<f4")
     assert np.array_equal(decoded, np.asarray(floats.data[0].embedding, dtype=np.float32))
     assert len(upstream_inputs(gw)) == 1  # encoding_format is not part of the key
-    assert all("encoding_format" not in r["body"] or r["body"]["encoding_format"] == "float"
-               for r in gw.upstream_requests() if r["path"] == "/v1/embeddings")  # fmt: skip
+    assert all(
+        "encoding_format" not in r["body"] or r["body"]["encoding_format"] == "float"
+        for r in gw.upstream_requests()
+        if r["path"] == "/v1/embeddings"
+    )
 
 
 def test_dimensions_truncate_and_renormalise_or_are_refused(gateways: Start, tmp_path: Path) -> None:
@@ -150,10 +154,22 @@ class Redis:
     def start(self) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.tmp)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.tmp),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for(self.ping, 10, "redis-server to answer")
 
     def ping(self) -> bool:
@@ -201,8 +217,11 @@ def test_redis_is_shared_between_gateways_and_survives_an_outage(
     assert embed(b, ["while down too"]).status_code == 200
 
     redis_server.start()  # back, empty: the gateways recover without a restart
-    wait_for(lambda: embed(a, ["after"]).status_code == 200 and embed(b, ["after"]).headers["x-cache"] == "hit",
-             20, "the shared cache to work again")  # fmt: skip
+    wait_for(
+        lambda: embed(a, ["after"]).status_code == 200 and embed(b, ["after"]).headers["x-cache"] == "hit",
+        20,
+        "the shared cache to work again",
+    )
 
 
 PREFIX = "mistral-gateway:emb:"  # RedisStore's default, as the gateway uses it
@@ -237,8 +256,16 @@ def bad_value(item: str) -> bytes:
     }[item]
 
 
-BAD_ITEMS = ["empty", "truncated", "one float short", "a flipped bit", "unversioned (written by the gateway before)",
-             "another program's", "32 dimensions", "nan"]  # fmt: skip
+BAD_ITEMS = [
+    "empty",
+    "truncated",
+    "one float short",
+    "a flipped bit",
+    "unversioned (written by the gateway before)",
+    "another program's",
+    "32 dimensions",
+    "nan",
+]
 
 
 def stored(client: Any, key: str) -> Entry | None:

@@ -78,8 +78,11 @@ def test_a_budget_stops_the_least_recently_used_idle_engine_and_never_a_streamin
     assert states(gw) == {"a": "ready", "b": "ready", "c": "stopped"}  # never the streaming one
     stream.join(120)
     assert stream.events[-1] == "[DONE]" and len(stream.events) > 3
-    evicted = [json.loads(line.split("gateway.events: ", 1)[1]) for line in gw.log().splitlines()
-               if '"type":"engine.evicted"' in line]  # fmt: skip
+    evicted = [
+        json.loads(line.split("gateway.events: ", 1)[1])
+        for line in gw.log().splitlines()
+        if '"type":"engine.evicted"' in line
+    ]
     assert [(e["details"]["engine"], e["details"]["to_start"]) for e in evicted] == [("a", "c"), ("c", "a")]
 
 
@@ -94,8 +97,9 @@ def test_a_request_waits_while_every_engine_is_busy_and_a_model_too_large_is_ref
         stream.join(120)
         assert stream.events[-1] == "[DONE]"
     assert waiting.comments and set(waiting.comments) == {": loading"}  # told it waits while a and b stream
-    assert "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in waiting.events[:-1]) == \
-        "echo: hello"  # fmt: skip
+    assert (
+        "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in waiting.events[:-1]) == "echo: hello"
+    )
     refused = ask(gw, "huge")
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_too_large"
     assert "1000 MB" in refused.json()["error"]["message"] and "250 MB" in refused.json()["error"]["message"]
@@ -157,11 +161,16 @@ def test_a_shared_group_starts_one_process_for_its_members(gateways: Start) -> N
 
 
 def test_preload_starts_models_and_groups_with_the_gateway(gateways: Start) -> None:
-    toml = models("warm", "cold", "g1", "g2", warm={"preload": True}) + \
-        '[[groups]]\nname = "gg"\nmodels = ["g1", "g2"]\nexclusive = true\npreload = true\n'  # fmt: skip
+    toml = (
+        models("warm", "cold", "g1", "g2", warm={"preload": True})
+        + '[[groups]]\nname = "gg"\nmodels = ["g1", "g2"]\nexclusive = true\npreload = true\n'
+    )
     gw = gateways(toml)
-    wait_for(lambda: states(gw) == {"warm": "ready", "cold": "stopped", "g1": "ready", "g2": "stopped"}, 30,
-             "the preloaded engines to be ready")  # fmt: skip
+    wait_for(
+        lambda: states(gw) == {"warm": "ready", "cold": "stopped", "g1": "ready", "g2": "stopped"},
+        30,
+        "the preloaded engines to be ready",
+    )
     assert len(gw.spawns()) == 2  # before any request
 
 
@@ -180,8 +189,11 @@ def test_models_are_visible_and_controllable(gateways: Start) -> None:
     assert unloaded.status_code == 200 and unloaded.json()["state"] == "stopped" and not pid_alive(engine["pid"])
     missing = httpx.post(gw.url + "/admin/models/nope/load", headers=admin, timeout=60)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
-    starting = [json.loads(line.split("gateway.events: ", 1)[1]) for line in gw.log().splitlines()
-                if '"type":"engine.starting"' in line]  # fmt: skip
+    starting = [
+        json.loads(line.split("gateway.events: ", 1)[1])
+        for line in gw.log().splitlines()
+        if '"type":"engine.starting"' in line
+    ]
     assert starting[0]["details"] == {"engine": "a", "models": ["a"]}  # lifecycle events say which model
 
 
@@ -191,8 +203,10 @@ def test_the_bundled_engine_runs_one_process_per_model_and_measures_it(gateways:
 
     make_qwen3_safetensors(tmp_path / "chat")
     make_qwen3_embedding(tmp_path / "embed", hidden=64)
-    toml = (f'[[models]]\nid = "chat"\nkind = "plain"\npath = "{tmp_path / "chat"}"\n'
-            f'[[models]]\nid = "embed"\nkind = "embedding"\npath = "{tmp_path / "embed"}"\n')  # fmt: skip
+    toml = (
+        f'[[models]]\nid = "chat"\nkind = "plain"\npath = "{tmp_path / "chat"}"\n'
+        f'[[models]]\nid = "embed"\nkind = "embedding"\npath = "{tmp_path / "embed"}"\n'
+    )
     gw = gateways(toml, env={"GATEWAY_ENGINE": "bundled", "GATEWAY_ENGINE_BINARY": "", "RUST_LOG": "error"})
     chat = {"model": "chat", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
     assert httpx.post(gw.v1 + "/chat/completions", json=chat, timeout=120).status_code == 200

@@ -25,8 +25,11 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "20"))  # per operation; the soak
 @pytest.fixture(scope="module")
 def fuzz_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     root = tmp_path_factory.mktemp("fuzz")
-    gw = start_gateway(root, models_toml(root / "models"), env={
-        "GATEWAY_STALL_TIMEOUT": "3", "GATEWAY_LOG_LEVEL": "warning", "GATEWAY_MAX_BODY_MB": "1"})  # fmt: skip
+    gw = start_gateway(
+        root,
+        models_toml(root / "models"),
+        env={"GATEWAY_STALL_TIMEOUT": "3", "GATEWAY_LOG_LEVEL": "warning", "GATEWAY_MAX_BODY_MB": "1"},
+    )
     yield gw
     assert gw.proc.poll() is None, "the gateway died during the fuzz run"
     gw.stop()
@@ -67,5 +70,9 @@ def test_the_document_is_served(fuzz_gateway: Gateway, tmp_path: Path) -> None:
 
     doc = httpx.get(fuzz_gateway.url + "/openapi.json").json()
     assert doc["openapi"].startswith("3.") and "/v1/chat/completions" in doc["paths"]
-    assert "tiny-chat" in doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"][
-        "application/json"]["schema"]["properties"]["model"]["enum"]  # fmt: skip
+    assert (
+        "tiny-chat"
+        in doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+            "properties"
+        ]["model"]["enum"]
+    )

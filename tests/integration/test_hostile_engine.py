@@ -28,15 +28,43 @@ CLIENT_TIMEOUT = 60.0  # far beyond the gateway's own deadlines below: only a ga
 # What each fault gives the client: "ok" (the correct answer) or the HTTP status of an error in OpenAI's shape
 # (for a stream that had begun: a 200 whose last event is that error).
 WHOLE: dict[str, str | int] = {
-    "ok": "ok", "extra-bytes": "ok", "cut-chunk": 502, "short-body": 502, "reset-before": 502, "reset-during": 502,
-    "no-headers": 504, "drip": 504, "invalid-http": 502, "continue": "ok", "204": 502, "304": 502, "html-500": 500,
-    "http10": "ok", "conn-close": "ok", "big-line": "ok", "big-header": 502,
-}  # fmt: skip
+    "ok": "ok",
+    "extra-bytes": "ok",
+    "cut-chunk": 502,
+    "short-body": 502,
+    "reset-before": 502,
+    "reset-during": 502,
+    "no-headers": 504,
+    "drip": 504,
+    "invalid-http": 502,
+    "continue": "ok",
+    "204": 502,
+    "304": 502,
+    "html-500": 500,
+    "http10": "ok",
+    "conn-close": "ok",
+    "big-line": "ok",
+    "big-header": 502,
+}
 STREAM: dict[str, str | int] = {
-    "ok": "ok", "extra-bytes": "ok", "cut-chunk": "event", "short-body": "event", "reset-before": 502,
-    "reset-during": "event", "no-headers": 504, "drip": "event", "invalid-http": 502, "continue": "ok", "204": 502,
-    "304": 502, "html-500": 500, "http10": "ok", "conn-close": "ok", "big-line": "ok", "big-header": 502,
-}  # fmt: skip
+    "ok": "ok",
+    "extra-bytes": "ok",
+    "cut-chunk": "event",
+    "short-body": "event",
+    "reset-before": 502,
+    "reset-during": "event",
+    "no-headers": 504,
+    "drip": "event",
+    "invalid-http": 502,
+    "continue": "ok",
+    "204": 502,
+    "304": 502,
+    "html-500": 500,
+    "http10": "ok",
+    "conn-close": "ok",
+    "big-line": "ok",
+    "big-header": 502,
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +72,20 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     port = free_port()
     log = tmp_path_factory.mktemp("hostile") / "engine.log"
     with log.open("wb") as out:
-        engine = subprocess.Popen([sys.executable, str(HOSTILE), str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                  env={"HOSTILE_DRIP": "0.5", "PATH": "/usr/bin:/bin"})  # fmt: skip
+        engine = subprocess.Popen(
+            [sys.executable, str(HOSTILE), str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={"HOSTILE_DRIP": "0.5", "PATH": "/usr/bin:/bin"},
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_serving(engine, url + "/health", log.read_text, 20, "the hostile engine")
         work = tmp_path_factory.mktemp("gateway")
         toml = '[[models]]\nid = "hostile"\nkind = "plain"\nrepo = "org/hostile"\nprefetch = false\n'
-        gw = start_gateway(work, toml, env={"GATEWAY_ENGINE_URL": url, "GATEWAY_REQUEST_TIMEOUT": "2",
-                                            "GATEWAY_STALL_TIMEOUT": "2"})  # fmt: skip
+        gw = start_gateway(
+            work, toml, env={"GATEWAY_ENGINE_URL": url, "GATEWAY_REQUEST_TIMEOUT": "2", "GATEWAY_STALL_TIMEOUT": "2"}
+        )
         yield gw
         gw.stop()
     finally:
@@ -89,8 +122,9 @@ def check(response: httpx.Response, expected: str | int, stream: bool) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("scenario", list(WHOLE))
-def test_a_fault_gets_an_answer_or_an_error_and_the_next_request_succeeds(hostile: Gateway, scenario: str,
-                                                                          stream: bool) -> None:  # fmt: skip
+def test_a_fault_gets_an_answer_or_an_error_and_the_next_request_succeeds(
+    hostile: Gateway, scenario: str, stream: bool
+) -> None:
     check(ask(hostile, scenario, stream), (STREAM if stream else WHOLE)[scenario], stream)
     check(ask(hostile, "ok", stream), "ok", stream)
     engine = hostile.engine()
@@ -122,5 +156,7 @@ def test_file_descriptors_and_memory_stay_flat_through_the_matrix(hostile: Gatew
         matrix()
     assert _fds(pid) <= fds + 2, (fds, _fds(pid))  # a connection may be open in the pool, never one per fault
     assert _rss_mb(pid) - rss < 20, (rss, _rss_mb(pid))  # five rounds of 1 MB answers and faults: no growth
-    print(f"\ngateway after 6 rounds of the matrix: {_fds(pid)} fds (after 1: {fds}), "
-          f"RSS {_rss_mb(pid):.1f} MB (after 1: {rss:.1f} MB)")  # fmt: skip
+    print(
+        f"\ngateway after 6 rounds of the matrix: {_fds(pid)} fds (after 1: {fds}), "
+        f"RSS {_rss_mb(pid):.1f} MB (after 1: {rss:.1f} MB)"
+    )

@@ -168,8 +168,12 @@ async def test_an_unreachable_hub_loads_a_complete_copy_from_huggingface_hubs_ca
 
     # What the cache does not hold completely is not taken from it: the onnx file was never fetched.
     with pytest.raises(DownloadError, match="after 2 attempts"):
-        await HubFetcher(tmp_path / "models", hub=HfHub(endpoint=hub.url, cache_dir=tmp_path / "hf-cache"),
-                         sleep=FakeSleep(), attempts=2).ensure(snapshot(tmp_path, ("onnx/*",)))  # fmt: skip
+        await HubFetcher(
+            tmp_path / "models",
+            hub=HfHub(endpoint=hub.url, cache_dir=tmp_path / "hf-cache"),
+            sleep=FakeSleep(),
+            attempts=2,
+        ).ensure(snapshot(tmp_path, ("onnx/*",)))
 
 
 # ------------------------------------------------------------------------------------- the gateway
@@ -253,8 +257,10 @@ def test_a_missing_or_gated_repo_is_a_clear_503_naming_it(gateways: Start, hub: 
     reply = chat(gw)
     assert reply.status_code == 503 and reply.json()["error"]["code"] == "model_download_failed"
     message = reply.json()["error"]["message"]
-    assert f"Model 'tiny-chat' could not be downloaded: Hugging Face repo {REPO!r} was not found on the hub " \
-           "(it answered 401)" in message  # fmt: skip
+    assert (
+        f"Model 'tiny-chat' could not be downloaded: Hugging Face repo {REPO!r} was not found on the hub "
+        "(it answered 401)" in message
+    )
     assert "HTTPS_PROXY" not in message  # not a network trouble: no advice about proxies
     assert gw.spawns() == [] and gw.status()["downloads"][REPO]["state"] == "failed"
 
@@ -292,10 +298,15 @@ def test_pull_fetches_repo_models_ahead(hub: FakeHub, tmp_path: Path) -> None:
 
     models = tmp_path / "models.toml"
     models.write_text(models_toml())
-    env = {**os.environ, **hub_env(hub, tmp_path), "GATEWAY_MODELS_FILE": str(models),
-           "GATEWAY_MODEL_DIR": str(tmp_path / "dir")}  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "gateway", "pull", "tiny-chat"], env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    env = {
+        **os.environ,
+        **hub_env(hub, tmp_path),
+        "GATEWAY_MODELS_FILE": str(models),
+        "GATEWAY_MODEL_DIR": str(tmp_path / "dir"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "pull", "tiny-chat"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "dir" / REPO / "model.safetensors").read_bytes() == FILES["model.safetensors"]
     assert sorted(hub.file_gets()) == ["config.json", "model.safetensors", "tokenizer.json"]

@@ -25,8 +25,10 @@ def client(gw: Gateway, **kw: object) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.v1, api_key="unused", max_retries=0, **kw)  # type: ignore[arg-type]
 
 
-SHARED = '[[groups]]\nname = "all"\nmodels = ["tiny-chat", "tiny-gguf", "tiny-embed", "tiny-flux", "tiny-speech"]\n' \
-         "share_engine = true\n"  # fmt: skip
+SHARED = (
+    '[[groups]]\nname = "all"\nmodels = ["tiny-chat", "tiny-gguf", "tiny-embed", "tiny-flux", "tiny-speech"]\n'
+    "share_engine = true\n"
+)
 SOLO = '[[models]]\nid = "solo"\nkind = "plain"\nrepo = "org/solo"\nprefetch = false\n'
 
 
@@ -200,8 +202,14 @@ def test_crash_mid_stream_ends_with_an_error_event_then_restarts(gateways: Start
     # It died moments after it became ready: a 503 saying when it comes back (the backoff of a failed start).
     early = httpx.post(gw.v1 + "/chat/completions", json={"model": "tiny-chat", **say("after")}, timeout=30)
     assert early.status_code == 503 and "after it became ready" in early.json()["error"]["message"]
-    wait_for(lambda: httpx.post(gw.v1 + "/chat/completions", json={"model": "tiny-chat", **say("after")},
-                                timeout=30).status_code == 200, 30, "the engine to be started again")  # fmt: skip
+    wait_for(
+        lambda: (
+            httpx.post(gw.v1 + "/chat/completions", json={"model": "tiny-chat", **say("after")}, timeout=30).status_code
+            == 200
+        ),
+        30,
+        "the engine to be started again",
+    )
     assert len(gw.spawns()) == 2
 
 

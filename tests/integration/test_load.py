@@ -79,6 +79,8 @@ def test_mixed_load_without_errors_or_leaks(gateways: Start) -> None:
     # no larger than after the warm-up's burst. A leak would grow with every round.
     wait_for(lambda: fds(pid) <= fds_before + 10, 20, f"descriptors to return (before {fds_before}, now {fds(pid)})")
     growth = rss_mb(pid) - rss_before
-    print(f"\nload: {total} requests in {elapsed:.1f} s ({total / elapsed:.0f}/s); gateway fds {fds_before} -> "
-          f"{fds(pid)}; RSS {rss_before:.1f} -> {rss_mb(pid):.1f} MB")  # fmt: skip
+    print(
+        f"\nload: {total} requests in {elapsed:.1f} s ({total / elapsed:.0f}/s); gateway fds {fds_before} -> "
+        f"{fds(pid)}; RSS {rss_before:.1f} -> {rss_mb(pid):.1f} MB"
+    )
     assert growth < 40, f"gateway memory grew {growth:.1f} MB over {total} requests"

@@ -105,17 +105,24 @@ def test_a_failed_download_is_a_clear_503_and_nothing_is_handed_to_the_engine(
 def test_pull_downloads_ahead_with_progress(server: FileServer, tmp_path: Path) -> None:
     models = tmp_path / "models.toml"
     models.write_text(toml(server) + '\n[[models]]\nid = "hub"\nkind = "embedding"\nprefetch = false\n')
-    env = {**os.environ, "GATEWAY_MODELS_FILE": str(models), "GATEWAY_MODEL_DIR": str(tmp_path / "dir"),
-           "COLUMNS": "120"}  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "gateway", "pull", "--all"], env=env, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    env = {
+        **os.environ,
+        "GATEWAY_MODELS_FILE": str(models),
+        "GATEWAY_MODEL_DIR": str(tmp_path / "dir"),
+        "COLUMNS": "120",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "pull", "--all"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "dir" / "tiny" / "tiny-Q8_0.gguf").read_bytes() == CONTENT
     out = done.stdout + done.stderr
     assert "tiny-Q8_0.gguf" in out and "hub: nothing to download here" in out
-    again = subprocess.run([sys.executable, "-m", "gateway", "pull", "tiny-chat"], env=env, capture_output=True,
-                           text=True, timeout=120)  # fmt: skip
+    again = subprocess.run(
+        [sys.executable, "-m", "gateway", "pull", "tiny-chat"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert again.returncode == 0 and len(server.gets()) == 1  # present and valid: no second download
-    unknown = subprocess.run([sys.executable, "-m", "gateway", "pull", "nope"], env=env, capture_output=True,
-                             text=True, timeout=60)  # fmt: skip
+    unknown = subprocess.run(
+        [sys.executable, "-m", "gateway", "pull", "nope"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert unknown.returncode == 2 and "no model 'nope'" in unknown.stderr

@@ -59,9 +59,11 @@ def test_a_failed_download_answers_at_once_says_what_to_do_and_stops_sdk_retries
 def test_hf_endpoint_points_huggingface_urls_at_a_mirror(gateways: Start) -> None:
     content = b"GGUF" + bytes(range(256)) * 64
     with FileServer(content, path="/unsloth/Tiny-GGUF/resolve/main/tiny.gguf") as mirror:
-        toml = ('[[models]]\nid = "tiny"\nkind = "gguf"\n'
-                'url = "https://huggingface.co/unsloth/Tiny-GGUF/resolve/main/tiny.gguf"\nfile = "hub/tiny.gguf"\n'
-                f'sha256 = "{mirror.sha256}"\n')  # fmt: skip
+        toml = (
+            '[[models]]\nid = "tiny"\nkind = "gguf"\n'
+            'url = "https://huggingface.co/unsloth/Tiny-GGUF/resolve/main/tiny.gguf"\nfile = "hub/tiny.gguf"\n'
+            f'sha256 = "{mirror.sha256}"\n'
+        )
         gw = gateways(toml, env={"HF_ENDPOINT": mirror.url.removesuffix(mirror.path)})
         response = httpx.post(gw.v1 + "/chat/completions", json=CHAT, timeout=60)
         assert response.status_code == 200, response.text

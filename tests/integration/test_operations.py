@@ -54,8 +54,13 @@ def test_admin_actions_and_their_cli(gateways: Start) -> None:
     env = {**gw.env, "GATEWAY_ADMIN_KEY": "adm"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "gateway", *args, "--url", gw.url], env=env,
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args, "--url", gw.url],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     def states(out: str) -> set[str]:
         return {e["state"] for e in json.loads(out)["engines"]}
@@ -69,8 +74,11 @@ def test_admin_actions_and_their_cli(gateways: Start) -> None:
     assert stopped.returncode == 0 and states(stopped.stdout) == {"stopped"}
 
     loaded = cli("models", "load", "gpt-4o-mini")  # an alias names its model
-    assert loaded.returncode == 0 and json.loads(loaded.stdout) == {**json.loads(loaded.stdout), "model": "tiny-chat",
-                                                                    "state": "ready"}  # fmt: skip
+    assert loaded.returncode == 0 and json.loads(loaded.stdout) == {
+        **json.loads(loaded.stdout),
+        "model": "tiny-chat",
+        "state": "ready",
+    }
     ps = cli("models", "ps")
     lines = ps.stdout.splitlines()
     assert ps.returncode == 0 and lines[0].split()[:3] == ["MODEL", "ENGINE", "STATE"]
@@ -138,10 +146,14 @@ def test_check_prints_models_and_the_engine_command(tmp_path: Path) -> None:
     shared = '[[groups]]\nname = "text"\nmodels = ["tiny-chat", "tiny-embed"]\nshare_engine = true\n'
     models.write_text(models_toml(tmp_path / "m") + shared)
     binary = write_fake_engine_bin(tmp_path / "bin") / "mistralrs-server"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
-           "GATEWAY_MODELS_FILE": str(models), "GATEWAY_ENGINE_BINARY": str(binary)}  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "gateway", "check"], env=env, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+        "GATEWAY_MODELS_FILE": str(models),
+        "GATEWAY_ENGINE_BINARY": str(binary),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "check"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert "tiny-chat [plain]" in done.stdout and "(aliases: gpt-4o-mini)" in done.stdout
     assert "engine: mistralrs-server (0.8.4), one process per line" in done.stdout
@@ -151,10 +163,12 @@ def test_check_prints_models_and_the_engine_command(tmp_path: Path) -> None:
     assert "multi-model --config" in lines["text"]
     assert '"alias": "tiny-chat"' in done.stdout  # the multi-model config the shared engine is given
     env["GATEWAY_ENGINE_BINARY"] = str(tmp_path / "nope")
-    missing = subprocess.run([sys.executable, "-m", "gateway", "check"], env=env, capture_output=True, text=True,
-                             timeout=60)  # fmt: skip
+    missing = subprocess.run(
+        [sys.executable, "-m", "gateway", "check"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert missing.returncode == 1 and "not an executable program" in missing.stdout
     models.write_text("[[models]]\nid = 'x'\nkind = 'llama'\n")
-    broken = subprocess.run([sys.executable, "-m", "gateway", "check"], env=env, capture_output=True, text=True,
-                            timeout=60)  # fmt: skip
+    broken = subprocess.run(
+        [sys.executable, "-m", "gateway", "check"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert broken.returncode == 2 and "unknown kind 'llama'" in broken.stderr and str(models) in broken.stderr

@@ -82,8 +82,12 @@ def real_gateway(tmp_path: Path, tiny_models: Path, engine_env: dict[str, str]) 
     started: list[Gateway] = []
 
     def start(toml: str | None = None, **env: str) -> Gateway:
-        gw = start_gateway(tmp_path, toml or models_toml(tiny_models), env={**engine_env, "RUST_LOG": "error", **env},
-                           name=f"gw{len(started)}")  # fmt: skip
+        gw = start_gateway(
+            tmp_path,
+            toml or models_toml(tiny_models),
+            env={**engine_env, "RUST_LOG": "error", **env},
+            name=f"gw{len(started)}",
+        )
         started.append(gw)
         return gw
 
@@ -147,8 +151,10 @@ def test_chat_stream_completions_embeddings_models_and_lifecycle(real_gateway: C
 
     engine = gw.engine()
     pid = engine["pid"]
-    print(f"\ncold start {cold:.2f} s (engine load {engine['last_start_seconds']} s); "
-          f"engine RSS while running {rss_mb(pid):.0f} MB")  # fmt: skip
+    print(
+        f"\ncold start {cold:.2f} s (engine load {engine['last_start_seconds']} s); "
+        f"engine RSS while running {rss_mb(pid):.0f} MB"
+    )
     wait_for(lambda: gw.engine()["state"] == "stopped", 30, "idle stop")
     wait_for(lambda: not pid_alive(pid), 10, "the engine process to exit")
     assert not os.path.exists(f"/proc/{pid}/status") or not pid_alive(pid)  # its memory is gone with it
@@ -164,9 +170,16 @@ def test_errors_come_out_openai_shaped(real_gateway: Callable[..., Gateway]) -> 
         client.chat.completions.create(model="tiny-embed", messages=[{"role": "user", "content": "x"}])
     response = httpx.post(gw.v1 + "/embeddings", json={"input": "x", "dimensions": 8}, timeout=60)
     assert response.status_code in (400, 422) and set(response.json()["error"]) == {"message", "type", "param", "code"}
-    response = httpx.post(gw.v1 + "/chat/completions", timeout=60, json={
-        "model": "tiny-plain", "messages": [{"role": "user", "content": "x"}], "max_tokens": 5,
-        "grammar": {"type": "regex", "value": "("}})  # fmt: skip
+    response = httpx.post(
+        gw.v1 + "/chat/completions",
+        timeout=60,
+        json={
+            "model": "tiny-plain",
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 5,
+            "grammar": {"type": "regex", "value": "("},
+        },
+    )
     assert response.status_code in (400, 422, 500) and "message" in response.json()["error"]
 
 
@@ -213,8 +226,10 @@ def test_concurrent_requests_on_quantized_and_unquantized_models(real_gateway: C
         ask(client, "tiny-wide", f"prompt {i}", tokens)
         serial += time.monotonic() - began
     concurrent, _ = _fire(client, "tiny-wide", 8, False, tokens)
-    print(f"\nunquantized, 8 x {tokens} tokens: serial {serial:.2f} s, concurrent {concurrent:.2f} s, "
-          f"speed-up {serial / concurrent:.1f}x")  # fmt: skip
+    print(
+        f"\nunquantized, 8 x {tokens} tokens: serial {serial:.2f} s, concurrent {concurrent:.2f} s, "
+        f"speed-up {serial / concurrent:.1f}x"
+    )
     assert concurrent < serial
 
 
@@ -230,8 +245,9 @@ kind = "embedding"
 path = "{tiny_models / "embed"}"
 """
     gw = real_gateway(toml)
-    chat = httpx.post(gw.v1 + "/chat/completions", timeout=60,
-                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})  # fmt: skip
+    chat = httpx.post(
+        gw.v1 + "/chat/completions", timeout=60, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    )
     assert chat.status_code == 200 and chat.json()["model"] == "chat"
     embed = httpx.post(gw.v1 + "/embeddings", json={"input": "hi"}, timeout=60)
     assert embed.status_code == 200 and embed.json()["model"] == "embed"
@@ -243,8 +259,9 @@ path = "{tiny_models / "embed"}"
 def test_a_model_that_fails_to_load_is_a_clear_503(real_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     gw = real_gateway(f'[[models]]\nid = "broken"\nkind = "plain"\npath = "{tmp_path / "empty"}"\n')
-    response = httpx.post(gw.v1 + "/chat/completions", json={"messages": [{"role": "user", "content": "x"}]},
-                          timeout=60)  # fmt: skip
+    response = httpx.post(
+        gw.v1 + "/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}, timeout=60
+    )
     assert response.status_code == 503 and "retry-after" in response.headers
     message = response.json()["error"]["message"]
     assert "exited with code 1" in message and "tokenizer.json" in message
@@ -286,9 +303,19 @@ def test_isq_uqff_and_mcp_config_reach_the_engine(
     server = tmp_path / "mcp_server.py"
     server.write_text(MCP_SERVER)
     mcp = tmp_path / "mcp.json"
-    mcp.write_text(json.dumps({"servers": [{"id": "probe", "name": "probe",
-                                             "source": {"type": "Process", "command": sys.executable,
-                                                        "args": [str(server), str(marker)]}}]}))  # fmt: skip
+    mcp.write_text(
+        json.dumps(
+            {
+                "servers": [
+                    {
+                        "id": "probe",
+                        "name": "probe",
+                        "source": {"type": "Process", "command": sys.executable, "args": [str(server), str(marker)]},
+                    }
+                ]
+            }
+        )
+    )
     toml = f"""
 [engine]
 mcp_config = "{mcp}"
@@ -324,8 +351,10 @@ def test_a_tiny_model_served_over_http_is_downloaded_loaded_and_answers(
 
     content = (tiny_models / "q8" / "tiny-Q8_0.gguf").read_bytes()
     with FileServer(content, path="/unsloth/tiny-Q8_0.gguf") as server:
-        gw = real_gateway(f'[[models]]\nid = "remote"\nkind = "gguf"\nurl = "{server.url}"\n'
-                          f'file = "remote/tiny-Q8_0.gguf"\nsha256 = "{server.sha256}"\n')  # fmt: skip
+        gw = real_gateway(
+            f'[[models]]\nid = "remote"\nkind = "gguf"\nurl = "{server.url}"\n'
+            f'file = "remote/tiny-Q8_0.gguf"\nsha256 = "{server.sha256}"\n'
+        )
         reply = ask(sdk(gw), "remote", tokens=6)
         assert reply.choices[0].message.content and reply.model == "remote"  # type: ignore[attr-defined]
         assert len(server.gets()) == 1
@@ -339,13 +368,19 @@ def _cpu_seconds(pid: int) -> float:
 @pytest.mark.parametrize("engine_env", ["bundled"], indirect=True)
 def test_a_client_that_goes_away_stops_its_generation(real_gateway: Callable[..., Gateway], tmp_path: Path) -> None:
     # A context long enough that the 100,000 tokens asked for would take minutes if nobody stopped them.
-    make_qwen3_safetensors(tmp_path / "long", hidden=256, layers=4, heads=8, kv_heads=4,
-                           max_position_embeddings=1 << 20)  # fmt: skip
+    make_qwen3_safetensors(
+        tmp_path / "long", hidden=256, layers=4, heads=8, kv_heads=4, max_position_embeddings=1 << 20
+    )
     gw = real_gateway(f'[[models]]\nid = "tiny-wide"\nkind = "plain"\npath = "{tmp_path / "long"}"\n')
     ask(sdk(gw), "tiny-wide", tokens=2)  # the engine is up
     pid = gw.engine()["pid"]
-    body = {"model": "tiny-wide", "stream": True, "max_tokens": 100_000, "temperature": 0,
-            "messages": [{"role": "user", "content": "go on and on"}]}  # fmt: skip
+    body = {
+        "model": "tiny-wide",
+        "stream": True,
+        "max_tokens": 100_000,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "go on and on"}],
+    }
     with httpx.stream("POST", gw.v1 + "/chat/completions", json=body, timeout=60) as response:
         chunks = response.iter_lines()
         assert next(line for line in chunks if line.startswith("data: {"))

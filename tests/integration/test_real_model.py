@@ -54,8 +54,9 @@ def smollm2() -> Path:
 @pytest.fixture
 def gateway(tmp_path: Path, smollm2: Path) -> Iterator[Gateway]:
     toml = f'[[models]]\nid = "smollm2"\nkind = "gguf"\npath = "{smollm2}"\n'
-    gw = start_gateway(tmp_path, toml, env={"GATEWAY_ENGINE": "bundled", "GATEWAY_ENGINE_BINARY": "",
-                                            "RUST_LOG": "error"})  # fmt: skip
+    gw = start_gateway(
+        tmp_path, toml, env={"GATEWAY_ENGINE": "bundled", "GATEWAY_ENGINE_BINARY": "", "RUST_LOG": "error"}
+    )
     yield gw
     gw.stop()
 
@@ -65,15 +66,27 @@ def test_greedy_answers_through_the_gateway_equal_the_engines_own(gateway: Gatew
 
     client = openai.OpenAI(base_url=gateway.v1, api_key="unused", max_retries=0, timeout=300)
     through = [
-        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": prompt}],
-                                       max_tokens=TOKENS, temperature=0).choices[0].message.content
+        client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": prompt}], max_tokens=TOKENS, temperature=0
+        )
+        .choices[0]
+        .message.content
         for prompt in PROMPTS
-    ]  # fmt: skip
-    completion = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=TOKENS,
-                                           temperature=0).choices[0].text  # fmt: skip
-    direct = subprocess.run([sys.executable, "-c", DIRECT, str(smollm2.parent), smollm2.name, str(TOKENS)],
-                            input=json.dumps(PROMPTS), capture_output=True, text=True, timeout=600, check=True,
-                            env={**os.environ, "RUST_LOG": "error"})  # fmt: skip
+    ]
+    completion = (
+        client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=TOKENS, temperature=0)
+        .choices[0]
+        .text
+    )
+    direct = subprocess.run(
+        [sys.executable, "-c", DIRECT, str(smollm2.parent), smollm2.name, str(TOKENS)],
+        input=json.dumps(PROMPTS),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        env={**os.environ, "RUST_LOG": "error"},
+    )
     own = json.loads(direct.stdout.strip().splitlines()[-1])
     print(f"\nthrough the gateway: {[*through, completion]}\nthe engine's own: {own}")
     assert through == own["chat"]
@@ -94,8 +107,9 @@ def test_a_langchain_agent_loop_with_one_tool(gateway: Gateway) -> None:
         calls.append(city)
         return f"It is sunny and 21 degrees in {city}."
 
-    llm = ChatOpenAI(base_url=gateway.v1, api_key="unused", model="smollm2", temperature=0, max_tokens=40,
-                     max_retries=0)  # fmt: skip
+    llm = ChatOpenAI(
+        base_url=gateway.v1, api_key="unused", model="smollm2", temperature=0, max_tokens=40, max_retries=0
+    )
     messages: list[BaseMessage] = [HumanMessage("What is the weather in Paris? Use the tool.")]
     # SmolLM2's chat template does not show it tools, so the first turn names the tool; then the model decides.
     model: Any = llm.bind_tools([get_weather], tool_choice="get_weather")

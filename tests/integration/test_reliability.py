@@ -27,8 +27,7 @@ def test_a_stalled_request_is_cut_off_but_an_engine_that_answers_its_health_chec
 ) -> None:
     gw = gateways(env={"GATEWAY_STALL_TIMEOUT": "3", "GATEWAY_REQUEST_TIMEOUT": "1"})
     # A chunk a second: well within the stall timeout, and still running while the other requests time out.
-    with httpx.stream("POST", gw.v1 + "/chat/completions", json=chat("slow:10", stream=True),
-                      timeout=60) as slow:  # fmt: skip
+    with httpx.stream("POST", gw.v1 + "/chat/completions", json=chat("slow:10", stream=True), timeout=60) as slow:
         lines = slow.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))  # another stream, running
         with httpx.stream("POST", gw.v1 + "/chat/completions", json=chat("hang", stream=True), timeout=30) as hung:
@@ -81,8 +80,9 @@ def test_sigterm_lets_streams_in_flight_finish_then_stops_everything(gateways: S
 
 
 def test_a_crowd_waiting_on_a_cold_start_is_served_up_to_the_queue_cap(gateways: Start) -> None:
-    gw = gateways(env={"GATEWAY_MAX_QUEUE": "450", "GATEWAY_LOG_LEVEL": "warning"},
-                  fake_env={"FAKE_ENGINE_LOAD_DELAY": "4"})  # fmt: skip
+    gw = gateways(
+        env={"GATEWAY_MAX_QUEUE": "450", "GATEWAY_LOG_LEVEL": "warning"}, fake_env={"FAKE_ENGINE_LOAD_DELAY": "4"}
+    )
 
     async def crowd() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=600, max_keepalive_connections=600)
@@ -104,8 +104,9 @@ def test_a_crowd_waiting_on_a_cold_start_is_served_up_to_the_queue_cap(gateways:
 
 
 def test_client_gone_during_a_cold_start_releases_everything(gateways: Start) -> None:
-    gw = gateways(env={"GATEWAY_IDLE_TIMEOUT": "1", "GATEWAY_LOADING_INTERVAL": "0.2"},
-                  fake_env={"FAKE_ENGINE_LOAD_DELAY": "2"})  # fmt: skip
+    gw = gateways(
+        env={"GATEWAY_IDLE_TIMEOUT": "1", "GATEWAY_LOADING_INTERVAL": "0.2"}, fake_env={"FAKE_ENGINE_LOAD_DELAY": "2"}
+    )
     with httpx.stream("POST", gw.v1 + "/chat/completions", json=chat("x", stream=True), timeout=30) as response:
         assert next(response.iter_lines()) == ": loading"
     with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up while the engine loads
@@ -157,8 +158,11 @@ def test_engine_sigkilled_mid_stream_ends_the_stream_with_one_error_then_restart
     assert len(rest) == 1 and json.loads(rest[0][6:])["error"]["code"] == "engine_crashed"
     wait_for(lambda: gw.engine()["crashes"] == 1, 10, "the crash to be noticed")
     # It died seconds after it became ready: it backs off (1 s) as a failed start does, then starts again.
-    wait_for(lambda: httpx.post(gw.v1 + "/chat/completions", json=chat("back"), timeout=30).status_code == 200, 30,
-             "the engine to be started again")  # fmt: skip
+    wait_for(
+        lambda: httpx.post(gw.v1 + "/chat/completions", json=chat("back"), timeout=30).status_code == 200,
+        30,
+        "the engine to be started again",
+    )
     assert len(gw.spawns()) == 2
 
 

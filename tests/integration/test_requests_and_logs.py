@@ -46,6 +46,7 @@ def requests_of(gw: Gateway, headers: dict[str, str] | None = None) -> dict[str,
 
 def in_flight(gw: Gateway, path: str, started: bool = True) -> dict[str, Any]:
     """The one request in flight on ``path`` (once its engine sent a first token, when ``started``)."""
+
     def matching() -> list[dict[str, Any]]:
         return [r for r in requests_of(gw)["in_flight"] if r["path"] == path and (r["ttft_ms"] or not started)]
 
@@ -62,8 +63,14 @@ def test_requests_are_listed_with_ttft_tokens_and_counters(gateways: Start) -> N
     gw = gateways()
     client = openai.OpenAI(base_url=gw.v1, api_key="unused", max_retries=0)
     client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "count:5"}])
-    chunks = list(client.chat.completions.create(model="tiny-chat", stream=True, messages=[
-        {"role": "user", "content": "count:7"}], stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny-chat",
+            stream=True,
+            messages=[{"role": "user", "content": "count:7"}],
+            stream_options={"include_usage": True},
+        )
+    )
     usage = chunks[-1].usage
     assert usage is not None
     recent = requests_of(gw)["recent"]
@@ -109,8 +116,9 @@ def test_cancelling_a_whole_answer_or_a_wait_for_a_cold_engine(gateways: Start) 
     gw2 = gateways()
     outcome: list[httpx.Response] = []
     slow = {"model": "tiny-chat", "messages": [{"role": "user", "content": "slow:60"}]}
-    worker = threading.Thread(target=lambda: outcome.append(httpx.post(gw2.v1 + "/chat/completions", json=slow,
-                                                                       timeout=120)), daemon=True)  # fmt: skip
+    worker = threading.Thread(
+        target=lambda: outcome.append(httpx.post(gw2.v1 + "/chat/completions", json=slow, timeout=120)), daemon=True
+    )
     worker.start()
     record = wait_for(lambda: requests_of(gw2)["in_flight"], 30, "the request in flight")[0]
     cancel(gw2, record["id"])
@@ -120,17 +128,34 @@ def test_cancelling_a_whole_answer_or_a_wait_for_a_cold_engine(gateways: Start) 
     assert answer.headers["x-should-retry"] == "false"  # the SDKs must not send it again
 
 
-@pytest.mark.parametrize(("path", "body", "check"), [
-    ("/v1/messages", {"model": "tiny-chat", "max_tokens": 20, "stream": True,
-                      "messages": [{"role": "user", "content": "slow:60"}]},
-     lambda last: last.startswith("data: ") and json.loads(last[6:])["error"]["type"] == "api_error"),
-    ("/api/chat", {"model": "tiny-chat", "messages": [{"role": "user", "content": "slow:60"}]},
-     lambda last: "cancelled" in json.loads(last)["error"]),
-    ("/v1/responses", {"model": "tiny-chat", "stream": True, "input": "slow:60"},
-     lambda last: json.loads(last[6:])["type"] == "response.failed"),
-])  # fmt: skip
-def test_a_cancel_ends_each_dialects_stream_in_its_own_words(gateways: Start, path: str, body: dict[str, Any],
-                                                               check: Callable[[str], bool]) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("path", "body", "check"),
+    [
+        (
+            "/v1/messages",
+            {
+                "model": "tiny-chat",
+                "max_tokens": 20,
+                "stream": True,
+                "messages": [{"role": "user", "content": "slow:60"}],
+            },
+            lambda last: last.startswith("data: ") and json.loads(last[6:])["error"]["type"] == "api_error",
+        ),
+        (
+            "/api/chat",
+            {"model": "tiny-chat", "messages": [{"role": "user", "content": "slow:60"}]},
+            lambda last: "cancelled" in json.loads(last)["error"],
+        ),
+        (
+            "/v1/responses",
+            {"model": "tiny-chat", "stream": True, "input": "slow:60"},
+            lambda last: json.loads(last[6:])["type"] == "response.failed",
+        ),
+    ],
+)
+def test_a_cancel_ends_each_dialects_stream_in_its_own_words(
+    gateways: Start, path: str, body: dict[str, Any], check: Callable[[str], bool]
+) -> None:
     gw = gateways()
     stream = Streamer(gw.url + path, body)
     record = in_flight(gw, path)
@@ -180,7 +205,6 @@ def test_the_admin_key_guards_the_data_but_not_the_page(gateways: Start) -> None
     chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}
     assert httpx.post(gw.v1 + "/chat/completions", json=chat, headers=admin, timeout=60).status_code == 200
     assert httpx.post(gw.v1 + "/chat/completions", json=chat, timeout=60).status_code == 401
-
 
 
 def test_a_shared_engine_logs_under_its_group_name(gateways: Start, tmp_path: Path) -> None:

@@ -152,9 +152,14 @@ def test_images_url_and_b64(gw: Gateway) -> None:
 
 @pytest.mark.parametrize(
     ("value", "code"),
-    [(["url"], "invalid_type"), ({}, "invalid_type"), (3, "invalid_type"), ("", "invalid_value"),
-     ("URL", "invalid_value")],
-)  # fmt: skip
+    [
+        (["url"], "invalid_type"),
+        ({}, "invalid_type"),
+        (3, "invalid_type"),
+        ("", "invalid_value"),
+        ("URL", "invalid_value"),
+    ],
+)
 def test_image_response_format_is_url_or_b64_json(gw: Gateway, value: object, code: str) -> None:
     body = {"model": "tiny-flux", "prompt": "x", "response_format": value}
     response = httpx.post(gw.v1 + "/images/generations", json=body, timeout=30)
@@ -188,8 +193,21 @@ def test_status_and_model_retrieval(gw: Gateway) -> None:
     status = httpx.get(gw.url + "/status").json()
     assert [e["models"] for e in status["engines"]][:2] == [["tiny-chat"], ["tiny-gguf"]]  # one engine per model
     for engine in status["engines"]:
-        assert {"name", "models", "state", "pid", "port", "memory_mb", "in_flight", "waiting", "starts", "crashes",
-                "last_error", "seconds_until_idle_stop", "evictions"} <= set(engine)  # fmt: skip
+        assert {
+            "name",
+            "models",
+            "state",
+            "pid",
+            "port",
+            "memory_mb",
+            "in_flight",
+            "waiting",
+            "starts",
+            "crashes",
+            "last_error",
+            "seconds_until_idle_stop",
+            "evictions",
+        } <= set(engine)
     assert status["budget"] == {"budget_mb": None, "used_mb": status["budget"]["used_mb"]}
     assert [m["id"] for m in status["models"]][:2] == ["tiny-chat", "tiny-gguf"]
     assert {"state", "engine", "seconds_until_idle_stop", "memory_mb"} <= set(status["models"][0])

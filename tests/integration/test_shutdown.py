@@ -30,8 +30,10 @@ class InFlight:
         self.whole: httpx.Response | None = None
         self.events: list[str] = []
         self.started = threading.Event()
-        self._threads = [threading.Thread(target=self._whole, args=(gw, text)),
-                         threading.Thread(target=self._stream, args=(gw, text))]  # fmt: skip
+        self._threads = [
+            threading.Thread(target=self._whole, args=(gw, text)),
+            threading.Thread(target=self._stream, args=(gw, text)),
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -62,8 +64,10 @@ def shutting_down(answer: httpx.Response | None) -> dict[str, Any]:
 def test_sigterm_answers_requests_waiting_for_a_cold_start_at_once_and_stops_the_loading_engine(
     gateways: Start,
 ) -> None:
-    gw = gateways(env={"GATEWAY_SHUTDOWN_TIMEOUT": "60", "GATEWAY_LOADING_INTERVAL": "0.2"},
-                  fake_env={"FAKE_ENGINE_LOAD_DELAY": "600"})  # fmt: skip
+    gw = gateways(
+        env={"GATEWAY_SHUTDOWN_TIMEOUT": "60", "GATEWAY_LOADING_INTERVAL": "0.2"},
+        fake_env={"FAKE_ENGINE_LOAD_DELAY": "600"},
+    )
     flight = InFlight(gw, "hello")
     assert flight.started.wait(60)  # the stream got its first `: loading` comment: the engine is loading
     wait_for(lambda: gw.engine()["waiting"] == 2 and gw.spawns(), 30, "both requests to wait for the engine")

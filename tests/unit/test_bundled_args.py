@@ -21,8 +21,9 @@ def test_single_model_command_from_the_launcher(tmp_path: Path) -> None:
     catalog = parse_catalog(
         f'[engine]\nmax_seqs = 4\n[[models]]\nid = "c"\nkind = "gguf"\npath = "{gguf}"\ntokenizer = "T"\n'
         '[models.options]\nisq = "Q4K"\nmax_seq_len = 512\n',
-        origin="m.toml", model_dir=tmp_path,
-    )  # fmt: skip
+        origin="m.toml",
+        model_dir=tmp_path,
+    )
     cmd = build_command(BUNDLED, catalog, port=5555, run_dir=str(tmp_path))
     assert cmd.argv[:3] == list(BUNDLED.argv)
     args = parse_args(cmd.argv[3:])
@@ -40,8 +41,9 @@ def test_multi_model_command_from_the_launcher(tmp_path: Path) -> None:
     catalog = parse_catalog(
         f'[[models]]\nid = "chat"\nkind = "plain"\npath = "{tmp_path / "chat"}"\n'
         f'[[models]]\nid = "emb"\nkind = "embedding"\npath = "{tmp_path / "emb"}"\n',
-        origin="m.toml", model_dir=tmp_path,
-    )  # fmt: skip
+        origin="m.toml",
+        model_dir=tmp_path,
+    )
     cmd = build_command(BUNDLED, catalog, port=1, run_dir=str(tmp_path))
     for name, text in cmd.files.items():
         (tmp_path / name).write_text(text)

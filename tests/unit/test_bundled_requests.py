@@ -29,9 +29,17 @@ from gateway.engine.bundled.requests import (
     tool_options,
 )
 
-WEATHER: dict[str, Any] = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}}, "required": ["city"],
-}}}  # fmt: skip
+WEATHER: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+        },
+    },
+}
 TIME: dict[str, Any] = {"type": "function", "function": {"name": "get_time"}}
 CALL: dict[str, Any] = {
     "id": "call-1",
@@ -53,11 +61,20 @@ def test_a_tool_loop_second_turn_becomes_what_the_package_takes() -> None:
     # What every OpenAI SDK sends back: content null, tool_calls with an index, and the SDK's null fields.
     messages = [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": None, "refusal": None, "audio": None, "function_call": None,
-         "tool_calls": [{**CALL, "index": 0}]},
-        {"role": "tool", "tool_call_id": "call-1", "content": [{"type": "text", "text": "Sunny,"},
-                                                               {"type": "text", "text": "24 C"}]},
-    ]  # fmt: skip
+        {
+            "role": "assistant",
+            "content": None,
+            "refusal": None,
+            "audio": None,
+            "function_call": None,
+            "tool_calls": [{**CALL, "index": 0}],
+        },
+        {
+            "role": "tool",
+            "tool_call_id": "call-1",
+            "content": [{"type": "text", "text": "Sunny,"}, {"type": "text", "text": "24 C"}],
+        },
+    ]
     assert engine_messages(messages, media=False) == [
         {"role": "user", "content": "Weather in Paris?"},
         # The package hands the template only role and content: the call is written where the model sees it.
@@ -94,9 +111,15 @@ def test_text_parts_are_joined_for_every_role_and_a_plain_string_passes() -> Non
 
 def test_media_parts_for_a_multimodal_model_end_with_their_text_part() -> None:
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": None}}
-    assert engine_messages([{"role": "user", "content": [image]}], media=True) == [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, {"type": "text", "text": ""},
-    ]}]  # fmt: skip
+    assert engine_messages([{"role": "user", "content": [image]}], media=True) == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                {"type": "text", "text": ""},
+            ],
+        }
+    ]
     assert refused(engine_messages, [{"role": "assistant", "content": [image]}], media=True).param == (
         "messages[0].content[0]"
     )
@@ -141,16 +164,20 @@ def test_required_forces_one_call_of_any_tool_and_a_named_choice_that_tool() -> 
     assert required is not None and required["x-guidance"] == {"whitespace_flexible": False}
     names = [option["properties"]["name"]["const"] for option in required["anyOf"]]
     assert names == ["get_weather", "get_time"]
-    assert required["anyOf"][1]["properties"]["arguments"] == {"type": "object", "properties": {},
-                                                                 "additionalProperties": False}  # fmt: skip
+    assert required["anyOf"][1]["properties"]["arguments"] == {
+        "type": "object",
+        "properties": {},
+        "additionalProperties": False,
+    }
     choice = {"type": "function", "function": {"name": "get_weather"}}
     named = tool_options({"tools": [WEATHER, TIME], "tool_choice": choice}).grammar
     assert named == {
         "type": "object",
         "properties": {"name": {"const": "get_weather"}, "arguments": WEATHER["function"]["parameters"]},
-        "required": ["name", "arguments"], "additionalProperties": False,
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
         "x-guidance": {"whitespace_flexible": False},
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize(
@@ -163,10 +190,12 @@ def test_required_forces_one_call_of_any_tool_and_a_named_choice_that_tool() -> 
         ({"tools": {"a": 1}}, "tools"),
         ({"tools": [{"type": "web_search"}]}, "tools[0]"),
         ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools[0].function.name"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
-         "tools[0].function.parameters"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
+            "tools[0].function.parameters",
+        ),
     ],
-)  # fmt: skip
+)
 def test_tool_choices_the_engine_cannot_honour_are_refused(body: dict[str, Any], param: str) -> None:
     assert refused(tool_options, body).param == param
 
@@ -207,8 +236,11 @@ def test_output_grammar_from_response_format_grammar_or_forced_call() -> None:
     )
     forced = tool_options({"tools": [WEATHER], "tool_choice": "required"})
     grammar = output_grammar({}, forced)
-    assert grammar is not None and json.loads(grammar[0]) == forced.grammar and grammar[1:] == (
-        "json_schema", "tool_choice")  # fmt: skip
+    assert (
+        grammar is not None
+        and json.loads(grammar[0]) == forced.grammar
+        and grammar[1:] == ("json_schema", "tool_choice")
+    )
 
 
 @pytest.mark.parametrize(

@@ -30,8 +30,12 @@ class ToolCallType(enum.Enum):  # the package's enum prints as ToolCallType.Func
 
 
 def tool_call(index: int = 0) -> SimpleNamespace:
-    return SimpleNamespace(index=index, id=f"call-{index}", tp=ToolCallType.Function,
-                           function=SimpleNamespace(name="get_weather", arguments='{"city":"Paris"}'))  # fmt: skip
+    return SimpleNamespace(
+        index=index,
+        id=f"call-{index}",
+        tp=ToolCallType.Function,
+        function=SimpleNamespace(name="get_weather", arguments='{"city":"Paris"}'),
+    )
 
 
 def logprob(token: str, value: float = -0.5) -> SimpleNamespace:
@@ -44,12 +48,14 @@ def logprob(token: str, value: float = -0.5) -> SimpleNamespace:
 
 
 def usage(prompt: int = 9, completion: int = 2) -> SimpleNamespace:
-    return SimpleNamespace(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                           avg_tok_per_sec=1.0)  # fmt: skip
+    return SimpleNamespace(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, avg_tok_per_sec=1.0
+    )
 
 
-def chunk(content: str | None, *, finish: str | None = None, calls: list[Any] | None = None, lp: Any = None,
-          used: Any = None) -> SimpleNamespace:  # fmt: skip
+def chunk(
+    content: str | None, *, finish: str | None = None, calls: list[Any] | None = None, lp: Any = None, used: Any = None
+) -> SimpleNamespace:
     delta = SimpleNamespace(role="assistant", content=content, tool_calls=calls, reasoning_content=None)
     choice = SimpleNamespace(index=0, delta=delta, finish_reason=finish, logprobs=lp)
     return SimpleNamespace(choices=[choice], usage=used)
@@ -58,9 +64,15 @@ def chunk(content: str | None, *, finish: str | None = None, calls: list[Any] | 
 def test_tool_calls_and_logprobs_in_mistralrs_wire_shape() -> None:
     function = {"name": "get_weather", "arguments": '{"city":"Paris"}'}
     assert tool_call_json(tool_call(1)) == {"index": 1, "id": "call-1", "type": "function", "function": function}
-    assert logprob_json(logprob("Hi")) == {"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": [
-        {"token": 57, "logprob": -0.5, "bytes": "Hi"}, {"token": 3, "logprob": None, "bytes": "x"},
-    ]}  # fmt: skip
+    assert logprob_json(logprob("Hi")) == {
+        "token": "Hi",
+        "logprob": -0.5,
+        "bytes": [72, 105],
+        "top_logprobs": [
+            {"token": 57, "logprob": -0.5, "bytes": "Hi"},
+            {"token": 3, "logprob": None, "bytes": "x"},
+        ],
+    }
     no_bytes = SimpleNamespace(token="?", logprob=-1.0, bytes=None, top_logprobs=[])
     assert logprob_json(no_bytes)["bytes"] is None
     assert usage_json(usage()) == {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
@@ -72,8 +84,14 @@ def test_stream_chunks() -> None:
     piece = chunk("Hi", lp=logprob("Hi"))
     out = chunk_json(piece, meta)
     assert out["object"] == "chat.completion.chunk" and out["usage"] is None
-    assert out["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": "Hi", "tool_calls": None},
-                               "finish_reason": None, "logprobs": logprob_json(logprob("Hi"))}]  # fmt: skip
+    assert out["choices"] == [
+        {
+            "index": 0,
+            "delta": {"role": "assistant", "content": "Hi", "tool_calls": None},
+            "finish_reason": None,
+            "logprobs": logprob_json(logprob("Hi")),
+        }
+    ]
     last = chunk_json(chunk(None, finish="tool_calls", calls=[tool_call()], used=usage()), meta)
     assert last["choices"][0]["delta"]["tool_calls"] == [tool_call_json(tool_call())]
     assert last["choices"][0]["finish_reason"] == "tool_calls" and last["usage"]["total_tokens"] == 11
@@ -82,8 +100,11 @@ def test_stream_chunks() -> None:
 
 def test_a_collected_answer_with_only_a_tool_call_has_null_content() -> None:
     collector = ChatCollector()
-    for piece in (chunk(None, lp=logprob("{")), chunk(None, lp=logprob("}")),
-                  chunk(None, finish="tool_calls", calls=[tool_call()], used=usage(9, 2))):  # fmt: skip
+    for piece in (
+        chunk(None, lp=logprob("{")),
+        chunk(None, lp=logprob("}")),
+        chunk(None, finish="tool_calls", calls=[tool_call()], used=usage(9, 2)),
+    ):
         collector.add(piece)
     answer = collector.answer({"id": "x", "created": 1, "model": "m"}, logprobs=True)
     (choice,) = answer["choices"]
@@ -99,8 +120,12 @@ def test_a_collected_text_answer() -> None:
     for piece in (chunk("Hel"), chunk(None), chunk("lo", finish="stop", used=usage())):
         collector.add(piece)
     (choice,) = collector.answer({}, logprobs=False)["choices"]
-    assert choice == {"index": 0, "message": {"role": "assistant", "content": "Hello", "tool_calls": None},
-                      "finish_reason": "stop", "logprobs": None}  # fmt: skip
+    assert choice == {
+        "index": 0,
+        "message": {"role": "assistant", "content": "Hello", "tool_calls": None},
+        "finish_reason": "stop",
+        "logprobs": None,
+    }
     assert collector.partial() == {0: "Hello"}
     empty = ChatCollector()
     empty.add(chunk(None, finish="length"))
@@ -108,10 +133,15 @@ def test_a_collected_text_answer() -> None:
 
 
 def test_a_completion_carries_its_finish_reason_and_usage() -> None:
-    response = SimpleNamespace(choices=[SimpleNamespace(index=0, text="once", finish_reason="length", logprobs=None)],
-                               usage=usage(4, 6))  # fmt: skip
+    response = SimpleNamespace(
+        choices=[SimpleNamespace(index=0, text="once", finish_reason="length", logprobs=None)], usage=usage(4, 6)
+    )
     assert completion_json(response, {"id": "cmpl-1", "created": 1, "model": "m"}) == {
-        "id": "cmpl-1", "created": 1, "model": "m", "object": "text_completion", "system_fingerprint": "local",
+        "id": "cmpl-1",
+        "created": 1,
+        "model": "m",
+        "object": "text_completion",
+        "system_fingerprint": "local",
         "choices": [{"index": 0, "text": "once", "finish_reason": "length", "logprobs": None}],
         "usage": {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10},
-    }  # fmt: skip
+    }

@@ -56,10 +56,27 @@ def test_legacy_single_gguf(tmp_path: Path) -> None:
     )
     cmd = build_command(LEGACY, cat, port=4321, run_dir="/run")
     assert cmd.argv == [
-        "mistralrs-server", "--serve-ip", "127.0.0.1", "--port", "4321", "--max-seqs", "1", "--isq", "Q4K",
-        "gguf", "--quantized-model-id", str(path.parent), "--quantized-filename", "q.gguf",
-        "--tok-model-id", "Qwen/Qwen3-1.7B", "--dtype", "f32", "--max-seq-len", "2048",
-    ]  # fmt: skip
+        "mistralrs-server",
+        "--serve-ip",
+        "127.0.0.1",
+        "--port",
+        "4321",
+        "--max-seqs",
+        "1",
+        "--isq",
+        "Q4K",
+        "gguf",
+        "--quantized-model-id",
+        str(path.parent),
+        "--quantized-filename",
+        "q.gguf",
+        "--tok-model-id",
+        "Qwen/Qwen3-1.7B",
+        "--dtype",
+        "f32",
+        "--max-seq-len",
+        "2048",
+    ]
     assert cmd.files == {}
     assert cmd.engine_ids == {"chat": ("Qwen/Qwen3-1.7B",)}
 
@@ -127,9 +144,19 @@ arch = "flux"
     )
     cmd = build_command(LEGACY, cat, port=9, run_dir="/run")
     assert cmd.argv == [
-        "mistralrs-server", "--serve-ip", "127.0.0.1", "--port", "9", "--max-seqs", "1",
-        "multi-model", "--config", "/run/multi-model.json", "--default-model-id", "chat",
-    ]  # fmt: skip
+        "mistralrs-server",
+        "--serve-ip",
+        "127.0.0.1",
+        "--port",
+        "9",
+        "--max-seqs",
+        "1",
+        "multi-model",
+        "--config",
+        "/run/multi-model.json",
+        "--default-model-id",
+        "chat",
+    ]
     config = json.loads(cmd.files["multi-model.json"])
     by_alias = {entry["alias"]: entry for entry in config.values()}
     assert by_alias["chat"] == {
@@ -166,10 +193,25 @@ def test_serve_single_gguf_puts_server_flags_before_the_type(tmp_path: Path) -> 
     cat = catalog(f'[[models]]\nid = "c"\nkind = "gguf"\npath = "{path}"\ntokenizer = "Qwen/Qwen3-1.7B"\n', tmp_path)
     cmd = build_command(SERVE, cat, port=7, run_dir="/run", extra_args=["--no-ui"])
     assert cmd.argv == [
-        "mistralrs", "serve", "--port", "7", "--host", "127.0.0.1", "--max-seqs", "1", "--no-ui",
-        "text", "--model-id", str(path.parent), "--format", "gguf", "--quantized-file", "q.gguf",
-        "--tok-model-id", "Qwen/Qwen3-1.7B",
-    ]  # fmt: skip
+        "mistralrs",
+        "serve",
+        "--port",
+        "7",
+        "--host",
+        "127.0.0.1",
+        "--max-seqs",
+        "1",
+        "--no-ui",
+        "text",
+        "--model-id",
+        str(path.parent),
+        "--format",
+        "gguf",
+        "--quantized-file",
+        "q.gguf",
+        "--tok-model-id",
+        "Qwen/Qwen3-1.7B",
+    ]
     # 0.9.1 changed a GGUF pipeline's name from the tokenizer id to the -m value.
     assert cmd.engine_ids == {"c": (str(path.parent), "Qwen/Qwen3-1.7B")}
     assert build_command(SERVE_090, cat, port=7, run_dir="/r").engine_ids == {
@@ -211,10 +253,12 @@ max_seq_len = 1024
     assert "default_model_id" not in config  # the first entry is the default instead (see command.py)
     first, second = config["models"]
     assert first == {
-        "kind": "text", "model_id": str(path.parent),
+        "kind": "text",
+        "model_id": str(path.parent),
         "format": {"format": "gguf", "quantized_file": "q.gguf", "tok_model_id": "Qwen/Qwen3-1.7B"},
-        "quantization": {"in_situ_quant": "Q4K"}, "device": {"max_seq_len": 1024},
-    }  # fmt: skip
+        "quantization": {"in_situ_quant": "Q4K"},
+        "device": {"max_seq_len": 1024},
+    }
     assert second == {"kind": "embedding", "model_id": "Qwen/Qwen3-Embedding-0.6B"}
 
 
@@ -262,8 +306,19 @@ repo = "Qwen/Qwen3-0.6B"
 """
     cat = catalog(one, tmp_path)
     legacy = build_command(LEGACY, cat, port=1, run_dir="/r").argv
-    assert legacy[5:16] == ["--max-seqs", "8", "--no-paged-attn", "--cpu", "--token-source", "env:HF_TOKEN",
-                            "--mcp-config", str(mcp), "plain", "--model-id", "Qwen/Qwen3-0.6B"]  # fmt: skip
+    assert legacy[5:16] == [
+        "--max-seqs",
+        "8",
+        "--no-paged-attn",
+        "--cpu",
+        "--token-source",
+        "env:HF_TOKEN",
+        "--mcp-config",
+        str(mcp),
+        "plain",
+        "--model-id",
+        "Qwen/Qwen3-0.6B",
+    ]
     serve = build_command(SERVE, cat, port=1, run_dir="/r").argv
     split = serve.index("text")
     # Server-level flags before the model type, model-level ones after it.

@@ -22,8 +22,12 @@ def which_from(found: dict[str, str]) -> object:
 )
 def test_auto_order(on_path: dict[str, str], bundled: bool, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("gateway.engine.discovery.probe_version", lambda argv: None)
-    program = find_engine(choice="auto", binary=None, which=which_from(on_path),  # type: ignore[arg-type]
-                          has_bundled=lambda: bundled)  # fmt: skip
+    program = find_engine(
+        choice="auto",
+        binary=None,
+        which=which_from(on_path),  # type: ignore[arg-type]
+        has_bundled=lambda: bundled,
+    )
     assert program.name == expected
     assert program.dialect == ("serve" if expected == "mistralrs" else "legacy")
 

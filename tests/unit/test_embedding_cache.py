@@ -34,8 +34,18 @@ def test_items_and_keys() -> None:
     assert split_items("a") == ["a"] == split_items(["a"])
     assert split_items([1, 2]) == [[1, 2]] == split_items([[1, 2]])
     assert item_key("m", "a", None) == item_key("m", "a", None)
-    assert len({item_key("m", "a", None), item_key("m", "a", 8), item_key("m2", "a", None),
-                item_key("m", "b", None), item_key("m", [97], None)}) == 5  # fmt: skip
+    assert (
+        len(
+            {
+                item_key("m", "a", None),
+                item_key("m", "a", 8),
+                item_key("m2", "a", None),
+                item_key("m", "b", None),
+                item_key("m", [97], None),
+            }
+        )
+        == 5
+    )
 
 
 def test_identity_changes_when_the_file_changes(tmp_path: Path) -> None:
@@ -43,8 +53,9 @@ def test_identity_changes_when_the_file_changes(tmp_path: Path) -> None:
     folder.mkdir()
     weights = folder / "model.safetensors"
     weights.write_bytes(b"one")
-    catalog = parse_catalog(f'[[models]]\nid = "e"\nkind = "embedding"\npath = "{folder}"\n', origin="m",
-                            model_dir=tmp_path)  # fmt: skip
+    catalog = parse_catalog(
+        f'[[models]]\nid = "e"\nkind = "embedding"\npath = "{folder}"\n', origin="m", model_dir=tmp_path
+    )
     model = catalog.models[0]
     before = model_identity(model)
     assert model_identity(model) == before
@@ -257,8 +268,9 @@ class FakeEngine:
 
 
 def embedding_model(tmp_path: Path) -> Model:
-    return parse_catalog('[[models]]\nid = "e"\nkind = "embedding"\nrepo = "org/e"\n', origin="m",
-                         model_dir=tmp_path).models[0]  # fmt: skip
+    return parse_catalog(
+        '[[models]]\nid = "e"\nkind = "embedding"\nrepo = "org/e"\n', origin="m", model_dir=tmp_path
+    ).models[0]
 
 
 async def embed(embeddings: Embeddings, model: Model, items: list[str]) -> tuple[list[list[float]], str]:

@@ -420,8 +420,13 @@ async def test_n_choices_streaming(client: httpx.AsyncClient) -> None:
 
 
 async def test_ignored_fields(client: httpx.AsyncClient) -> None:
-    extra = {"seed": 7, "stream_options": {"include_usage": True}, "parallel_tool_calls": False,
-             "user": "u-1", "metadata": {"k": "v"}}  # fmt: skip
+    extra = {
+        "seed": 7,
+        "stream_options": {"include_usage": True},
+        "parallel_tool_calls": False,
+        "user": "u-1",
+        "metadata": {"k": "v"},
+    }
     plain, ignored = await chat(client, messages=say("hi")), await chat(client, messages=say("hi"), **extra)
     assert plain["choices"] == ignored["choices"] and plain["usage"] == ignored["usage"]
     assert (await complete(client, prompt="hi", **extra))["choices"][0]["text"] == "echo: hi"

@@ -145,8 +145,11 @@ async def test_fetches_once_then_finds_the_snapshot_complete_without_the_hub(tmp
     fetch, events, _ = fetcher(tmp_path, hub)
     snap = Snapshot("org/x", None, ("*.json", "*.safetensors"), tmp_path / "org" / "x")
     assert await fetch.ensure(snap) == snap.folder
-    assert sorted(p.name for p in snap.folder.iterdir() if p.is_file()) == ["config.json", "model.safetensors",
-                                                                              "tokenizer.json"]  # fmt: skip
+    assert sorted(p.name for p in snap.folder.iterdir() if p.is_file()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     assert not (snap.folder / "onnx").exists() and hub.calls == ["listing", "download"]
     assert events.types()[0] == "download.started" and events.types()[-1] == "download.done"
     started, done = events.of("download.started")[0], events.of("download.done")[0]
@@ -240,8 +243,14 @@ def make_pool_for(tmp_path: Path, toml: str, hub: MemoryHub, **settings: Any) ->
     """A pool whose preparer downloads with the real Downloader and HubFetcher (the hub in memory)."""
     spawner = FakeSpawner()
     model_dir = tmp_path / "models"
-    pool = make_pool(tmp_path, toml, spawner=spawner, downloader=lambda: Downloader(model_dir),
-                     hub=lambda: HubFetcher(model_dir, hub=hub, sleep=FakeSleep()), **settings)  # fmt: skip
+    pool = make_pool(
+        tmp_path,
+        toml,
+        spawner=spawner,
+        downloader=lambda: Downloader(model_dir),
+        hub=lambda: HubFetcher(model_dir, hub=hub, sleep=FakeSleep()),
+        **settings,
+    )
     return pool, spawner
 
 

@@ -26,9 +26,16 @@ def test_bad_image_requests(body: dict[str, object]) -> None:
 
 @pytest.mark.parametrize(
     ("value", "code"),
-    [(["url"], "invalid_type"), ({}, "invalid_type"), (3, "invalid_type"), (True, "invalid_type"),
-     ("", "invalid_value"), ("URL", "invalid_value"), ("b64", "invalid_value")],
-)  # fmt: skip
+    [
+        (["url"], "invalid_type"),
+        ({}, "invalid_type"),
+        (3, "invalid_type"),
+        (True, "invalid_type"),
+        ("", "invalid_value"),
+        ("URL", "invalid_value"),
+        ("b64", "invalid_value"),
+    ],
+)
 def test_response_format_is_url_or_b64_json_and_nothing_else(value: object, code: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
         to_engine_request({"prompt": "x", "response_format": value})

@@ -17,10 +17,16 @@ PATH = "/v1/models\n1999-01-01 00:00:00,000 INFO gateway.access: GET /forged\r\x
 
 @pytest.mark.parametrize(
     ("text", "logged"),
-    [("/v1/chat/completions", "/v1/chat/completions"), ("/a b", "/a%20b"), ("/a\nb\rc\td", "/a%0Ab%0Dc%09d"),
-     ("\x1b[2J\x7f", "%1B[2J%7F"), ("/caf\u00e9", "/caf\u00e9"), ("\u2028\u0085", "%E2%80%A8%C2%85"),
-     ("\ud800", "%ED%A0%80")],
-)  # fmt: skip
+    [
+        ("/v1/chat/completions", "/v1/chat/completions"),
+        ("/a b", "/a%20b"),
+        ("/a\nb\rc\td", "/a%0Ab%0Dc%09d"),
+        ("\x1b[2J\x7f", "%1B[2J%7F"),
+        ("/caf\u00e9", "/caf\u00e9"),
+        ("\u2028\u0085", "%E2%80%A8%C2%85"),
+        ("\ud800", "%ED%A0%80"),
+    ],
+)
 def test_loggable_escapes_what_could_split_a_line_or_a_field(text: str, logged: str) -> None:
     assert loggable(text) == logged
 

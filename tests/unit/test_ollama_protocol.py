@@ -29,35 +29,69 @@ class Clock:
 
 
 def test_chat_options_format_and_images_become_a_chat_request() -> None:
-    body = {"model": "m", "messages": [{"role": "system", "content": "brief"},
-                                       {"role": "user", "content": "what is it?", "images": [PNG]}],
-            "format": {"type": "object"}, "think": "high", "stream": False,
-            "options": {"temperature": 0.2, "top_k": 20, "num_predict": 32, "stop": ["\n\n"], "repeat_penalty": 1.1,
-                        "seed": 7, "num_ctx": 4096, "mirostat": 2}}  # fmt: skip
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "brief"},
+            {"role": "user", "content": "what is it?", "images": [PNG]},
+        ],
+        "format": {"type": "object"},
+        "think": "high",
+        "stream": False,
+        "options": {
+            "temperature": 0.2,
+            "top_k": 20,
+            "num_predict": 32,
+            "stop": ["\n\n"],
+            "repeat_penalty": 1.1,
+            "seed": 7,
+            "num_ctx": 4096,
+            "mirostat": 2,
+        },
+    }
     translated = protocol.chat_request(body)
     assert translated.body == {
-        "messages": [{"role": "system", "content": "brief"}, {"role": "user", "content": [
-            {"type": "text", "text": "what is it?"},
-            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}]}],
-        "temperature": 0.2, "top_k": 20, "max_tokens": 32, "stop": ["\n\n"], "repetition_penalty": 1.1, "seed": 7,
+        "messages": [
+            {"role": "system", "content": "brief"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is it?"},
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+                ],
+            },
+        ],
+        "temperature": 0.2,
+        "top_k": 20,
+        "max_tokens": 32,
+        "stop": ["\n\n"],
+        "repetition_penalty": 1.1,
+        "seed": 7,
         "response_format": {"type": "json_schema", "json_schema": {"name": "format", "schema": {"type": "object"}}},
-        "enable_thinking": True, "reasoning_effort": "high",
-    }  # fmt: skip
+        "enable_thinking": True,
+        "reasoning_effort": "high",
+    }
     assert translated.ignored == ["mirostat", "num_ctx"] and not translated.load_only
     assert protocol.chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}]}).body["stream"]
-    assert protocol.chat_request({"model": "m", "format": "json", "messages": [{"role": "user", "content": "x"}]}) \
-        .body["response_format"] == {"type": "json_object"}  # fmt: skip
+    assert protocol.chat_request({"model": "m", "format": "json", "messages": [{"role": "user", "content": "x"}]}).body[
+        "response_format"
+    ] == {"type": "json_object"}
 
 
 def test_tool_calls_get_ids_and_tool_messages_answer_them_in_order() -> None:
     messages = [
         {"role": "user", "content": "weather in Paris and Oslo?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"function": {"name": "weather", "arguments": {"city": "Paris"}}},
-            {"function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"function": {"name": "weather", "arguments": {"city": "Paris"}}},
+                {"function": {"name": "weather", "arguments": {"city": "Oslo"}}},
+            ],
+        },
         {"role": "tool", "content": "sunny", "tool_name": "weather"},
         {"role": "tool", "content": "snow", "tool_name": "weather"},
-    ]  # fmt: skip
+    ]
     chat = protocol.chat_request({"model": "m", "messages": messages}).body["messages"]
     ids = [call["id"] for call in chat[1]["tool_calls"]]
     assert chat[1]["content"] is None and chat[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
@@ -72,12 +106,17 @@ def test_generate_is_a_chat_turn_unless_raw() -> None:
     assert protocol.generate_request({"model": "m"}).load_only
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"prompt": "x", "suffix": "y"}, "suffix"), ({"prompt": "x", "context": [1, 2]}, "context"),
-    ({"prompt": "x", "format": "yaml"}, "format"), ({"prompt": "x", "options": {"temperature": "hot"}},
-                                                    "options.temperature"),
-    ({"prompt": "x", "images": ["bm90IGFuIGltYWdl"]}, "prompt.images[0]"), ({"prompt": "x", "think": "max"}, "think"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "suffix": "y"}, "suffix"),
+        ({"prompt": "x", "context": [1, 2]}, "context"),
+        ({"prompt": "x", "format": "yaml"}, "format"),
+        ({"prompt": "x", "options": {"temperature": "hot"}}, "options.temperature"),
+        ({"prompt": "x", "images": ["bm90IGFuIGltYWdl"]}, "prompt.images[0]"),
+        ({"prompt": "x", "think": "max"}, "think"),
+    ],
+)
 def test_what_cannot_be_translated_is_refused_by_name(body: dict[str, Any], param: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
         protocol.generate_request({"model": "m", **body})
@@ -89,9 +128,12 @@ def test_a_chat_answer_is_one_object_the_client_reads() -> None:
     dialect = protocol.ChatDialect("m", clock, wall)
     clock.now += 2.0
     call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Paris"}'}}
-    answer = {"choices": [{"finish_reason": "tool_calls", "message": {"role": "assistant", "content": "",
-                                                                      "tool_calls": [call]}}],
-              "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}}  # fmt: skip
+    answer = {
+        "choices": [
+            {"finish_reason": "tool_calls", "message": {"role": "assistant", "content": "", "tool_calls": [call]}}
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+    }
     response = ChatResponse.model_validate(json.loads(dialect.answer(answer)))
     assert response.done and response.done_reason == "stop" and response.total_duration == 2_000_000_000
     assert response.prompt_eval_count == 9 and response.eval_count == 4
@@ -120,8 +162,10 @@ def test_a_stream_is_ndjson_with_the_counts_and_durations_last() -> None:
     clock = Clock()
     dialect = protocol.GenerateDialect("m", clock, Clock())
     clock.now += 1.0  # waiting for the engine
-    chunks = [{"choices": [{"index": 0, "delta": {"content": "Hel"}}]},
-              {"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "length"}]}]  # fmt: skip
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"content": "Hel"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "length"}]},
+    ]
 
     async def collect() -> list[bytes]:
         return [line async for line in dialect.stream(FakeStream(chunks, clock))]  # type: ignore[arg-type]
@@ -139,11 +183,14 @@ def test_models_are_listed_and_shown_as_the_client_expects(tmp_path: Path) -> No
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
     toml = tmp_path / "models.toml"
-    toml.write_text(f'[[models]]\nid = "smol"\nkind = "gguf"\npath = "{tmp_path / "m"}"\n'
-                    'file = "SmolLM2-135M-Instruct.Q4_1.gguf"\naliases = ["llama3.2:1b"]\n')  # fmt: skip
+    toml.write_text(
+        f'[[models]]\nid = "smol"\nkind = "gguf"\npath = "{tmp_path / "m"}"\n'
+        'file = "SmolLM2-135M-Instruct.Q4_1.gguf"\naliases = ["llama3.2:1b"]\n'
+    )
     model = load_catalog(toml, model_dir=tmp_path).models[0]
-    listing = ListResponse.model_validate({"models": [protocol.model_entry(model, name, size=5, modified=1e9)
-                                                      for name in ("smol", "llama3.2:1b")]})  # fmt: skip
+    listing = ListResponse.model_validate(
+        {"models": [protocol.model_entry(model, name, size=5, modified=1e9) for name in ("smol", "llama3.2:1b")]}
+    )
     assert [m.model for m in listing.models] == ["smol:latest", "llama3.2:1b"]
     details = listing.models[0].details
     assert details is not None and details.format == "gguf" and details.quantization_level == "Q4_1"

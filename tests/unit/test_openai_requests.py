@@ -113,8 +113,17 @@ def test_completion_requests_are_refused_naming_the_field(body: dict[str, Any], 
 
 
 def test_n_fans_out_and_the_engine_never_sees_what_it_cannot_do() -> None:
-    body = chat(n=3, seed=1, temperature=0, stream=True, stream_options={"include_usage": True},
-                response_format={"type": "json_object"}, parallel_tool_calls=False, user="u", top_k=5)  # fmt: skip
+    body = chat(
+        n=3,
+        seed=1,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        response_format={"type": "json_object"},
+        parallel_tool_calls=False,
+        user="u",
+        top_k=5,
+    )
     plan = plan_chat(body, "m", takes_images=False)
     assert len(plan.bodies) == 3
     for engine in plan.bodies:

@@ -17,26 +17,35 @@ TOOL = {"type": "function", "name": "get_weather", "parameters": {"type": "objec
 
 
 def test_a_conversation_with_a_tool_loop_becomes_chat_messages() -> None:
-    chat = responses.to_chat({
-        "instructions": "be brief",
-        "input": [
-            {"role": "user", "content": [{"type": "input_text", "text": "weather?"}]},
-            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
-            {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
-            {"type": "message", "role": "developer", "content": "answer in French"},
-        ],
-        "tools": [TOOL], "tool_choice": {"type": "function", "name": "get_weather"},
-        "max_output_tokens": 20, "text": {"format": {"type": "json_object"}},
-        "include": ["message.output_text.logprobs"], "top_logprobs": 2, "stream": True,
-    })  # fmt: skip
+    chat = responses.to_chat(
+        {
+            "instructions": "be brief",
+            "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "weather?"}]},
+                {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+                {"type": "message", "role": "developer", "content": "answer in French"},
+            ],
+            "tools": [TOOL],
+            "tool_choice": {"type": "function", "name": "get_weather"},
+            "max_output_tokens": 20,
+            "text": {"format": {"type": "json_object"}},
+            "include": ["message.output_text.logprobs"],
+            "top_logprobs": 2,
+            "stream": True,
+        }
+    )
     assert chat["messages"] == [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}],
+        },
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
         {"role": "system", "content": "answer in French"},
-    ]  # fmt: skip
+    ]
     function = {"name": "get_weather", "parameters": {"type": "object"}}
     assert chat["tools"] == [{"type": "function", "function": function}]
     assert chat["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
@@ -67,9 +76,14 @@ def chat_answer(content: str | None, finish: str = "stop", calls: list[dict[str,
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
         message["tool_calls"] = calls
-    return {"id": "c", "object": "chat.completion", "created": 1, "model": "m",
-            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}  # fmt: skip
+    return {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
 
 
 CALL = {"id": "call-1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
@@ -83,16 +97,28 @@ def test_answers_become_responses() -> None:
     assert text["usage"]["input_tokens"] == 3 and text["store"] is False
     call = responses.from_chat(chat_answer(None, "tool_calls", [CALL]), skeleton, logprobs=False)
     check_body("response", call)
-    assert call["output"] == [{**call["output"][0], "type": "function_call", "call_id": "call-1",
-                               "name": "get_weather", "arguments": '{"city":"Paris"}'}]  # fmt: skip
+    assert call["output"] == [
+        {
+            **call["output"][0],
+            "type": "function_call",
+            "call_id": "call-1",
+            "name": "get_weather",
+            "arguments": '{"city":"Paris"}',
+        }
+    ]
     cut = responses.from_chat(chat_answer("Hel", "length"), skeleton, logprobs=False)
     check_body("response", cut)
     assert cut["status"] == "incomplete" and cut["incomplete_details"] == {"reason": "max_output_tokens"}
 
 
 def _chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-    return {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}  # fmt: skip
+    return {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+    }
 
 
 def _write(writer: EventWriter, chunks: list[dict[str, Any]]) -> str:
@@ -104,13 +130,23 @@ def _write(writer: EventWriter, chunks: list[dict[str, Any]]) -> str:
 
 
 def test_a_text_stream_has_the_responses_event_sequence() -> None:
-    stream = _write(EventWriter(Skeleton("resp_1", "m", {"input": "x"}), logprobs=False),
-                    [_chunk({"role": "assistant", "content": "Hel"}), _chunk({"content": "lo"}, "stop")])  # fmt: skip
+    stream = _write(
+        EventWriter(Skeleton("resp_1", "m", {"input": "x"}), logprobs=False),
+        [_chunk({"role": "assistant", "content": "Hel"}), _chunk({"content": "lo"}, "stop")],
+    )
     events = check_stream("response", stream)
     assert [e.type for e in events] == [
-        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
-        "response.output_text.delta", "response.output_text.delta", "response.output_text.done",
-        "response.content_part.done", "response.output_item.done", "response.completed"]  # fmt: skip
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     assert events[6].text == "Hello" and events[-1].response.output[0].content[0].text == "Hello"
     assert events[-1].response.usage.output_tokens == 2
 
@@ -120,9 +156,14 @@ def test_a_tool_call_stream_has_function_call_events() -> None:
     stream = _write(writer, [_chunk({"role": "assistant", "tool_calls": [{**CALL, "index": 0}]}, "tool_calls")])
     events = check_stream("response", stream)
     assert [e.type for e in events] == [
-        "response.created", "response.in_progress", "response.output_item.added",
-        "response.function_call_arguments.delta", "response.function_call_arguments.done",
-        "response.output_item.done", "response.completed"]  # fmt: skip
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     assert events[-2].item.arguments == '{"city":"Paris"}' and events[-2].item.call_id == "call-1"
 
 

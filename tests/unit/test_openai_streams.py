@@ -12,11 +12,15 @@ from gateway.errors import EngineCrashed, EngineError
 from gateway.openai.answers import Shape
 from gateway.openai.streams import Event, Leg, merge, split_events, usage_total
 
-PIECE = b'{"id":"1","object":"chat.completion.chunk","created":1,"model":"e","choices":[{"index":0,' \
-        b'"delta":{"role":"assistant","content":"Hi"},"finish_reason":null,"logprobs":null}],"usage":null}'  # fmt: skip
-LAST = (b'{"id":"1","object":"chat.completion.chunk","created":1,"model":"e","choices":[{"index":0,'
-        b'"delta":{"role":"assistant","content":""},"finish_reason":"stop","logprobs":null}],'
-        b'"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}')  # fmt: skip
+PIECE = (
+    b'{"id":"1","object":"chat.completion.chunk","created":1,"model":"e","choices":[{"index":0,'
+    b'"delta":{"role":"assistant","content":"Hi"},"finish_reason":null,"logprobs":null}],"usage":null}'
+)
+LAST = (
+    b'{"id":"1","object":"chat.completion.chunk","created":1,"model":"e","choices":[{"index":0,'
+    b'"delta":{"role":"assistant","content":""},"finish_reason":"stop","logprobs":null}],'
+    b'"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}'
+)
 
 
 def test_events_are_split_on_blank_lines() -> None:

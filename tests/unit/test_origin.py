@@ -64,11 +64,21 @@ def test_networks_and_star_are_trusted_proxies() -> None:
 
 @pytest.mark.parametrize(
     ("value", "host"),
-    [("llm.example.com", "llm.example.com"), ("llm.example.com:8443", "llm.example.com:8443"),
-     ("client.example, proxy.example:80", "proxy.example:80"), ("[2001:db8::1]:443", "[2001:db8::1]:443"),
-     ("10.0.0.5", "10.0.0.5"), ("evil.example/phish", None), ("a b", None), ("", None), ("user@evil.example", None),
-     ("evil.example:80:80", None), ("-evil.example", None), ("evil.example\r\nX: y", None)],
-)  # fmt: skip
+    [
+        ("llm.example.com", "llm.example.com"),
+        ("llm.example.com:8443", "llm.example.com:8443"),
+        ("client.example, proxy.example:80", "proxy.example:80"),
+        ("[2001:db8::1]:443", "[2001:db8::1]:443"),
+        ("10.0.0.5", "10.0.0.5"),
+        ("evil.example/phish", None),
+        ("a b", None),
+        ("", None),
+        ("user@evil.example", None),
+        ("evil.example:80:80", None),
+        ("-evil.example", None),
+        ("evil.example\r\nX: y", None),
+    ],
+)
 def test_forwarded_host_is_one_host_and_port(value: str, host: str | None) -> None:
     assert forwarded_host([(b"x-forwarded-host", value.encode())]) == host
 
@@ -81,9 +91,13 @@ def test_public_url_wins_over_everything() -> None:
 
 @pytest.mark.parametrize(
     ("server", "origin"),
-    [(("10.0.0.5", 8080), "http://10.0.0.5:8080"), (("::1", 8080), "http://[::1]:8080"),
-     (("::ffff:10.0.0.5", 80), "http://10.0.0.5:80"), (None, "http://127.0.0.1:9000")],
-)  # fmt: skip
+    [
+        (("10.0.0.5", 8080), "http://10.0.0.5:8080"),
+        (("::1", 8080), "http://[::1]:8080"),
+        (("::ffff:10.0.0.5", 80), "http://10.0.0.5:80"),
+        (None, "http://127.0.0.1:9000"),
+    ],
+)
 def test_otherwise_the_address_the_client_connected_to(server: tuple[str, int] | None, origin: str) -> None:
     scope = http_scope("198.51.100.7", {"Host": "evil.example"}, server=server)
     assert PublicOrigin(None, host="::", port=9000).of(scope) == origin

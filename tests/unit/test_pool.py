@@ -182,8 +182,15 @@ async def test_no_engine_installed_is_a_503_that_says_what_to_install(tmp_path: 
     catalog = load_catalog(None, model_dir=tmp_path)
     spawner = FakeSpawner()
     launcher = Launcher(config, spawner=spawner, probe=spawner.probe(), clock=Clock(), logger=_logger())
-    pool = EnginePool(config, catalog, run_dir=tmp_path, launcher=launcher, preparer=Preparer(config),
-                      meter=FakeMeter(), logger=_logger())  # fmt: skip
+    pool = EnginePool(
+        config,
+        catalog,
+        run_dir=tmp_path,
+        launcher=launcher,
+        preparer=Preparer(config),
+        meter=FakeMeter(),
+        logger=_logger(),
+    )
     with pytest.raises(EngineNotInstalled) as info:
         await pool.ensure_ready(catalog.models[0].id)
     assert "/nonexistent/mistralrs-server" in info.value.message
@@ -381,8 +388,10 @@ async def test_each_engine_has_its_own_ttl(tmp_path: Path) -> None:
 
 
 async def test_preload_starts_models_and_groups_when_the_gateway_starts(tmp_path: Path) -> None:
-    toml = (repo_models("a", "b", "c", "d", a={"preload": True})
-            + '[[groups]]\nname = "pair"\nmodels = ["c", "d"]\nexclusive = true\npreload = true\n')  # fmt: skip
+    toml = (
+        repo_models("a", "b", "c", "d", a={"preload": True})
+        + '[[groups]]\nname = "pair"\nmodels = ["c", "d"]\nexclusive = true\npreload = true\n'
+    )
     pool, spawner, _ = pool_of(tmp_path, toml)
     background = asyncio.create_task(pool.run())
     await until(lambda: pool.lifecycle("a").ready and pool.lifecycle("c").ready)

@@ -110,8 +110,12 @@ async def test_transport_failures_are_translated_then_reported() -> None:
     reported: list[GatewayError] = []
 
     def relay(handler: Handler, **kw: float) -> Relay:
-        return Relay(FakeUpstream(handler), stall_timeout=kw.get("stall", 5), request_timeout=kw.get("timeout", 5),
-                     on_failure=lambda base_url, error: reported.append(error))  # fmt: skip
+        return Relay(
+            FakeUpstream(handler),
+            stall_timeout=kw.get("stall", 5),
+            request_timeout=kw.get("timeout", 5),
+            on_failure=lambda base_url, error: reported.append(error),
+        )
 
     with pytest.raises(EngineCrashed, match="could not be reached"):
         await relay(_raise(UpstreamConnectError("refused"))).request("http://e", "/v1/completions", b"{}")
@@ -141,8 +145,12 @@ async def test_an_event_without_end_is_bounded(monkeypatch: pytest.MonkeyPatch) 
 async def test_an_event_dripped_slower_than_the_stall_timeout_is_a_stall() -> None:
     ticks = iter(range(100))  # each look at the clock is one second later
     pieces = [b"data: {", b'"a"', b":1", b"}"]  # bytes keep coming, the event never ends in time
-    relay = Relay(FakeUpstream(lambda call: Answer(200, pieces, "text/event-stream")), stall_timeout=2.5,
-                  request_timeout=5, clock=lambda: float(next(ticks)))  # fmt: skip
+    relay = Relay(
+        FakeUpstream(lambda call: Answer(200, pieces, "text/event-stream")),
+        stall_timeout=2.5,
+        request_timeout=5,
+        clock=lambda: float(next(ticks)),
+    )
     upstream = await relay.open_stream("http://e", "/x", b"{}")
     with pytest.raises(EngineStalled):
         [chunk async for chunk in relay.events(upstream, "http://e")]

@@ -12,8 +12,12 @@ def test_refusal_is_an_openai_shaped_503_that_closes_the_connection() -> None:
     status, *lines = head.decode().split("\r\n")
     headers = dict(line.split(": ", 1) for line in lines)
     assert status == "HTTP/1.1 503 Service Unavailable"
-    assert headers == {"content-type": "application/json", "content-length": str(len(body)), "retry-after": "1",
-                       "connection": "close"}  # fmt: skip
+    assert headers == {
+        "content-type": "application/json",
+        "content-length": str(len(body)),
+        "retry-after": "1",
+        "connection": "close",
+    }
     error = json.loads(body)["error"]
     assert (error["type"], error["param"], error["code"]) == ("server_error", None, "too_many_connections")
     assert "5 open connections" in error["message"] and "GATEWAY_MAX_CONNECTIONS" in error["message"]

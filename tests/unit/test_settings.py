@@ -55,17 +55,29 @@ def test_models_file_defaults_to_models_toml_here(tmp_path: Path, monkeypatch: p
 
 @pytest.mark.parametrize(
     ("given", "kept"),
-    [("https://llm.example.com/", "https://llm.example.com"), (" http://10.0.0.5:8080/llm ", "http://10.0.0.5:8080/llm"),
-     ("", None)],
-)  # fmt: skip
+    [
+        ("https://llm.example.com/", "https://llm.example.com"),
+        (" http://10.0.0.5:8080/llm ", "http://10.0.0.5:8080/llm"),
+        ("", None),
+    ],
+)
 def test_public_url_is_a_base_url(given: str, kept: str | None) -> None:
     assert Settings(_env_file=None, public_url=given).public_url == kept
 
 
 @pytest.mark.parametrize(
-    "bad", ["llm.example.com", "ftp://llm.example.com", "https://", "https://x/?a=1", "https://x/#top",
-            "https://user:pw@x", "https://x:99999", "https://a b.example"],
-)  # fmt: skip
+    "bad",
+    [
+        "llm.example.com",
+        "ftp://llm.example.com",
+        "https://",
+        "https://x/?a=1",
+        "https://x/#top",
+        "https://user:pw@x",
+        "https://x:99999",
+        "https://a b.example",
+    ],
+)
 def test_public_url_refuses_what_is_no_base_url(bad: str) -> None:
     with pytest.raises(ValueError, match="public_url"):
         Settings(_env_file=None, public_url=bad)

@@ -96,8 +96,9 @@ def test_engine_output_reaches_the_hub_as_plain_lines(tmp_path: Path) -> None:
     async def scenario() -> list[str]:
         lines: list[str] = []
         script = "printf '\\033[32mINFO\\033[0m loading\\n\\nready\\n'"
-        proc = await SubprocessSpawner().spawn(["sh", "-c", script], env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path,
-                                               output=lines.append)  # fmt: skip
+        proc = await SubprocessSpawner().spawn(
+            ["sh", "-c", script], env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path, output=lines.append
+        )
         await proc.wait()
         return lines
 

@@ -76,8 +76,14 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def answer(body: bytes, *, content_type: bytes = b"application/json", extra: bytes = b"") -> bytes:
-    return (b"HTTP/1.1 200 OK\r\ncontent-type: " + content_type + b"\r\ncontent-length: %d\r\n" % len(body)
-            + extra + b"\r\n" + body)  # fmt: skip
+    return (
+        b"HTTP/1.1 200 OK\r\ncontent-type: "
+        + content_type
+        + b"\r\ncontent-length: %d\r\n" % len(body)
+        + extra
+        + b"\r\n"
+        + body
+    )
 
 
 async def echo_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
@@ -126,8 +132,9 @@ async def test_a_chunked_stream_is_relayed_piece_by_piece_as_it_arrives() -> Non
 
     upstream = AiohttpUpstream()
     async with serving(stream) as server:
-        response = await upstream.post(server.url + "/s", b"{}", deadline=Deadline(gap=5),
-                                       headers={"accept": "text/event-stream"})  # fmt: skip
+        response = await upstream.post(
+            server.url + "/s", b"{}", deadline=Deadline(gap=5), headers={"accept": "text/event-stream"}
+        )
         assert response.content_type == "text/event-stream"
         chunks = response.chunks()
         assert await anext(chunks) == b"data: 1\n\n"

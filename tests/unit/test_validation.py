@@ -8,9 +8,23 @@ from gateway.errors import InvalidRequest, UnsupportedMediaType
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [(30, 30.0), (1.5, 1.5), ("45s", 45.0), ("5m", 300.0), ("1h", 3600.0), ("250ms", 0.25), (0, 0.0),
-     (-1, -1.0), ("-1", -1.0), ("-5m", -1.0), (10**9, 1e9), ("1h30m", 5400.0), ("1m30s", 90.0), ("1.5h", 5400.0)],
-)  # fmt: skip
+    [
+        (30, 30.0),
+        (1.5, 1.5),
+        ("45s", 45.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("250ms", 0.25),
+        (0, 0.0),
+        (-1, -1.0),
+        ("-1", -1.0),
+        ("-5m", -1.0),
+        (10**9, 1e9),
+        ("1h30m", 5400.0),
+        ("1m30s", 90.0),
+        ("1.5h", 5400.0),
+    ],
+)
 def test_keep_alive_accepts_seconds_durations_and_ollamas_minus_one(value: object, seconds: float) -> None:
     assert validation.parse_keep_alive(value, "keep_alive") == seconds
 
@@ -60,10 +74,18 @@ def test_every_embedding_input_form_is_accepted(value: object) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b'{"temperature": NaN}', b'{"temperature": Infinity}', b'{"x": -Infinity}', b'{"seed": 18446744073709551616}',
-     b'{"seed": -9223372036854775809}', b'{"top_p": 1e999}', b'{"n": ' + b"9" * 5000 + b"}",
-     b'{"a": ' + b"[" * 65 + b"]" * 65 + b"}", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"],
-)  # fmt: skip
+    [
+        b'{"temperature": NaN}',
+        b'{"temperature": Infinity}',
+        b'{"x": -Infinity}',
+        b'{"seed": 18446744073709551616}',
+        b'{"seed": -9223372036854775809}',
+        b'{"top_p": 1e999}',
+        b'{"n": ' + b"9" * 5000 + b"}",
+        b'{"a": ' + b"[" * 65 + b"]" * 65 + b"}",
+        b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    ],
+)
 def test_bodies_no_engine_can_take_are_a_400(raw: bytes) -> None:
     with pytest.raises(InvalidRequest) as info:
         validation.parse_json_body(raw, "application/json")

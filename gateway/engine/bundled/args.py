@@ -136,10 +136,20 @@ def parse_args(argv: Sequence[str]) -> EngineArgs:
     thinking = True if ns.enable_thinking else None if ns.thinking is None else ns.thinking == "true"
     paged = True if ns.paged_attn else False if ns.no_paged_attn else None
     args = EngineArgs(
-        host=ns.serve_ip, port=ns.port, max_seqs=ns.max_seqs, token_source=ns.token_source, cpu=ns.cpu,
-        paged_attn=paged, enable_thinking=thinking, mcp_config=ns.mcp_config, chat_template=ns.chat_template,
-        jinja_explicit=ns.jinja_explicit, isq=ns.isq, models=[], default_model_id=None,
-    )  # fmt: skip
+        host=ns.serve_ip,
+        port=ns.port,
+        max_seqs=ns.max_seqs,
+        token_source=ns.token_source,
+        cpu=ns.cpu,
+        paged_attn=paged,
+        enable_thinking=thinking,
+        mcp_config=ns.mcp_config,
+        chat_template=ns.chat_template,
+        jinja_explicit=ns.jinja_explicit,
+        isq=ns.isq,
+        models=[],
+        default_model_id=None,
+    )
     if ns.seed is not None:
         # Seeding the CPU generator fails in the PyPI build and poisons every later load in the process.
         args.unsupported.append("--seed (use temperature 0 for repeatable output)")
@@ -164,9 +174,24 @@ def parse_args(argv: Sequence[str]) -> EngineArgs:
 
 
 _GLOBAL_DESTS = frozenset(
-    {"serve_ip", "port", "max_seqs", "token_source", "isq", "cpu", "paged_attn", "no_paged_attn", "thinking",
-     "enable_thinking", "mcp_config", "chat_template", "jinja_explicit", "seed", "command"}
-)  # fmt: skip
+    {
+        "serve_ip",
+        "port",
+        "max_seqs",
+        "token_source",
+        "isq",
+        "cpu",
+        "paged_attn",
+        "no_paged_attn",
+        "thinking",
+        "enable_thinking",
+        "mcp_config",
+        "chat_template",
+        "jinja_explicit",
+        "seed",
+        "command",
+    }
+)
 
 
 def _read_multi_model(path: Path) -> list[ModelLoad]:
@@ -194,9 +219,15 @@ def _read_multi_model(path: Path) -> list[ModelLoad]:
         for name in _UNSUPPORTED_FIELDS:
             fields.pop(name, None)
         models.append(
-            ModelLoad(kind, fields, alias=entry.get("alias"), in_situ_quant=entry.get("in_situ_quant"),
-                      chat_template=entry.get("chat_template"), jinja_explicit=entry.get("jinja_explicit"))
-        )  # fmt: skip
+            ModelLoad(
+                kind,
+                fields,
+                alias=entry.get("alias"),
+                in_situ_quant=entry.get("in_situ_quant"),
+                chat_template=entry.get("chat_template"),
+                jinja_explicit=entry.get("jinja_explicit"),
+            )
+        )
     seen: dict[str, str] = {}
     for load in models:
         if load.served_id in seen:

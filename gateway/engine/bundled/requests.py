@@ -163,8 +163,7 @@ def _content(where: str, role: str, content: Any, media: bool) -> str | list[dic
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise RequestError(f"{where}.content must be a string, an array of content parts, or null",
-                           f"{where}.content")  # fmt: skip
+        raise RequestError(f"{where}.content must be a string, an array of content parts, or null", f"{where}.content")
     texts: list[str] = []
     parts: list[dict[str, Any]] = []
     for j, part in enumerate(content):
@@ -187,8 +186,7 @@ def _content(where: str, role: str, content: Any, media: bool) -> str | list[dic
             raise RequestError(f"{at}: this model takes text only, not {kind} content", at)
         else:
             takes = "`text`, `image_url`, `audio_url` or `video_url`" if media else "`text`"
-            raise RequestError(f"{at}: content parts of type {kind!r} are not supported; this model takes {takes}",
-                               at)  # fmt: skip
+            raise RequestError(f"{at}: content parts of type {kind!r} are not supported; this model takes {takes}", at)
     text = " ".join(texts)
     return [*parts, {"type": "text", "text": text}] if parts else text
 
@@ -250,8 +248,11 @@ def tool_options(body: dict[str, Any]) -> ToolOptions:
         raise RequestError(f"tool_choice must be {_CHOICE_FORMS}", "tool_choice")
     if not tools:
         return ToolOptions()
-    return ToolOptions(schemas=[json.dumps(tool) for tool in tools], no_tools=choice == "none",
-                       grammar=forced_tool_schema(forced) if forced else None)  # fmt: skip
+    return ToolOptions(
+        schemas=[json.dumps(tool) for tool in tools],
+        no_tools=choice == "none",
+        grammar=forced_tool_schema(forced) if forced else None,
+    )
 
 
 def _named_choice(choice: Any) -> str | None:
@@ -275,8 +276,9 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
         if not isinstance(function.get("name"), str) or not function["name"]:
             raise RequestError(f"tools[{i}].function.name must be a non-empty string", f"tools[{i}].function.name")
         if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
-            raise RequestError(f"tools[{i}].function.parameters must be a JSON schema object",
-                               f"tools[{i}].function.parameters")  # fmt: skip
+            raise RequestError(
+                f"tools[{i}].function.parameters must be a JSON schema object", f"tools[{i}].function.parameters"
+            )
     return tools
 
 
@@ -298,11 +300,13 @@ def _call_schema(function: dict[str, Any], at: str) -> dict[str, Any]:
     parameters = function.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
     return {
         "type": "object",
-        "properties": {"name": {"const": function["name"]},
-                       "arguments": rebase_refs(parameters, f"{at}/properties/arguments")},
+        "properties": {
+            "name": {"const": function["name"]},
+            "arguments": rebase_refs(parameters, f"{at}/properties/arguments"),
+        },
         "required": ["name", "arguments"],
         "additionalProperties": False,
-    }  # fmt: skip
+    }
 
 
 def rebase_refs(schema: Any, base: str) -> Any:
@@ -312,8 +316,12 @@ def rebase_refs(schema: Any, base: str) -> Any:
     a pydantic model's ``$defs`` make the grammar invalid ("Reference segment '$defs' not found").
     """
     if isinstance(schema, dict):
-        return {key: base + value[1:] if key == "$ref" and isinstance(value, str) and value.startswith("#")
-                else rebase_refs(value, base) for key, value in schema.items()}  # fmt: skip
+        return {
+            key: base + value[1:]
+            if key == "$ref" and isinstance(value, str) and value.startswith("#")
+            else rebase_refs(value, base)
+            for key, value in schema.items()
+        }
     if isinstance(schema, list):
         return [rebase_refs(value, base) for value in schema]
     return schema
@@ -332,9 +340,12 @@ def output_grammar(body: dict[str, Any], tools: ToolOptions) -> tuple[str, str, 
     extension = _grammar_extension(body.get("grammar"))
     if tools.grammar is not None:
         if fmt is not None or extension is not None:
-            raise RequestError('tool_choice "required" or a named function cannot be combined with a JSON '
-                               "`response_format` or a `grammar`: both constrain the output with the one grammar "
-                               "the engine takes", "tool_choice")  # fmt: skip
+            raise RequestError(
+                'tool_choice "required" or a named function cannot be combined with a JSON '
+                "`response_format` or a `grammar`: both constrain the output with the one grammar "
+                "the engine takes",
+                "tool_choice",
+            )
         return json.dumps(tools.grammar), "json_schema", "tool_choice"
     if extension is not None:
         return (*extension, "grammar")
@@ -355,8 +366,7 @@ def _response_format_schema(fmt: Any) -> dict[str, Any] | None:
         spec = fmt.get("json_schema")
         schema = spec.get("schema", {}) if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
-            raise RequestError("response_format.json_schema.schema must be a JSON schema object",
-                               "response_format")  # fmt: skip
+            raise RequestError("response_format.json_schema.schema must be a JSON schema object", "response_format")
         return schema
     raise RequestError('response_format.type must be "text", "json_object" or "json_schema"', "response_format")
 
@@ -366,8 +376,7 @@ def _grammar_extension(grammar: Any) -> tuple[str, str] | None:
         return None
     kind = grammar.get("type") if isinstance(grammar, dict) else None
     if kind not in _GRAMMAR_TYPES or "value" not in grammar:
-        raise RequestError(f"grammar must be {{\"type\": one of {', '.join(_GRAMMAR_TYPES)}, \"value\": ...}}",
-                           "grammar")  # fmt: skip
+        raise RequestError(f'grammar must be {{"type": one of {", ".join(_GRAMMAR_TYPES)}, "value": ...}}', "grammar")
     value = grammar["value"]
     return (value if isinstance(value, str) else json.dumps(value)), str(kind)
 

@@ -73,8 +73,15 @@ _CHAT_FIELDS = {
 class LoadedModel:
     """A Runner, its lock, its prefill gate, and the OpenAI <-> mistralrs translation."""
 
-    def __init__(self, load: ModelLoad, runner: Any, executor: ThreadPoolExecutor, *, quantized: bool,
-                 enable_thinking: bool | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        load: ModelLoad,
+        runner: Any,
+        executor: ThreadPoolExecutor,
+        *,
+        quantized: bool,
+        enable_thinking: bool | None,
+    ) -> None:
         self.load = load
         self.id = load.served_id
         self.kind = load.kind
@@ -99,8 +106,11 @@ class LoadedModel:
         """The package's request for an OpenAI chat body, and the field its grammar comes from (if any)."""
         import mistralrs
 
-        kwargs: dict[str, Any] = {"messages": engine_messages(body.get("messages"), media=self.kind == "multimodal"),
-                                  "model": self.id, "stream": True}  # fmt: skip
+        kwargs: dict[str, Any] = {
+            "messages": engine_messages(body.get("messages"), media=self.kind == "multimodal"),
+            "model": self.id,
+            "stream": True,
+        }
         names = {"messages": "messages", "stop_seqs": "stop", "logit_bias": "logit_bias", "tool_schemas": "tools"}
         for key, arg in _CHAT_FIELDS.items():
             if body.get(key) is not None:
@@ -171,14 +181,31 @@ class LoadedModel:
         import mistralrs
 
         if body.get("logprobs") not in (None, False):
-            raise RequestError("The mistralrs Python package has no log-probabilities for raw completions: ask "
-                               "/v1/chat/completions with `logprobs`, or run a mistralrs binary as the engine",
-                               "logprobs")  # fmt: skip
+            raise RequestError(
+                "The mistralrs Python package has no log-probabilities for raw completions: ask "
+                "/v1/chat/completions with `logprobs`, or run a mistralrs binary as the engine",
+                "logprobs",
+            )
         kwargs: dict[str, Any] = {"prompt": completion_prompt(body.get("prompt")), "model": self.id}
-        names = {"prompt": "prompt", "stop_seqs": "stop", "logit_bias": "logit_bias", "echo_prompt": "echo",
-                 "n_choices": "n"}  # fmt: skip
-        for key in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                    "frequency_penalty", "repetition_penalty", "suffix", "best_of"):  # fmt: skip
+        names = {
+            "prompt": "prompt",
+            "stop_seqs": "stop",
+            "logit_bias": "logit_bias",
+            "echo_prompt": "echo",
+            "n_choices": "n",
+        }
+        for key in (
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+            "suffix",
+            "best_of",
+        ):
             if body.get(key) is not None:
                 kwargs[key] = body[key]
                 names[key] = key
@@ -293,24 +320,34 @@ def build_which(load: ModelLoad) -> Any:
     dtype = _enum(mistralrs.ModelDType, f.get("dtype") or "auto")
     if load.kind == "plain":
         return mistralrs.Which.Plain(
-            model_id=f["model_id"], arch=_enum(mistralrs.Architecture, f.get("arch")),
-            tokenizer_json=f.get("tokenizer_json"), from_uqff=f.get("from_uqff"), dtype=dtype,
-        )  # fmt: skip
+            model_id=f["model_id"],
+            arch=_enum(mistralrs.Architecture, f.get("arch")),
+            tokenizer_json=f.get("tokenizer_json"),
+            from_uqff=f.get("from_uqff"),
+            dtype=dtype,
+        )
     if load.kind == "gguf":
         return mistralrs.Which.GGUF(
-            quantized_model_id=f["quantized_model_id"], quantized_filename=f["quantized_filename"],
-            tok_model_id=f.get("tok_model_id"), dtype=dtype,
-        )  # fmt: skip
+            quantized_model_id=f["quantized_model_id"],
+            quantized_filename=f["quantized_filename"],
+            tok_model_id=f.get("tok_model_id"),
+            dtype=dtype,
+        )
     if load.kind == "embedding":
         return mistralrs.Which.Embedding(
-            model_id=f["model_id"], arch=_enum(mistralrs.EmbeddingArchitecture, f.get("arch")),
-            tokenizer_json=f.get("tokenizer_json"), from_uqff=f.get("from_uqff"), dtype=dtype,
-        )  # fmt: skip
+            model_id=f["model_id"],
+            arch=_enum(mistralrs.EmbeddingArchitecture, f.get("arch")),
+            tokenizer_json=f.get("tokenizer_json"),
+            from_uqff=f.get("from_uqff"),
+            dtype=dtype,
+        )
     if load.kind == "multimodal":
         return mistralrs.Which.MultimodalPlain(
-            model_id=f["model_id"], arch=_enum(mistralrs.MultimodalArchitecture, f.get("arch")),
-            from_uqff=f.get("from_uqff"), dtype=dtype,
-        )  # fmt: skip
+            model_id=f["model_id"],
+            arch=_enum(mistralrs.MultimodalArchitecture, f.get("arch")),
+            from_uqff=f.get("from_uqff"),
+            dtype=dtype,
+        )
     if load.kind == "diffusion":
         return mistralrs.Which.DiffusionPlain(
             model_id=f["model_id"], arch=_enum(mistralrs.DiffusionArchitecture, f.get("arch")), dtype=dtype
@@ -344,15 +381,21 @@ def mcp_client_config(path: str) -> Any:
             raise ValueError(f"MCP server #{i + 1}: unknown source type {kind!r} (Http, Process or WebSocket)")
         servers.append(
             mistralrs.McpServerConfigPy(
-                server.get("id", f"server-{i}"), server.get("name", f"server-{i}"), src,
-                enabled=server.get("enabled", True), tool_prefix=server.get("tool_prefix"),
-                resources=server.get("resources"), bearer_token=server.get("bearer_token"),
+                server.get("id", f"server-{i}"),
+                server.get("name", f"server-{i}"),
+                src,
+                enabled=server.get("enabled", True),
+                tool_prefix=server.get("tool_prefix"),
+                resources=server.get("resources"),
+                bearer_token=server.get("bearer_token"),
             )
-        )  # fmt: skip
+        )
     return mistralrs.McpClientConfigPy(
-        servers, auto_register_tools=raw.get("auto_register_tools", True),
-        tool_timeout_secs=raw.get("tool_timeout_secs"), max_concurrent_calls=raw.get("max_concurrent_calls"),
-    )  # fmt: skip
+        servers,
+        auto_register_tools=raw.get("auto_register_tools", True),
+        tool_timeout_secs=raw.get("tool_timeout_secs"),
+        max_concurrent_calls=raw.get("max_concurrent_calls"),
+    )
 
 
 def load_model(load: ModelLoad, args: EngineArgs, executor: ThreadPoolExecutor) -> LoadedModel:

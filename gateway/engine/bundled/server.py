@@ -73,8 +73,10 @@ class EngineApp:
 
     async def list_models(self, request: Request) -> Response:
         data = [{"id": "default", "object": "model", "created": self.models[0].created, "owned_by": "local"}]
-        data += [{"id": m.id, "object": "model", "created": m.created, "owned_by": "local", "status": "loaded"}
-                 for m in self.models]  # fmt: skip
+        data += [
+            {"id": m.id, "object": "model", "created": m.created, "owned_by": "local", "status": "loaded"}
+            for m in self.models
+        ]
         return JSONResponse({"object": "list", "data": data})
 
     async def _body(self, request: Request) -> dict[str, Any] | Response:
@@ -105,8 +107,11 @@ class EngineApp:
         model = self._by_name.get(self.default_id if name == "default" else str(name))
         if model is None:
             known = ", ".join(m.id for m in self.models)
-            return _message(status, f"Requested model '{name}' is not available. Available models: {known}. "
-                                    "Use 'default' to use the default model.")  # fmt: skip
+            return _message(
+                status,
+                f"Requested model '{name}' is not available. Available models: {known}. "
+                "Use 'default' to use the default model.",
+            )
         if model.kind not in kinds:
             return _message(422, "Received a request incompatible for this model's category.")
         return model
@@ -170,9 +175,14 @@ class EngineApp:
         yield b"data: [DONE]\n\n"
 
     async def _collect(
-        self, request: Request, first: Any, chunks: AsyncGenerator[Any, None], meta: dict[str, Any], *,
+        self,
+        request: Request,
+        first: Any,
+        chunks: AsyncGenerator[Any, None],
+        meta: dict[str, Any],
+        *,
         logprobs: bool,
-    ) -> Response:  # fmt: skip
+    ) -> Response:
         collector = ChatCollector()
         count = 0
         try:
@@ -207,12 +217,21 @@ class EngineApp:
             return _message(422, str(exc))
         b64 = body.get("encoding_format") == "base64"
         data = [
-            {"object": "embedding", "index": i,
-             "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if b64 else v}
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if b64 else v,
+            }
             for i, v in enumerate(vectors)
-        ]  # fmt: skip
-        return JSONResponse({"object": "list", "data": data, "model": model.id,
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
+        ]
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "model": model.id,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
 
     async def images(self, request: Request) -> Response:
         parsed = await self._request(request, frozenset({"diffusion"}), 500)
@@ -261,8 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import mistralrs  # noqa: F401
     except ImportError:
-        print("Error: the `mistralrs` package is not installed: pip install 'mistral-gateway[engine]'",
-              file=sys.stderr)  # fmt: skip
+        print("Error: the `mistralrs` package is not installed: pip install 'mistral-gateway[engine]'", file=sys.stderr)
         return 1
     executor = ThreadPoolExecutor(max_workers=256, thread_name_prefix="engine")
     models = []
@@ -275,9 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             print(f"Error: failed to load model {load.served_id!r}: {clean_message(exc)}", file=sys.stderr)
             return 1
-        print(f"bundled engine: loaded {load.served_id} ({load.kind}"
-              f"{', quantized: prefill one request at a time' if models[-1].quantized else ''}) "
-              f"in {time.monotonic() - began:.2f} s", flush=True)  # fmt: skip
+        print(
+            f"bundled engine: loaded {load.served_id} ({load.kind}"
+            f"{', quantized: prefill one request at a time' if models[-1].quantized else ''}) "
+            f"in {time.monotonic() - began:.2f} s",
+            flush=True,
+        )
     default = args.default_model_id or models[0].id
     engine = EngineApp(models, default)
     if default not in engine._by_name:
@@ -287,8 +308,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Keep-alive longer than the gateway's pool keeps idle connections (30 s): the gateway must never reuse
     # a connection this server is closing at that very moment.
-    config = uvicorn.Config(engine.app(), host=args.host, port=args.port, log_level="warning",
-                            access_log=False, timeout_graceful_shutdown=1, timeout_keep_alive=120)  # fmt: skip
+    config = uvicorn.Config(
+        engine.app(),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=1,
+        timeout_keep_alive=120,
+    )
     server = uvicorn.Server(config)
     print(f"bundled engine: serving {', '.join(m.id for m in models)} on {args.host}:{args.port}", flush=True)
     asyncio.run(server.serve())

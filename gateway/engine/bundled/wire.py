@@ -15,8 +15,11 @@ from typing import Any
 def usage_json(usage: Any) -> dict[str, int] | None:
     if usage is None:
         return None
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
 
 
 def _finite(value: float) -> float | None:
@@ -33,15 +36,20 @@ def logprob_json(logprob: Any) -> dict[str, Any]:
         "token": logprob.token,
         "logprob": _finite(logprob.logprob),
         "bytes": None if raw is None else list(raw),
-        "top_logprobs": [{"token": top.token, "logprob": _finite(top.logprob), "bytes": top.bytes}
-                         for top in logprob.top_logprobs],
-    }  # fmt: skip
+        "top_logprobs": [
+            {"token": top.token, "logprob": _finite(top.logprob), "bytes": top.bytes} for top in logprob.top_logprobs
+        ],
+    }
 
 
 def tool_call_json(call: Any) -> dict[str, Any]:
     # ``tp`` is a ToolCallType whose only member is Function: its name, in the snake_case serde gives it.
-    return {"index": call.index, "id": call.id, "type": str(call.tp).rsplit(".", 1)[-1].lower(),
-            "function": {"name": call.function.name, "arguments": call.function.arguments}}  # fmt: skip
+    return {
+        "index": call.index,
+        "id": call.id,
+        "type": str(call.tp).rsplit(".", 1)[-1].lower(),
+        "function": {"name": call.function.name, "arguments": call.function.arguments},
+    }
 
 
 def chunk_json(chunk: Any, meta: dict[str, Any]) -> dict[str, Any]:
@@ -49,15 +57,28 @@ def chunk_json(chunk: Any, meta: dict[str, Any]) -> dict[str, Any]:
     choices = []
     for choice in chunk.choices:
         delta = choice.delta
-        out: dict[str, Any] = {"role": delta.role or "assistant", "content": delta.content,
-                               "tool_calls": [tool_call_json(c) for c in delta.tool_calls] if delta.tool_calls
-                               else None}  # fmt: skip
+        out: dict[str, Any] = {
+            "role": delta.role or "assistant",
+            "content": delta.content,
+            "tool_calls": [tool_call_json(c) for c in delta.tool_calls] if delta.tool_calls else None,
+        }
         if getattr(delta, "reasoning_content", None):
             out["reasoning_content"] = delta.reasoning_content
-        choices.append({"index": choice.index, "delta": out, "finish_reason": choice.finish_reason,
-                        "logprobs": None if choice.logprobs is None else logprob_json(choice.logprobs)})  # fmt: skip
-    return {**meta, "object": "chat.completion.chunk", "system_fingerprint": "local", "choices": choices,
-            "usage": usage_json(chunk.usage)}  # fmt: skip
+        choices.append(
+            {
+                "index": choice.index,
+                "delta": out,
+                "finish_reason": choice.finish_reason,
+                "logprobs": None if choice.logprobs is None else logprob_json(choice.logprobs),
+            }
+        )
+    return {
+        **meta,
+        "object": "chat.completion.chunk",
+        "system_fingerprint": "local",
+        "choices": choices,
+        "usage": usage_json(chunk.usage),
+    }
 
 
 @dataclass
@@ -103,15 +124,32 @@ class ChatCollector:
             message: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": choice.tool_calls or None}
             if choice.reasoning:
                 message["reasoning_content"] = "".join(choice.reasoning)
-            choices.append({"index": index, "message": message, "finish_reason": choice.finish_reason,
-                            "logprobs": {"content": choice.logprobs} if logprobs else None})  # fmt: skip
-        return {**meta, "object": "chat.completion", "system_fingerprint": "local", "choices": choices,
-                "usage": usage_json(self._usage)}  # fmt: skip
+            choices.append(
+                {
+                    "index": index,
+                    "message": message,
+                    "finish_reason": choice.finish_reason,
+                    "logprobs": {"content": choice.logprobs} if logprobs else None,
+                }
+            )
+        return {
+            **meta,
+            "object": "chat.completion",
+            "system_fingerprint": "local",
+            "choices": choices,
+            "usage": usage_json(self._usage),
+        }
 
 
 def completion_json(response: Any, meta: dict[str, Any]) -> dict[str, Any]:
     """A ``CompletionResponse``; streamed, it is the one chunk, and so carries the finish reason and usage."""
-    choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-               for c in response.choices]  # fmt: skip
-    return {**meta, "object": "text_completion", "system_fingerprint": "local", "choices": choices,
-            "usage": usage_json(response.usage)}  # fmt: skip
+    choices = [
+        {"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None} for c in response.choices
+    ]
+    return {
+        **meta,
+        "object": "text_completion",
+        "system_fingerprint": "local",
+        "choices": choices,
+        "usage": usage_json(response.usage),
+    }
