@@ -19,31 +19,32 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .anthropic.routes import AnthropicRoutes
-from .api import MODEL_ROUTES, Api, ModelRoute
-from .auth import KeyGuard, load_keys
+from .cache.embeddings import Embeddings
 from .cache.store import MemoryStore, RedisStore
 from .catalog import Catalog, load_catalog
-from .console import Console
-from .dialects import error_response
-from .embeddings import Embeddings
+from .console.engine_logs import LogHub
+from .console.routes import Console
+from .console.tracker import Tracker
+from .dialects.anthropic.routes import AnthropicRoutes
+from .dialects.errors import error_response
+from .dialects.ollama.routes import OllamaRoutes
+from .dialects.openai.images import ImageStore
+from .dialects.openai.routes import MODEL_ROUTES, Api, ModelRoute
 from .engine.launcher import Launcher
 from .engine.pool import EnginePool
 from .engine.preparation import Preparer
 from .engine.process import SubprocessSpawner
 from .errors import EngineUnavailable, GatewayError, MethodNotAllowed, RouteNotFound
 from .events import EventBus
-from .images import ImageStore
-from .intake import Intake
-from .logs import LogHub
-from .observability import Metrics, RequestObserver, cache_metrics, download_metrics, engine_metrics, loggable
-from .ollama.routes import OllamaRoutes
-from .origin import TrustedProxies
-from .relay import Relay
-from .service import ModelService
+from .http.auth import KeyGuard, load_keys
+from .http.observer import RequestObserver, loggable
+from .http.proxies import TrustedProxies
+from .metrics import Metrics, cache_metrics, download_metrics, engine_metrics
+from .serving.intake import Intake
+from .serving.relay import Relay
+from .serving.service import ModelService
+from .serving.upstream import AiohttpUpstream, Upstream
 from .settings import Settings
-from .tracking import Tracker
-from .upstream import AiohttpUpstream, Upstream
 
 if TYPE_CHECKING:
     from .models.download import Downloader
@@ -233,7 +234,7 @@ def _pool(settings: Settings, catalog: Catalog, run_dir: Path, events: EventBus,
         probe=AiohttpUpstream(),
         clock=time.monotonic,
         logger=logger,
-        logs=logs,
+        output=logs.append,
     )
     preparer = Preparer(settings, downloader=lambda: _downloader(settings, events), events=events)
     return EnginePool(

@@ -235,7 +235,7 @@ def _admin(settings: Settings, url: str | None, method: str, path: str) -> dict[
 
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     base = (url or f"http://{host}:{settings.port}").rstrip("/")
-    from .auth import load_keys
+    from .http.auth import load_keys
 
     # The admin key; without one, the admin routes take an API key (gateway/auth.py).
     key = settings.admin_key or next(iter(sorted(load_keys(settings.api_keys))), None)
@@ -320,8 +320,8 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
-    from .server import http_protocol
-    from .shutdown import GracefulServer
+    from .http.server import http_protocol
+    from .http.shutdown import GracefulServer
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per upstream call is noise next to uvicorn's access log.

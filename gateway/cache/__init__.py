@@ -1,1 +1,2 @@
-"""The embedding cache: keys, an in-process store bounded by bytes, and a shared Redis store."""
+"""The embedding cache: per-item lookups and engine calls for the misses (``embeddings.py``), keys (``keys.py``), and
+the stores: in process, bounded by bytes, and shared in Redis (``store.py``)."""

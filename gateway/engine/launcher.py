@@ -24,15 +24,15 @@ from pathlib import Path
 
 from ..catalog import Catalog
 from ..errors import EngineStartFailed, EngineUnavailable
-from ..logs import LogHub
+from ..serving.upstream import Upstream, UpstreamError
 from ..settings import Settings
-from ..upstream import Upstream, UpstreamError
 from .command import CommandError, build_command
 from .discovery import EngineProgram, find_engine
 from .process import EngineProcess, ProcessSpawner
 
 Clock = Callable[[], float]
 ProgramFinder = Callable[[], EngineProgram]
+OutputSink = Callable[[str, str], None]  # an engine's name, one line of its output (the console's log hub)
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class Launcher:
         find_program: ProgramFinder | None = None,
         environ: Mapping[str, str] | None = None,
         logger: logging.Logger,
-        logs: LogHub | None = None,
+        output: OutputSink | None = None,
     ) -> None:
         self._settings = settings
         self._spawner = spawner
@@ -123,7 +123,7 @@ class Launcher:
         )
         self._environ = dict(os.environ if environ is None else environ)
         self._log = logger
-        self._logs = logs
+        self._output = output
 
     @property
     def environ(self) -> Mapping[str, str]:
@@ -148,10 +148,9 @@ class Launcher:
         command = " ".join(_redact(a) for a in plan.argv)
         self._log.info("starting engine: %s", command)
         output = None
-        if self._logs is not None:
-            logs = self._logs
-            logs.append(name, f"$ {command}")
-            output = functools.partial(logs.append, name)
+        if self._output is not None:
+            self._output(name, f"$ {command}")
+            output = functools.partial(self._output, name)
         proc = await self._spawner.spawn(plan.argv, env=plan.env, cwd=run_dir, output=output)
         url = f"http://127.0.0.1:{port}"
         try:

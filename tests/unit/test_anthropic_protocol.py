@@ -10,7 +10,7 @@ from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message, RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from gateway.anthropic import protocol
+from gateway.dialects.anthropic import protocol
 from gateway.errors import EngineUnavailable, InvalidRequest, ModelNotFound
 
 EVENTS: TypeAdapter[RawMessageStreamEvent] = TypeAdapter(RawMessageStreamEvent)

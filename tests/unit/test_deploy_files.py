@@ -43,8 +43,9 @@ def pyproject() -> dict[str, Any]:
 
 
 def routes() -> set[str]:
-    """Paths of the gateway's GET routes, as written in gateway/api.py."""
-    return set(re.findall(r'Route\(\s*"(/[^"]*)"', (ROOT / "gateway" / "api.py").read_text()))
+    """Paths of the gateway's routes, as written in its route tables."""
+    source = "\n".join(path.read_text() for path in (ROOT / "gateway").rglob("*.py") if "bundled" not in path.parts)
+    return set(re.findall(r'Route\(\s*"(/[^"]*)"', source))
 
 
 def yaml_files() -> list[Path]:

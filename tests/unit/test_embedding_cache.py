@@ -16,12 +16,12 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
+from gateway.cache.embeddings import Embeddings, _apportion, split_items, supports_matryoshka
 from gateway.cache.keys import item_key, model_identity
 from gateway.cache.store import BadValue, Entry, MemoryStore, RedisStore, check_dimensions
 from gateway.catalog import Model, parse_catalog
-from gateway.embeddings import Embeddings, _apportion, split_items, supports_matryoshka
 from gateway.engine.launcher import Endpoint
-from gateway.relay import Relay
+from gateway.serving.relay import Relay
 
 MiB = 1024 * 1024
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.dialects.openai.images import ImageStore, from_engine_reply, to_engine_request
 from gateway.errors import InvalidRequest
-from gateway.images import ImageStore, from_engine_reply, to_engine_request
 
 
 def test_request_translation() -> None:

@@ -13,9 +13,9 @@ import pytest
 from ollama import ChatResponse, GenerateResponse, ListResponse, ProgressResponse, ShowResponse
 
 from gateway.catalog import load_catalog
+from gateway.chat.streams import Event
+from gateway.dialects.ollama import protocol
 from gateway.errors import InvalidRequest
-from gateway.ollama import protocol
-from gateway.openai.streams import Event
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 32).decode()
 
@@ -142,7 +142,7 @@ def test_a_chat_answer_is_one_object_the_client_reads() -> None:
 
 
 class FakeStream:
-    """What gateway.openai.serving.Stream offers a dialect."""
+    """What gateway.serving.chat.Stream offers a dialect."""
 
     def __init__(self, chunks: list[dict[str, Any]], clock: Clock) -> None:
         self._chunks = chunks

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import EngineCrashed, EngineError, EngineStalled, GatewayError
-from gateway.relay import ModelRename, Relay, engine_error
-from gateway.upstream import Deadline, UpstreamBroken, UpstreamConnectError, UpstreamTimeout
+from gateway.serving.relay import ModelRename, Relay, engine_error
+from gateway.serving.upstream import Deadline, UpstreamBroken, UpstreamConnectError, UpstreamTimeout
 from tests.fakes.upstream import Answer, Call, FakeUpstream, Handler
 
 
@@ -133,7 +133,7 @@ async def test_transport_failures_are_translated_then_reported() -> None:
 
 
 async def test_an_event_without_end_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway import relay as relay_module
+    from gateway.serving import relay as relay_module
 
     monkeypatch.setattr(relay_module, "MAX_EVENT", 100)
     relay = relay_for(lambda call: Answer(200, [b"data: " + b"x" * 60, b"y" * 60], "text/event-stream"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from gateway.server import http_protocol, refusal
+from gateway.http.server import http_protocol, refusal
 
 
 def test_refusal_is_an_openai_shaped_503_that_closes_the_connection() -> None:

@@ -1,0 +1,68 @@
+"""The Messages API's routes: ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``.
+
+A request is translated into a chat request (``protocol.py``) and served like any chat request (lazy start,
+keep-alive, queueing, the client leaving); errors on these paths are written in Anthropic's shape by the app's
+error handlers (``gateway/dialects.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from ...catalog import CHAT_KINDS, Model
+from ...chat import checks
+from ...chat.plans import plan_chat
+from ...serving.intake import Intake, keep_alive
+from ...serving.service import ModelService
+from . import protocol
+
+MESSAGES = "/v1/messages"
+
+
+class AnthropicRoutes:
+    def __init__(self, intake: Intake, service: ModelService) -> None:
+        self._intake = intake
+        self._service = service
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route(MESSAGES, self.messages, methods=["POST"]),
+            Route(MESSAGES + "/count_tokens", self.count_tokens, methods=["POST"]),
+        ]
+
+    def _model(self, request: Request, body: dict[str, Any]) -> Model:
+        model = self._intake.model(body.get("model"), CHAT_KINDS, request.url.path)
+        request.state.model = model.id  # for the request log and metrics
+        return model
+
+    async def messages(self, request: Request) -> Response:
+        body = await self._intake.json(request)
+        model = self._model(request, body)
+        keep = keep_alive(body, request)
+        dialect = protocol.Dialect(body, model.id)
+        checks.chat(dialect.chat)
+        plan = plan_chat(dialect.chat, model.id, takes_images=model.kind == "vision-plain")
+        lease = self._service.lease(model.id)
+        return await self._service.chat(request, model.id, plan, dialect, lease, keep)
+
+    async def count_tokens(self, request: Request) -> Response:
+        """The prompt's tokens as the model sees them (chat template and tools included): the engine has no
+        tokenizer route, so it is asked for one token of answer and its usage read."""
+        body = await self._intake.json(request)
+        model = self._model(request, body)
+        keep = keep_alive(body, request)
+        chat = protocol.to_chat(body, count_only=True)
+        chat.pop("tool_choice", None)  # a forced tool call cannot be made in one token; it does not change the prompt
+        checks.chat(chat)
+        plan = plan_chat(chat, model.id, takes_images=model.kind == "vision-plain")
+        lease = self._service.lease(model.id)
+
+        async def count() -> Response:
+            answer = await self._service.answer(model.id, plan, lease)
+            return JSONResponse({"input_tokens": (answer.get("usage") or {}).get("prompt_tokens", 0)})
+
+        return await self._service.whole(request, lease, keep, count)

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import pytest
+
+from gateway.chat import fields as validation
+from gateway.errors import InvalidRequest, UnsupportedMediaType
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (30, 30.0),
+        (1.5, 1.5),
+        ("45s", 45.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("250ms", 0.25),
+        (0, 0.0),
+        (-1, -1.0),
+        ("-1", -1.0),
+        ("-5m", -1.0),
+        (10**9, 1e9),
+        ("1h30m", 5400.0),
+        ("1m30s", 90.0),
+        ("1.5h", 5400.0),
+    ],
+)
+def test_keep_alive_accepts_seconds_durations_and_ollamas_minus_one(value: object, seconds: float) -> None:
+    assert validation.parse_keep_alive(value, "keep_alive") == seconds
+
+
+@pytest.mark.parametrize("value", ["soon", True, None, [], "5d", float("inf"), float("nan")])
+def test_keep_alive_rejects_nonsense(value: object) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        validation.parse_keep_alive(value, "keep_alive")
+    assert info.value.param == "keep_alive"
+
+
+def test_body_parsing() -> None:
+    assert validation.parse_json_body(b'{"a": 1}', "application/json") == {"a": 1}
+    assert validation.parse_json_body(b'{"a": 1}', "application/x-www-form-urlencoded") == {"a": 1}
+    for raw in (b"", b"{", b"[1]", b"\xff"):
+        with pytest.raises(InvalidRequest):
+            validation.parse_json_body(raw, "application/json")
+    with pytest.raises(UnsupportedMediaType):
+        validation.parse_json_body(b"{}", "multipart/form-data; boundary=x")
+
+
+@pytest.mark.parametrize(
+    ("check", "body", "param"),
+    [
+        (validation.embedding, {"input": []}, "input"),
+        (validation.embedding, {"input": [1, "a"]}, "input"),
+        (validation.embedding, {"input": [2**70]}, "input"),
+        (validation.embedding, {"input": [[-1]]}, "input"),
+        (validation.embedding, {"input": [True]}, "input"),
+        (validation.embedding, {"input": "a", "encoding_format": "hex"}, "encoding_format"),
+        (validation.image, {"prompt": ""}, "prompt"),
+        (validation.speech, {}, "input"),
+    ],
+)
+def test_bad_bodies_name_the_parameter(check: validation.Validator, body: dict[str, object], param: str) -> None:
+    # Chat, completions and responses have their own checks: tests/unit/test_openai_requests.py.
+    with pytest.raises(InvalidRequest) as info:
+        check(body)
+    assert info.value.param == param
+    assert info.value.status == 400 and info.value.code  # no 400 without a code
+
+
+@pytest.mark.parametrize("value", ["a", ["a", "b"], [1, 2], [[1], [2, 3]]])
+def test_every_embedding_input_form_is_accepted(value: object) -> None:
+    validation.embedding({"input": value})
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"temperature": NaN}',
+        b'{"temperature": Infinity}',
+        b'{"x": -Infinity}',
+        b'{"seed": 18446744073709551616}',
+        b'{"seed": -9223372036854775809}',
+        b'{"top_p": 1e999}',
+        b'{"n": ' + b"9" * 5000 + b"}",
+        b'{"a": ' + b"[" * 65 + b"]" * 65 + b"}",
+        b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    ],
+)
+def test_bodies_no_engine_can_take_are_a_400(raw: bytes) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        validation.parse_json_body(raw, "application/json")
+    assert info.value.status == 400 and info.value.code in ("invalid_value", "invalid_json")
+
+
+def test_what_engines_take_passes() -> None:
+    raw = b'{"a": ' + b"[" * 63 + b"]" * 63 + b', "seed": 18446744073709551615, "x": -9223372036854775808}'
+    assert validation.parse_json_body(raw, "application/json")["seed"] == (1 << 64) - 1
