@@ -23,13 +23,14 @@ from .cache.embeddings import Embeddings
 from .cache.store import MemoryStore, RedisStore
 from .catalog import Catalog, load_catalog
 from .console.engine_logs import LogHub
+from .console.operations import Operations
 from .console.routes import Console
 from .console.tracker import Tracker
 from .dialects.anthropic.routes import AnthropicRoutes
 from .dialects.errors import error_response
 from .dialects.ollama.routes import OllamaRoutes
 from .dialects.openai.images import ImageStore
-from .dialects.openai.routes import MODEL_ROUTES, Api, ModelRoute
+from .dialects.openai.routes import OpenAIRoutes
 from .engine.launcher import Launcher
 from .engine.pool import EnginePool
 from .engine.preparation import Preparer
@@ -37,12 +38,14 @@ from .engine.process import SubprocessSpawner
 from .errors import EngineUnavailable, GatewayError, MethodNotAllowed, RouteNotFound
 from .events import EventBus
 from .http.auth import KeyGuard, load_keys
+from .http.health import Health
 from .http.observer import RequestObserver, loggable
-from .http.proxies import TrustedProxies
+from .http.openapi import openapi_route
+from .http.proxies import PublicOrigin, TrustedProxies
 from .metrics import Metrics, cache_metrics, download_metrics, engine_metrics
 from .serving.intake import Intake
 from .serving.relay import Relay
-from .serving.service import ModelService
+from .serving.service import Serving
 from .serving.upstream import AiohttpUpstream, Upstream
 from .settings import Settings
 
@@ -84,16 +87,10 @@ def create_app(
     memory = MemoryStore(int(settings.embedding_cache_mb * 1024 * 1024), ttl=settings.embedding_cache_ttl)
     shared = RedisStore(settings.cache_url, ttl=settings.embedding_cache_ttl) if settings.cache_url else None
     embeddings = Embeddings(relay, memory, shared)
-    service = ModelService(pool, relay, events, loading_interval=settings.loading_interval, tracker=tracker)
+    serving = Serving(pool, relay, embeddings, events, loading_interval=settings.loading_interval, tracker=tracker)
     intake = Intake(catalog, max_body_mb=settings.max_body_mb)
-    api = Api(
-        settings, catalog, intake, service, ImageStore(run_dir / "images", ttl=settings.image_ttl), embeddings, events
-    )
-    dialects = [
-        *AnthropicRoutes(intake, service).routes(),
-        *OllamaRoutes(catalog, intake, service, embeddings, events).routes(),
-        *Console(tracker, logs).routes(),
-    ]
+    images = ImageStore(run_dir / "images", ttl=settings.image_ttl)
+    origin = PublicOrigin(settings.public_url, host=settings.host, port=settings.port)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -103,7 +100,7 @@ def create_app(
         try:
             yield
         finally:
-            api.start_draining()
+            serving.start_draining()
             background.cancel()
             await pool.aclose()
             await upstream.aclose()
@@ -115,7 +112,7 @@ def create_app(
     metrics.watch(
         lambda: [
             *engine_metrics(pool.status()),
-            *cache_metrics(api.cache_status()),
+            *cache_metrics(embeddings.status()),
             *download_metrics(events.summary()["downloads"]),
         ]
     )
@@ -123,8 +120,18 @@ def create_app(
     async def serve_metrics(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    routes = [
+        *OpenAIRoutes(catalog, intake, serving, images, origin).routes(),
+        *AnthropicRoutes(intake, serving).routes(),
+        *OllamaRoutes(catalog, intake, serving).routes(),
+        *Health(serving, pool).routes(),
+        *Operations(catalog, pool, embeddings, events).routes(),
+        *Console(tracker, logs).routes(),
+        openapi_route(catalog),
+        Route("/metrics", serve_metrics, methods=["GET"]),
+    ]
     routed = Starlette(
-        routes=[*api.routes(), *dialects, Route("/metrics", serve_metrics, methods=["GET"])],
+        routes=routes,
         lifespan=lifespan,
         exception_handlers={
             GatewayError: _gateway_error,
@@ -135,15 +142,14 @@ def create_app(
     # No redirect to the path with(out) a trailing slash: its Location would be built from the Host header, and an
     # API client is better served by a 404 in OpenAI's shape that names the path.
     routed.router.redirect_slashes = False
-    # The layers every request crosses, outermost first: trusted proxies -> observer -> key guard -> model routes
-    # -> Starlette.
-    stack: ASGIApp = ModelRouteDispatch(routed, api=api)
+    # The layers every request crosses, outermost first: trusted proxies -> observer -> key guard -> Starlette.
+    stack: ASGIApp = routed
     api_keys = load_keys(settings.api_keys)
     if api_keys or settings.admin_key:  # a layer costs CPU on every request: none when nothing is guarded
         stack = KeyGuard(stack, api_keys=api_keys, admin_key=settings.admin_key)
     stack = RequestObserver(stack, metrics=metrics, log_format=settings.log_format, tracker=tracker)
     stack = TrustedProxies(stack, allow_ips=settings.forwarded_allow_ips)  # instead of uvicorn's (cli.serve)
-    return GatewayApp(stack, pool=pool, catalog=catalog, api=api, relay=relay, events=events, logs=logs)
+    return GatewayApp(stack, pool=pool, catalog=catalog, serving=serving, relay=relay, events=events, logs=logs)
 
 
 class GatewayApp:
@@ -155,7 +161,7 @@ class GatewayApp:
         *,
         pool: EnginePool,
         catalog: Catalog,
-        api: Api,
+        serving: Serving,
         relay: Relay,
         events: EventBus,
         logs: LogHub,
@@ -163,7 +169,7 @@ class GatewayApp:
         self.app = app
         self.pool = pool
         self.catalog = catalog
-        self._api = api
+        self.serving = serving
         self._relay = relay
         self._events = events
         self._logs = logs
@@ -173,8 +179,8 @@ class GatewayApp:
 
     def begin_shutdown(self) -> None:
         """SIGTERM: refuse new requests, answer the ones waiting for an engine to start at once, end /events
-        streams; requests being answered get until :meth:`end_drain` (gateway/shutdown.py)."""
-        self._api.start_draining()
+        streams; requests being answered get until :meth:`end_drain` (gateway/http/shutdown.py)."""
+        self.serving.start_draining()
         self.pool.begin_shutdown()
         self._events.close()
         self._logs.close()
@@ -188,39 +194,6 @@ class GatewayApp:
                 retry_after=1,
             )
         )
-
-
-class ModelRouteDispatch:
-    """Plain-ASGI dispatch of a POST to a model route, in front of Starlette.
-
-    The model routes are the gateway's hot path and exact paths, so one dict lookup finds them. Starlette
-    wraps every request in its error layer, tries each route's pattern in turn and wraps the endpoint in two
-    more exception-handling layers; on two cores that was about 15 % of the gateway's CPU per request (py-spy,
-    tests/bench/README.md). Anything else (other routes, another method or a trailing slash on a model route,
-    the lifespan) goes to Starlette as before. Errors are answered by the same handlers as there.
-    """
-
-    def __init__(self, app: ASGIApp, *, api: Api) -> None:
-        self.app = app
-        self._api = api
-        self._routes: dict[str, ModelRoute] = {route.path: route for route in MODEL_ROUTES}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self._routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if route is None:
-            await self.app(scope, receive, send)
-            return
-        scope["route"] = route  # the metrics label, as the router would set it
-        request = Request(scope, receive, send)
-        try:
-            response = await self._api.handle(request, route)
-        except GatewayError as exc:
-            response = await _gateway_error(request, exc)
-        except Exception as exc:
-            response = await _unexpected_error(request, exc)
-        # Errors past this point happen after the answer has begun (a stream's are events already): uvicorn
-        # logs them and closes the connection, as it would behind Starlette.
-        await response(scope, receive, send)
 
 
 def _pool(settings: Settings, catalog: Catalog, run_dir: Path, events: EventBus, logs: LogHub) -> EnginePool:

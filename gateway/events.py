@@ -82,6 +82,36 @@ class _Follower:
     last_dropped_seq: int = 0
 
 
+class Subscription:
+    """One follower of an :class:`EventBus`: the events published since it was made, in order."""
+
+    def __init__(self, bus: EventBus, follower: _Follower, backlog: list[Event]) -> None:
+        self._bus = bus
+        self._follower = follower
+        self._backlog = deque(backlog)
+
+    async def get(self) -> Event:
+        """The next event, waiting for it (a ``events.closed`` one once the bus is closed)."""
+        if self._backlog:
+            return self._backlog.popleft()
+        return await self._follower.queue.get()
+
+    def pending(self) -> list[Event]:
+        """The events already here and not read yet, without waiting."""
+        events = list(self._backlog)
+        self._backlog.clear()
+        queue = self._follower.queue
+        while not queue.empty():
+            events.append(queue.get_nowait())
+        return events
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bus._unfollow(self._follower)
+
+
 class EventBus:
     """Publishes events to the log, a ring buffer of the last ``history`` events, and followers.
 
@@ -146,21 +176,28 @@ class EventBus:
         Use it with ``contextlib.aclosing`` (or run it to its end in a task that gets cancelled) so the
         follower is removed at once rather than when the generator is garbage-collected.
         """
+        with self.follow(replay=replay) as subscription:
+            while True:
+                event = await subscription.get()
+                if event.type == CLOSED:
+                    return
+                yield event
+
+    def follow(self, *, replay: bool = False) -> Subscription:
+        """A follower registered now (every event published from here on reaches it), the history first when
+        ``replay``; use it as a context manager, which removes it."""
         follower = _Follower(asyncio.Queue(self._queue_size), asyncio.get_running_loop())
         # Snapshot and registration under one lock: every event is either in the snapshot or queued.
         with self._lock:
             backlog = list(self._history) if replay else []
+            if self._closed:
+                backlog.append(Event(0, CLOSED, _iso(self._clock()), {}))
             self._followers.append(follower)
-        try:
-            for event in backlog:
-                yield event
-            while not self._closed:
-                event = await follower.queue.get()
-                if event.type == CLOSED:
-                    return
-                yield event
-        finally:
-            with self._lock:
+        return Subscription(self, follower, backlog)
+
+    def _unfollow(self, follower: _Follower) -> None:
+        with self._lock:
+            if follower in self._followers:
                 self._followers.remove(follower)
 
     def close(self) -> None:

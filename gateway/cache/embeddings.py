@@ -109,6 +109,21 @@ class Embeddings:
         each was a miss, computed again and replaced."""
         return self._memory.rejected + (self._shared.rejected if self._shared is not None else 0)
 
+    def status(self) -> dict[str, Any]:
+        """For ``/status`` and the metrics."""
+        shared = self._shared
+        return {
+            "hits": self.stats.hits,
+            "misses": self.stats.misses,
+            "engine_requests": self.stats.engine_requests,
+            "entries": len(self._memory),
+            "bytes": self._memory.bytes,
+            "rejected": self.rejected,
+            "redis": None
+            if shared is None
+            else {"available": shared.available, "errors": shared.errors, "rejected": shared.rejected},
+        }
+
     def _width(self, model: Model, identity: str) -> int | None:
         known = self._widths.get(model.id)
         return known[1] if known is not None and known[0] == identity else None
@@ -254,7 +269,7 @@ class Embeddings:
         # The stdlib encoder: unknown fields pass through as sent, whatever they hold (orjson refuses
         # integers beyond 64 bits, a client's mistake that must reach the engine, not crash the gateway).
         payload = json.dumps(
-            {**extra, "model": target.engine_ids.get(model.id, model.id), "input": items, "encoding_format": "float"},
+            {**extra, "model": target.engine_id(model.id), "input": items, "encoding_format": "float"},
             separators=(",", ":"),
         ).encode()
         self.stats.engine_requests += 1

@@ -42,6 +42,10 @@ class Endpoint:
     base_url: str
     engine_ids: Mapping[str, str]
 
+    def engine_id(self, model_id: str) -> str:
+        """The id the engine answers to for ``model_id`` (its pipeline name, not always the configured id)."""
+        return self.engine_ids.get(model_id, model_id)
+
 
 @dataclass(frozen=True)
 class Running:

@@ -304,9 +304,14 @@ class EnginePool:
         """Start the engine of ``model_id`` now (the admin's preload)."""
         await self.ensure_ready(model_id)
 
-    async def unload(self, model_id: str) -> None:
-        """Stop the engine of ``model_id`` now."""
-        await self.lifecycle(model_id).stop("unloaded")
+    async def unload(self, model_id: str, *, when_idle: bool = False) -> None:
+        """Stop the engine of ``model_id`` now, whatever it is doing; ``when_idle``: at once when no request uses it,
+        else as soon as the requests in flight are done (Ollama's unload: nobody's answer is cut)."""
+        lifecycle = self.lifecycle(model_id)
+        if when_idle and lifecycle.in_flight:
+            lifecycle.keep_alive(0)
+            return
+        await lifecycle.stop("unloaded")
 
     async def start_all(self) -> None:
         """Start every engine (an exclusive group's first member only)."""

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
 from ..catalog import CHAT_KINDS, Catalog
 
 _ERROR = {
@@ -166,3 +170,13 @@ def openapi_document(catalog: Catalog) -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": {"Error": _ERROR, "Object": _JSON_OBJECT}},
     }
+
+
+def openapi_route(catalog: Catalog) -> Route:
+    """``GET /openapi.json``; the document is built once (the catalog does not change while the gateway runs)."""
+    document = openapi_document(catalog)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
+    return Route("/openapi.json", openapi, methods=["GET"])

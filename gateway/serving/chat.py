@@ -1,9 +1,8 @@
-"""Serving chat and completions requests: send a :class:`Plan` to the engine, put the answers together.
+"""Running a chat or completions :class:`Plan` against the engine, and putting its answers together.
 
-Whole answers are decoded, normalised and merged (``answers.merge_answers``); streams come back as
-:class:`~gateway.chat.streams.Event` items that a dialect writes out: OpenAI's SSE here (:func:`openai_sse`),
-the Responses API's events in ``responses.py``. Fanned-out requests run side by side, and the first failure
-cancels the rest.
+Whole answers are decoded, normalised and merged (``answers.merge_answers``); streams come back as a :class:`Stream`
+of :class:`~gateway.chat.streams.Event` items that a dialect writes out (OpenAI's SSE, the Responses API's events,
+Anthropic's, Ollama's lines). Fanned-out requests run side by side, and the first failure cancels the rest.
 """
 
 from __future__ import annotations
@@ -18,8 +17,8 @@ import orjson
 from ..chat import answers, streams
 from ..chat.plans import Plan
 from ..chat.streams import Event, Leg
-from ..errors import EngineError, GatewayError
-from .relay import ModelRename, Relay, error_event
+from ..errors import EngineError
+from .relay import ModelRename, Relay
 from .upstream import UpstreamResponse
 
 T = TypeVar("T")
@@ -78,6 +77,29 @@ class Stream:
         return next((leg.head for leg in self.legs if leg.head is not None), None)
 
 
+class AnswerStream(Stream):
+    """A whole answer told as a stream (``Plan.whole``): one chunk per choice, then what a stream ends with."""
+
+    def __init__(self, plan: Plan, answer: dict[str, Any]) -> None:
+        fields = ("id", "object", "created", "model", "system_fingerprint")
+        self._head: dict[str, Any] = {key: answer[key] for key in fields if key in answer}
+        self._usage = answer.get("usage")
+        extra = {"usage": None} if plan.shape.include_usage else {}
+        chunks = [Event(data={**self._head, "choices": [choice], **extra}) for choice in answer["choices"]]
+        super().__init__(plan, [], _replay(chunks), ModelRename.of(plan.shape.model, plan.shape.model))
+
+    def usage(self) -> dict[str, Any] | None:
+        return self._usage
+
+    def head(self) -> dict[str, Any] | None:
+        return self._head
+
+
+async def _replay(events: list[Event]) -> AsyncIterator[Event]:
+    for event in events:
+        yield event
+
+
 async def open_stream(relay: Relay, base_url: str, plan: Plan, engine_id: str) -> Stream:
     """Open every leg's engine stream; an engine error status raises here, before anything is sent."""
     calls = (relay.open_stream(base_url, plan.path, _encode(b, engine_id)) for b in plan.bodies)
@@ -92,38 +114,3 @@ async def open_stream(relay: Relay, base_url: str, plan: Plan, engine_id: str) -
     responses = [r for r in opened if not isinstance(r, BaseException)]
     merged = streams.merge([leg.events(relay.events(r, base_url)) for leg, r in zip(legs, responses, strict=True)])
     return Stream(plan, legs, merged, ModelRename.of(engine_id, plan.shape.model))
-
-
-async def whole_as_sse(answer: dict[str, Any], shape: answers.Shape) -> AsyncIterator[bytes]:
-    """A whole answer sent as a stream (``Plan.whole``): one chunk per choice, the usage chunk, ``[DONE]``."""
-    fields = ("id", "object", "created", "model", "system_fingerprint")
-    head: dict[str, Any] = {key: answer[key] for key in fields if key in answer}
-    for choice in answer["choices"]:
-        chunk = {**head, "choices": [choice]}
-        if shape.include_usage:
-            chunk["usage"] = None
-        yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-    if shape.include_usage and answer.get("usage") is not None:
-        yield b"data: " + orjson.dumps(answers.usage_chunk(head, answer["usage"], shape)) + b"\n\n"
-    yield b"data: [DONE]\n\n"
-
-
-async def openai_sse(stream: Stream) -> AsyncIterator[bytes]:
-    """OpenAI's Server-Sent Events for a stream: the chunks, the usage chunk if asked for, ``[DONE]``; a failure
-    after the start is one final error event."""
-    rename = stream.rename
-    try:
-        async for event in stream.events:
-            if event.raw is not None:
-                yield b"data: " + rename(event.raw) + b"\n\n"
-            elif event.data is not None:
-                yield b"data: " + orjson.dumps(event.data) + b"\n\n"
-            elif event.comment:
-                yield event.comment + b"\n\n"
-        shape = stream.plan.shape
-        total, head = stream.usage(), stream.head()
-        if shape.include_usage and total is not None and head is not None:
-            yield b"data: " + orjson.dumps(answers.usage_chunk(head, total, shape)) + b"\n\n"
-        yield b"data: [DONE]\n\n"
-    except GatewayError as exc:
-        yield error_event(exc)

@@ -3,14 +3,16 @@ default, aliases included, checked against what the route serves) and its keep-a
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.requests import Request
 
 from ..catalog import Catalog, Model
-from ..chat import fields as validation
-from ..errors import BodyTooLarge, InvalidRequest, ModelNotFound, UnsupportedForModel
+from ..errors import BodyTooLarge, InvalidRequest, ModelNotFound, UnsupportedForModel, UnsupportedMediaType
 
 
 class Intake:
@@ -34,17 +36,25 @@ class Intake:
         return b"".join(chunks)
 
     async def json(self, request: Request) -> dict[str, Any]:
-        return validation.parse_json_body(await self.read(request), request.headers.get("content-type"))
+        return self.parse(await self.read(request), request)
+
+    @staticmethod
+    def parse(raw: bytes, request: Request) -> dict[str, Any]:
+        return parse_json_body(raw, request.headers.get("content-type"))
 
     def _too_large(self) -> BodyTooLarge:
         return BodyTooLarge(f"The request body is larger than {self._max_body_mb:g} MiB (GATEWAY_MAX_BODY_MB).")
 
     def model(
-        self, name: Any, kinds: Iterable[str], route: str, *, find: Callable[[str], Model | None] | None = None
+        self, request: Request, name: Any, kinds: Iterable[str], *, find: Callable[[str], Model | None] | None = None
     ) -> Model:
         """The model a request names (``find``: a dialect's own way to look names up), or the default for
-        ``kinds`` when it names none."""
-        kinds = frozenset(kinds)
+        ``kinds`` when it names none; noted in the request's state for its log line and metrics."""
+        model = self._find(name, frozenset(kinds), request.url.path, find)
+        request.state.model = model.id
+        return model
+
+    def _find(self, name: Any, kinds: frozenset[str], route: str, find: Callable[[str], Model | None] | None) -> Model:
         if name is None or name == "":
             name = self._catalog.default_for(kinds)
             if name is None:
@@ -73,6 +83,102 @@ def keep_alive(body: dict[str, Any], request: Request) -> float | None:
     if "keep_alive" in body:
         value = body.pop("keep_alive")
         if value is not None:
-            return validation.parse_keep_alive(value, "keep_alive")
+            return parse_keep_alive(value, "keep_alive")
     header = request.headers.get("x-keep-alive")
-    return validation.parse_keep_alive(header, "X-Keep-Alive") if header is not None else None
+    return parse_keep_alive(header, "X-Keep-Alive") if header is not None else None
+
+
+# Go's duration syntax, as Ollama takes it: "-1", "300", "30s", "5m", "1h30m", "1.5h", "500ms".
+_DURATION = re.compile(r"^\s*(-?)((?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+|\d+(?:\.\d+)?)\s*$")
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+MAX_DEPTH = 64  # nesting of JSON objects and arrays; OpenAI's bodies need a handful (a tool schema a few more)
+_INT_RANGE = (-(1 << 63), 1 << 64)  # what the engine's integer fields (i64, u64) can hold
+
+
+class _Refused(ValueError):
+    """A JSON value the gateway does not accept even though Python's parser would."""
+
+
+def _constant(name: str) -> Any:
+    raise _Refused(f"{name} is not a JSON number")
+
+
+def _integer(text: str) -> int:
+    value = int(text)  # Python refuses more than 4300 digits with ValueError
+    if not _INT_RANGE[0] <= value < _INT_RANGE[1]:
+        raise _Refused(f"the number {text[:30]}{'...' if len(text) > 30 else ''} is out of range")
+    return value
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"the number {text[:30]} is out of range")
+    return value
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether ``value`` nests deeper than MAX_DEPTH (without recursion, so no depth can overflow the stack)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def parse_json_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
+    """A request body as a JSON object; anything else, or anything an engine could not take, is a 400.
+
+    ``NaN``, ``Infinity`` and numbers beyond 64 bits are refused here rather than forwarded (the engine's parser
+    refuses them, or worse, takes them), and so is nesting deeper than MAX_DEPTH (Python's parser would recurse
+    until it fails, and every later encoder has a lower limit).
+    """
+    if content_type:
+        media = content_type.split(";", 1)[0].strip().lower()
+        # curl -d sends form-urlencoded and some clients text/plain; the body decides. Multipart never is JSON.
+        if media.startswith("multipart/"):
+            raise UnsupportedMediaType(
+                f"Content-Type {media!r} is not supported here: send a JSON body with Content-Type: application/json."
+            )
+    if not raw.strip():
+        raise InvalidRequest("The request body is empty: send a JSON object.", code="invalid_json")
+    try:
+        body = json.loads(raw, parse_constant=_constant, parse_int=_integer, parse_float=_float)
+    except _Refused as exc:
+        raise InvalidRequest(f"The JSON body has a value no engine can take: {exc}.", code="invalid_value") from exc
+    except RecursionError as exc:
+        raise InvalidRequest(f"The JSON body nests deeper than {MAX_DEPTH} levels.", code="invalid_json") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(
+            f"We could not parse the JSON body of your request ({exc}). Send a valid JSON object with "
+            "Content-Type: application/json.",
+            code="invalid_json",
+        ) from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(body):
+        raise InvalidRequest(f"The JSON body nests deeper than {MAX_DEPTH} levels.", code="invalid_json")
+    return body
+
+
+def parse_keep_alive(value: Any, param: str) -> float:
+    """Seconds from a number or an Ollama-style (Go) duration ("30s", "5m", "1h30m"); negative (Ollama's -1): until
+    further notice, returned as -1."""
+    if isinstance(value, bool):
+        raise InvalidRequest(f"Invalid {param}: use seconds or a duration like '5m'.", param=param)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        sign, body = -1.0 if match.group(1) else 1.0, match.group(2)
+        parts = _PART.findall(body)
+        seconds = sign * (sum(float(n) * _UNITS[unit] for n, unit in parts) if parts else float(body))
+    else:
+        raise InvalidRequest(f"Invalid {param} {value!r}: use seconds or a duration like '5m'.", param=param)
+    if not math.isfinite(seconds):
+        raise InvalidRequest(f"Invalid {param} {value!r}: use seconds, a duration like '5m', or -1.", param=param)
+    return -1.0 if seconds < 0 else seconds

@@ -60,6 +60,10 @@ class Reply:
     content: bytes
     content_type: str
 
+    def renamed(self, rename: ModelRename) -> Reply:
+        """The same answer with the engine's model ids made the client's."""
+        return Reply(self.status, rename(self.content), self.content_type)
+
 
 def engine_error(status: int, content: bytes) -> EngineError:
     """Turn an engine error answer (``{"message"}``, OpenAI-shaped, or plain text) into ours."""
@@ -88,11 +92,6 @@ def engine_error(status: int, content: bytes) -> EngineError:
     if status == 400:
         error.type = "invalid_request_error"
     return error
-
-
-def error_event(error: GatewayError) -> bytes:
-    """The final SSE event that carries an error once a stream has begun."""
-    return b"data: " + error.body_bytes() + b"\n\n"
 
 
 class Relay:
@@ -213,4 +212,4 @@ class Relay:
         return EngineCrashed(f"The engine broke off its answer ({exc}). Retry the request.")
 
 
-__all__ = ["ModelRename", "Relay", "Reply", "engine_error", "error_body", "error_event"]
+__all__ = ["ModelRename", "Relay", "Reply", "engine_error", "error_body"]

@@ -474,7 +474,7 @@ class EventWriter:
 
 
 class Dialect:
-    """One Messages request being served (a :class:`gateway.serving.service.ChatDialect`)."""
+    """One Messages request being served (a :class:`~gateway.serving.calls.ChatWriter`)."""
 
     media_type = "text/event-stream"
     loading_comments = True  # SSE comments: Anthropic's SDKs skip them like any SSE client
@@ -504,6 +504,24 @@ class Dialect:
                 yield event
         except GatewayError as exc:
             yield error_event(exc)
+
+    def failed(self, error: GatewayError) -> bytes:
+        return error_event(error)
+
+
+class TokenCount:
+    """``count_tokens``: the prompt's tokens, read from the usage of a one-token answer (never streamed)."""
+
+    media_type = "text/event-stream"
+    loading_comments = False
+
+    def answer(self, chat_answer: dict[str, Any]) -> bytes:
+        usage = chat_answer.get("usage") or {}
+        return json.dumps({"input_tokens": usage.get("prompt_tokens", 0)}).encode()
+
+    async def stream(self, stream: Stream) -> AsyncIterator[bytes]:
+        raise TypeError("a token count is answered whole: its plan never streams")
+        yield b""  # pragma: no cover - makes this an async generator
 
     def failed(self, error: GatewayError) -> bytes:
         return error_event(error)

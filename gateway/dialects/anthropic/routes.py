@@ -1,8 +1,8 @@
 """The Messages API's routes: ``POST /v1/messages`` and ``POST /v1/messages/count_tokens``.
 
-A request is translated into a chat request (``protocol.py``) and served like any chat request (lazy start,
-keep-alive, queueing, the client leaving); errors on these paths are written in Anthropic's shape by the app's
-error handlers (``gateway/dialects.py``).
+A request is translated into a chat request (``protocol.py``) and handed to serving like any chat request (lazy
+start, keep-alive, queueing, the client leaving); errors on these paths are written in Anthropic's shape by the
+app's error handlers (gateway/dialects/errors.py).
 """
 
 from __future__ import annotations
@@ -10,23 +10,24 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from ...catalog import CHAT_KINDS, Model
 from ...chat import checks
 from ...chat.plans import plan_chat
+from ...serving.calls import ChatWork, ModelCall
 from ...serving.intake import Intake, keep_alive
-from ...serving.service import ModelService
+from ...serving.service import Serving
 from . import protocol
 
 MESSAGES = "/v1/messages"
 
 
 class AnthropicRoutes:
-    def __init__(self, intake: Intake, service: ModelService) -> None:
+    def __init__(self, intake: Intake, serving: Serving) -> None:
         self._intake = intake
-        self._service = service
+        self._serving = serving
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -35,9 +36,7 @@ class AnthropicRoutes:
         ]
 
     def _model(self, request: Request, body: dict[str, Any]) -> Model:
-        model = self._intake.model(body.get("model"), CHAT_KINDS, request.url.path)
-        request.state.model = model.id  # for the request log and metrics
-        return model
+        return self._intake.model(request, body.get("model"), CHAT_KINDS)
 
     async def messages(self, request: Request) -> Response:
         body = await self._intake.json(request)
@@ -46,8 +45,7 @@ class AnthropicRoutes:
         dialect = protocol.Dialect(body, model.id)
         checks.chat(dialect.chat)
         plan = plan_chat(dialect.chat, model.id, takes_images=model.kind == "vision-plain")
-        lease = self._service.lease(model.id)
-        return await self._service.chat(request, model.id, plan, dialect, lease, keep)
+        return self._serving.serve(ModelCall(model, keep, ChatWork(plan, dialect)))
 
     async def count_tokens(self, request: Request) -> Response:
         """The prompt's tokens as the model sees them (chat template and tools included): the engine has no
@@ -59,10 +57,4 @@ class AnthropicRoutes:
         chat.pop("tool_choice", None)  # a forced tool call cannot be made in one token; it does not change the prompt
         checks.chat(chat)
         plan = plan_chat(chat, model.id, takes_images=model.kind == "vision-plain")
-        lease = self._service.lease(model.id)
-
-        async def count() -> Response:
-            answer = await self._service.answer(model.id, plan, lease)
-            return JSONResponse({"input_tokens": (answer.get("usage") or {}).get("prompt_tokens", 0)})
-
-        return await self._service.whole(request, lease, keep, count)
+        return self._serving.serve(ModelCall(model, keep, ChatWork(plan, protocol.TokenCount())))

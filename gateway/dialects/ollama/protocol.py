@@ -377,7 +377,7 @@ def _line(data: dict[str, Any]) -> bytes:
 
 
 class _Dialect(ABC):
-    """What the chat and generate answers share (a :class:`gateway.serving.service.ChatDialect`)."""
+    """What the chat and generate answers share (a :class:`~gateway.serving.calls.ChatWriter`)."""
 
     media_type = NDJSON
     loading_comments = False  # NDJSON has no comments: a stream starts once its engine is ready
@@ -562,3 +562,23 @@ def pull_line(event_type: str, event: dict[str, Any]) -> dict[str, Any] | None:
     if event_type == "download.waiting":
         return {"status": f"waiting for another process downloading {file}"}
     return None
+
+
+class OneLine:
+    """A raw ``/api/generate`` that streams: completion streams carry no usage, so the answer is generated whole and
+    sent as the stream's one (last) line."""
+
+    media_type = NDJSON
+    loading_comments = False
+
+    def __init__(self, dialect: ChatDialect | GenerateDialect) -> None:
+        self._dialect = dialect
+
+    def answer(self, chat_answer: dict[str, Any]) -> bytes:
+        return self._dialect.answer(chat_answer) + b"\n"
+
+    def stream(self, stream: Stream) -> AsyncIterator[bytes]:
+        return self._dialect.stream(stream)
+
+    def failed(self, error: GatewayError) -> bytes:
+        return self._dialect.failed(error)

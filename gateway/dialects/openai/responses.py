@@ -516,7 +516,7 @@ def check(body: dict[str, Any]) -> None:
 
 class Dialect:
     """One Responses request being served: its chat request, and how chat answers and streams become its own
-    (a :class:`gateway.serving.service.ChatDialect`)."""
+    (a :class:`~gateway.serving.calls.ChatWriter`)."""
 
     media_type = "text/event-stream"
     loading_comments = True

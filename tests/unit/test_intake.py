@@ -1,9 +1,11 @@
+"""Taking a request in: the JSON body, and keep-alive durations."""
+
 from __future__ import annotations
 
 import pytest
 
-from gateway.chat import fields as validation
 from gateway.errors import InvalidRequest, UnsupportedMediaType
+from gateway.serving import intake as validation
 
 
 @pytest.mark.parametrize(
@@ -44,32 +46,6 @@ def test_body_parsing() -> None:
             validation.parse_json_body(raw, "application/json")
     with pytest.raises(UnsupportedMediaType):
         validation.parse_json_body(b"{}", "multipart/form-data; boundary=x")
-
-
-@pytest.mark.parametrize(
-    ("check", "body", "param"),
-    [
-        (validation.embedding, {"input": []}, "input"),
-        (validation.embedding, {"input": [1, "a"]}, "input"),
-        (validation.embedding, {"input": [2**70]}, "input"),
-        (validation.embedding, {"input": [[-1]]}, "input"),
-        (validation.embedding, {"input": [True]}, "input"),
-        (validation.embedding, {"input": "a", "encoding_format": "hex"}, "encoding_format"),
-        (validation.image, {"prompt": ""}, "prompt"),
-        (validation.speech, {}, "input"),
-    ],
-)
-def test_bad_bodies_name_the_parameter(check: validation.Validator, body: dict[str, object], param: str) -> None:
-    # Chat, completions and responses have their own checks: tests/unit/test_openai_requests.py.
-    with pytest.raises(InvalidRequest) as info:
-        check(body)
-    assert info.value.param == param
-    assert info.value.status == 400 and info.value.code  # no 400 without a code
-
-
-@pytest.mark.parametrize("value", ["a", ["a", "b"], [1, 2], [[1], [2, 3]]])
-def test_every_embedding_input_form_is_accepted(value: object) -> None:
-    validation.embedding({"input": value})
 
 
 @pytest.mark.parametrize(
