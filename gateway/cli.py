@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import shlex
@@ -329,10 +328,6 @@ def serve(settings: Settings) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     app = create_app(settings)
     pool = app.pool
-    # What is loaded by now (modules, settings, the catalog) lives as long as the process: keep it out of the
-    # garbage collector's passes, which otherwise rescan it as requests allocate.
-    gc.collect()
-    gc.freeze()
     config = uvicorn.Config(
         app,
         host=settings.host,
