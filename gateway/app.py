@@ -7,7 +7,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,10 +32,10 @@ from .dialects.errors import error_response
 from .dialects.ollama.routes import OllamaRoutes
 from .dialects.openai.images import ImageStore
 from .dialects.openai.routes import OpenAIRoutes
-from .engine.launcher import Launcher
+from .engine.launcher import Launcher, ProgramFinder
 from .engine.pool import EnginePool
 from .engine.preparation import Preparer
-from .engine.process import SubprocessSpawner
+from .engine.process import ProcessSpawner, SubprocessSpawner
 from .errors import EngineUnavailable, GatewayError, MethodNotAllowed, RouteNotFound
 from .events import EventBus
 from .http.auth import KeyGuard, load_keys
@@ -61,8 +62,13 @@ def create_app(
     catalog: Catalog | None = None,
     pool: EnginePool | None = None,
     upstream: Upstream | None = None,
+    spawner: ProcessSpawner | None = None,
+    find_program: ProgramFinder | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> GatewayApp:
-    """The ASGI app. Parts not passed in are built from ``settings``."""
+    """The ASGI app. Parts not passed in are built from ``settings``: engines are spawned as processes
+    (``spawner``), of the program found on this machine (``find_program``), with an environment made from this
+    process's own (``environ``)."""
     if catalog is None:
         catalog = load_catalog(
             settings.resolved_models_file(),
@@ -76,7 +82,28 @@ def create_app(
     metrics = Metrics()
     tracker = Tracker(on_tokens=metrics.count_tokens)
     if pool is None:
-        pool = _pool(settings, catalog, run_dir / "engine", events, logs)
+        logger = logging.getLogger("gateway.engine")
+        launcher = Launcher(
+            settings,
+            spawner=spawner or SubprocessSpawner(logger),
+            probe=AiohttpUpstream(),
+            clock=time.monotonic,
+            find_program=find_program,
+            environ=environ,
+            logger=logger,
+            output=logs.append,
+        )
+        hf_endpoint = (os.environ if environ is None else environ).get("HF_ENDPOINT")
+        preparer = Preparer(settings, downloader=lambda: _downloader(settings, events, hf_endpoint), events=events)
+        pool = EnginePool(
+            settings,
+            catalog,
+            run_dir=run_dir / "engine",
+            launcher=launcher,
+            preparer=preparer,
+            events=events,
+            logger=logger,
+        )
     upstream = upstream or AiohttpUpstream()
     relay = Relay(
         upstream,
@@ -196,29 +223,10 @@ class GatewayApp:
         )
 
 
-def _pool(settings: Settings, catalog: Catalog, run_dir: Path, events: EventBus, logs: LogHub) -> EnginePool:
-    """The engines, from the settings: a launcher of real processes, a preparer that downloads."""
-    import time
-
-    logger = logging.getLogger("gateway.engine")
-    launcher = Launcher(
-        settings,
-        spawner=SubprocessSpawner(logger),
-        probe=AiohttpUpstream(),
-        clock=time.monotonic,
-        logger=logger,
-        output=logs.append,
-    )
-    preparer = Preparer(settings, downloader=lambda: _downloader(settings, events), events=events)
-    return EnginePool(
-        settings, catalog, run_dir=run_dir, launcher=launcher, preparer=preparer, events=events, logger=logger
-    )
-
-
-def _downloader(settings: Settings, events: EventBus) -> Downloader:
+def _downloader(settings: Settings, events: EventBus, hf_endpoint: str | None) -> Downloader:
     from .models.download import Downloader
 
-    return Downloader(settings.model_dir, events=events, hf_endpoint=os.environ.get("HF_ENDPOINT"))
+    return Downloader(settings.model_dir, events=events, hf_endpoint=hf_endpoint)
 
 
 async def _gateway_error(request: Request, exc: Exception) -> Response:

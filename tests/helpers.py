@@ -84,6 +84,10 @@ def free_port() -> int:
 
 
 def pid_alive(pid: int) -> bool:
+    from tests.inprocess import FIRST_PID, fake_engine_alive
+
+    if pid >= FIRST_PID:  # a fake engine run inside this process (tests/inprocess.py)
+        return fake_engine_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

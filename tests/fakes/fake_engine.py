@@ -118,7 +118,7 @@ import sys
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
@@ -163,10 +163,13 @@ class EngineSpec:
     default_model_id: str | None = None
 
 
+class EngineFailed(Exception):
+    """The engine gives up: ``main()`` prints ``Error: <message>`` on stderr and exits 1, the way the engine's
+    ``main() -> anyhow::Result`` does."""
+
+
 def _fail(message: str) -> NoReturn:
-    """Die the way the engine's `main() -> anyhow::Result` does."""
-    print(f"Error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    raise EngineFailed(message)
 
 
 def _auto_category(model_id: str) -> str:
@@ -1460,9 +1463,20 @@ def _completion_choice(index: int, text: str, finish: str | None, logprobs: Any)
 class FakeEngine:
     """The loaded models and the HTTP API that serves them."""
 
-    def __init__(self, spec: EngineSpec, knobs: Knobs) -> None:
+    def __init__(
+        self,
+        spec: EngineSpec,
+        knobs: Knobs,
+        *,
+        die: Callable[[], Awaitable[None]] | None = None,
+        freeze: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.spec = spec
         self.knobs = knobs
+        # How the engine dies on a `crash` prompt and blocks on a `freeze` one: a process exits at once and blocks
+        # its event loop; an engine run inside a test's process (tests/inprocess.py) does the same to itself only.
+        self._die = die or _exit_now
+        self._freeze = freeze or _block_the_loop
         self.created = int(time.time())
         self.models = spec.models
         self.by_id: dict[str, FakeModel] = {}
@@ -1579,11 +1593,11 @@ class FakeEngine:
             yield b"data: " + _compact(frame(index, piece, None)).encode() + b"\n\n"
         if plan.scenario == "crash":
             # The chunks already sit in the kernel's socket buffer; dying now is like a SIGKILL.
-            os._exit(1)
+            await self._die()
         if plan.scenario == "hang":
             await asyncio.Event().wait()
         if plan.scenario == "freeze":
-            time.sleep(1e6)  # blocks the event loop: nothing this engine serves answers any more
+            await self._freeze()  # nothing this engine serves answers any more
         if plan.scenario == "error":
             # The real engine sends stream errors as plain text, not JSON.
             yield b"data: simulated engine error\n\n"
@@ -1601,11 +1615,11 @@ class FakeEngine:
     async def _settle(self, plan: Plan, partial: Callable[[], dict[str, Any]]) -> None:
         """Play a non-streaming scenario before the answer is sent."""
         if plan.scenario == "crash":
-            os._exit(1)
+            await self._die()
         if plan.scenario == "hang":
             await asyncio.Event().wait()
         if plan.scenario == "freeze":
-            time.sleep(1e6)  # blocks the event loop: nothing this engine serves answers any more
+            await self._freeze()  # nothing this engine serves answers any more
         if plan.scenario == "slow":
             await asyncio.sleep(plan.interval * (len(plan.pieces) or 1))
         if plan.scenario == "error":
@@ -1850,6 +1864,31 @@ def _embedding_inputs(value: Any) -> list[str | list[int]]:
 # ---------------------------------------------------------------------------------------------------
 
 
+async def _exit_now() -> None:
+    os._exit(1)
+
+
+async def _block_the_loop() -> None:
+    time.sleep(1e6)  # blocks the event loop: nothing this engine serves answers any more
+
+
+def record_spawn(knobs: Knobs, prog: str, argv: Sequence[str], cwd: str, env: Mapping[str, str], pid: int) -> None:
+    """FAKE_ENGINE_SPAWN_LOG's line for this start (the token itself is never written)."""
+    spawn_log = _open_log(knobs.spawn_log)
+    if spawn_log is not None:
+        record = {"pid": pid, "argv": list(argv), "prog": prog, "cwd": cwd, "hf_token_set": bool(env.get("HF_TOKEN"))}
+        _append_line(spawn_log, record)
+        os.close(spawn_log)
+
+
+def check_load(spec: EngineSpec, knobs: Knobs) -> None:
+    """What the engine finds wrong only once it loads (after the load delay): raises :class:`EngineFailed`."""
+    broken = knobs.broken
+    if broken and any(broken in model.model_id or broken in (model.gguf_dir or "") for model in spec.models):
+        _fail(f"simulated load failure of the model matching {broken!r}")
+    _load(spec)
+
+
 def _load(spec: EngineSpec) -> None:
     """Failures the real engine only notices while loading, i.e. after the load delay."""
     seen: set[str] = set()
@@ -1867,7 +1906,7 @@ def _load(spec: EngineSpec) -> None:
         _fail(f"Default model ID '{spec.default_model_id}' not found among loaded models")
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int) -> socket.socket:
     """Bind exactly the requested address, as the engine's tokio listener does (SO_REUSEADDR)."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
@@ -1891,6 +1930,14 @@ class _Server(uvicorn.Server):
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    try:
+        _main(argv, prog)
+    except EngineFailed as exc:
+        print(f"Error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def _main(argv: Sequence[str] | None, prog: str | None) -> None:
     prog = sys.argv[0] if prog is None else prog
     args = list(sys.argv[1:] if argv is None else argv)
     knobs = Knobs.from_env(os.environ)
@@ -1900,19 +1947,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         version = os.environ.get("FAKE_ENGINE_VERSION", "0.8.4" if legacy else "0.9.2")
         print(f"{'mistralrs-server' if legacy else 'mistralrs'} {version}")
         return
-    spawn_log = _open_log(knobs.spawn_log)
-    if spawn_log is not None:
-        _append_line(
-            spawn_log,
-            {
-                "pid": os.getpid(),
-                "argv": args,
-                "prog": prog,
-                "cwd": os.getcwd(),
-                "hf_token_set": bool(os.environ.get("HF_TOKEN")),
-            },
-        )
-        os.close(spawn_log)
+    record_spawn(knobs, prog, args, os.getcwd(), os.environ, os.getpid())
     signal.signal(signal.SIGTERM, signal.SIG_IGN if knobs.ignore_sigterm else signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -1928,15 +1963,20 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         print("loading model...", flush=True)
         print("Error: simulated load failure", file=sys.stderr, flush=True)
         sys.exit(knobs.exit_at_start)
-    broken = knobs.broken
-    if broken and any(broken in model.model_id or broken in (model.gguf_dir or "") for model in spec.models):
-        _fail(f"simulated load failure of the model matching {broken!r}")
-    _load(spec)
+    check_load(spec, knobs)
 
-    sock = _bind(spec.host, spec.port)
+    sock = bind(spec.host, spec.port)
     engine = FakeEngine(spec, knobs)
-    config = uvicorn.Config(
+    print(f"mistralrs fake engine: serving {ids} on {spec.host}:{spec.port}", flush=True)
+    asyncio.run(_Server(server_config(engine)).serve(sockets=[sock]))
+
+
+def server_config(engine: FakeEngine, *, own_logging: bool = True) -> uvicorn.Config:
+    """uvicorn's configuration of the engine's server; ``own_logging``: let uvicorn configure logging, as a process
+    of its own may (in a test's process it would close every log handler the test has)."""
+    return uvicorn.Config(
         engine.app(),
+        log_config=uvicorn.config.LOGGING_CONFIG if own_logging else None,
         log_level="warning",
         access_log=False,
         lifespan="off",
@@ -1944,8 +1984,6 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         # hyper keeps idle connections open; uvicorn's 5 s default would make pooled clients race it.
         timeout_keep_alive=600,
     )
-    print(f"mistralrs fake engine: serving {ids} on {spec.host}:{spec.port}", flush=True)
-    asyncio.run(_Server(config).serve(sockets=[sock]))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import Gateway, start_gateway
+from tests.inprocess import InProcessGateway, gateway_env
 
 
 def models_toml(root: Path) -> str:
@@ -60,7 +61,27 @@ arch = "dia"
 
 @pytest.fixture
 def gateways(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
-    """Start gateways with the fake engine; every one is stopped (and checked for orphans) at the end."""
+    """Start gateways in this process, with the fake engine in this process too (tests/inprocess.py); every one is
+    stopped at the end. For what needs processes (signals, a gateway killed, engines that block their process), use
+    ``gateway_processes``."""
+    started: list[Gateway] = []
+
+    def start(toml: str | None = "default", **kwargs: Any) -> Gateway:
+        text = models_toml(tmp_path / "models") if toml == "default" else toml
+        engine = kwargs.pop("engine", "mistralrs-server")
+        work = tmp_path / f"gw{len(started)}"
+        gateway = InProcessGateway(work, gateway_env(work, models_toml=text, **kwargs), engine=engine)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture
+def gateway_processes(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    """Start gateway processes with fake engine processes; every one is stopped at the end."""
     started: list[Gateway] = []
 
     def start(toml: str | None = "default", **kwargs: Any) -> Gateway:

@@ -174,8 +174,8 @@ def test_preload_starts_models_and_groups_with_the_gateway(gateways: Start) -> N
     assert len(gw.spawns()) == 2  # before any request
 
 
-def test_models_are_visible_and_controllable(gateways: Start) -> None:
-    gw = gateways(THREE, env={"GATEWAY_ADMIN_KEY": "adm", "GATEWAY_IDLE_TIMEOUT": "600"})
+def test_models_are_visible_and_controllable(gateway_processes: Start) -> None:
+    gw = gateway_processes(THREE, env={"GATEWAY_ADMIN_KEY": "adm", "GATEWAY_IDLE_TIMEOUT": "600"})
     admin = {"Authorization": "Bearer adm"}
     assert httpx.post(gw.url + "/admin/models/a/load", timeout=60).status_code == 401
     loaded = httpx.post(gw.url + "/admin/models/a/load", headers=admin, timeout=60)

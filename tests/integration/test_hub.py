@@ -1,5 +1,5 @@
 """Hugging Face prefetch with huggingface_hub for real, against a local stand-in for the hub (tests/fakehub.py):
-the fetcher on its own, then whole gateways with the fake engine."""
+the fetcher on its own, then whole gateway_processes with the fake engine."""
 
 from __future__ import annotations
 
@@ -201,9 +201,9 @@ def chat(gw: Gateway) -> httpx.Response:
 
 
 def test_a_repo_model_is_fetched_before_the_first_start_and_loaded_from_its_folder(
-    gateways: Start, hub: FakeHub, tmp_path: Path
+    gateway_processes: Start, hub: FakeHub, tmp_path: Path
 ) -> None:
-    gw = gateways(models_toml(), env=hub_env(hub, tmp_path))
+    gw = gateway_processes(models_toml(), env=hub_env(hub, tmp_path))
     folder = Path(gw.env["GATEWAY_MODEL_DIR"]) / REPO
     assert hub.log() == [] and not folder.exists()  # nothing happens before a request needs it
     reply = chat(gw)
@@ -220,14 +220,14 @@ def test_a_repo_model_is_fetched_before_the_first_start_and_loaded_from_its_fold
     before = len(hub.log())
     assert httpx.post(gw.url + "/admin/engine/stop", timeout=30).status_code == 200
     assert chat(gw).status_code == 200
-    again = gateways(models_toml(), env=hub_env(hub, tmp_path, GATEWAY_MODEL_DIR=gw.env["GATEWAY_MODEL_DIR"]))
+    again = gateway_processes(models_toml(), env=hub_env(hub, tmp_path, GATEWAY_MODEL_DIR=gw.env["GATEWAY_MODEL_DIR"]))
     assert chat(again).status_code == 200
     assert len(hub.log()) == before and len(gw.spawns()) == 2 and len(again.spawns()) == 1
     assert again.status()["downloads"][REPO]["state"] == "present"
 
 
-def test_prefetch_false_leaves_the_repo_to_the_engine(gateways: Start, hub: FakeHub, tmp_path: Path) -> None:
-    gw = gateways(models_toml("prefetch = false"), env=hub_env(hub, tmp_path))
+def test_prefetch_false_leaves_the_repo_to_the_engine(gateway_processes: Start, hub: FakeHub, tmp_path: Path) -> None:
+    gw = gateway_processes(models_toml("prefetch = false"), env=hub_env(hub, tmp_path))
     assert chat(gw).status_code == 200
     argv = gw.spawns()[0]["argv"]
     assert argv[argv.index("--model-id") + 1] == REPO
@@ -236,12 +236,12 @@ def test_prefetch_false_leaves_the_repo_to_the_engine(gateways: Start, hub: Fake
 
 @pytest.mark.parametrize("engine", ["mistralrs-server", "mistralrs"])
 def test_the_token_reaches_hub_and_engine_but_no_command_line_or_log(
-    gateways: Start, hub: FakeHub, tmp_path: Path, engine: str
+    gateway_processes: Start, hub: FakeHub, tmp_path: Path, engine: str
 ) -> None:
     hub.gated.add(REPO)
     hub.token = TOKEN
     env = hub_env(hub, tmp_path, GATEWAY_HF_TOKEN=TOKEN, GATEWAY_LOG_LEVEL="debug")
-    gw = gateways(models_toml(), env=env, engine=engine)
+    gw = gateway_processes(models_toml(), env=env, engine=engine)
     assert chat(gw).status_code == 200
     assert {r.authorization for r in repo_requests(hub)} == {f"Bearer {TOKEN}"}
     spawn = gw.spawns()[0]
@@ -251,9 +251,11 @@ def test_the_token_reaches_hub_and_engine_but_no_command_line_or_log(
     assert "--token-source env:HF_TOKEN" in gw.log()  # the logged command line says where the token is
 
 
-def test_a_missing_or_gated_repo_is_a_clear_503_naming_it(gateways: Start, hub: FakeHub, tmp_path: Path) -> None:
+def test_a_missing_or_gated_repo_is_a_clear_503_naming_it(
+    gateway_processes: Start, hub: FakeHub, tmp_path: Path
+) -> None:
     hub.missing.add(REPO)
-    gw = gateways(models_toml(), env=hub_env(hub, tmp_path))
+    gw = gateway_processes(models_toml(), env=hub_env(hub, tmp_path))
     reply = chat(gw)
     assert reply.status_code == 503 and reply.json()["error"]["code"] == "model_download_failed"
     message = reply.json()["error"]["message"]
@@ -267,7 +269,7 @@ def test_a_missing_or_gated_repo_is_a_clear_503_naming_it(gateways: Start, hub: 
     hub.missing.clear()
     hub.gated.add(REPO)
     hub.token = TOKEN
-    gated = gateways(models_toml(), env=hub_env(hub, tmp_path))
+    gated = gateway_processes(models_toml(), env=hub_env(hub, tmp_path))
     reply = chat(gated)
     assert reply.status_code == 503
     message = reply.json()["error"]["message"]
@@ -276,11 +278,11 @@ def test_a_missing_or_gated_repo_is_a_clear_503_naming_it(gateways: Start, hub: 
 
 
 def test_offline_a_gateway_serves_a_repo_model_from_huggingface_hubs_cache(
-    gateways: Start, hub: FakeHub, tmp_path: Path
+    gateway_processes: Start, hub: FakeHub, tmp_path: Path
 ) -> None:
     cached = fill_hf_cache(hub, tmp_path / "hf-home" / "hub", ["*.json", "*.safetensors"])
     before = len(repo_requests(hub))
-    gw = gateways(models_toml(), env=hub_env(hub, tmp_path, HF_HUB_OFFLINE="1"))
+    gw = gateway_processes(models_toml(), env=hub_env(hub, tmp_path, HF_HUB_OFFLINE="1"))
     reply = chat(gw)
     assert reply.status_code == 200, reply.text
     argv = gw.spawns()[0]["argv"]

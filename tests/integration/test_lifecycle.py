@@ -145,8 +145,8 @@ def test_cold_stream_gets_loading_comments(gateways: Start) -> None:
     assert lines[-1] == "data: [DONE]"
 
 
-def test_idle_stop_frees_the_engine(gateways: Start) -> None:
-    gw = gateways(env={"GATEWAY_IDLE_TIMEOUT": "1"})
+def test_idle_stop_frees_the_engine(gateway_processes: Start) -> None:
+    gw = gateway_processes(env={"GATEWAY_IDLE_TIMEOUT": "1"})
     client(gw).chat.completions.create(model="tiny-chat", **say("x"))  # type: ignore[call-overload]
     pid = gw.engine()["pid"]
     assert pid_alive(pid)
@@ -190,8 +190,8 @@ def test_keep_alive_sets_the_idle_deadline_as_in_ollama(gateways: Start) -> None
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "keep_alive"
 
 
-def test_crash_mid_stream_ends_with_an_error_event_then_restarts(gateways: Start) -> None:
-    gw = gateways()
+def test_crash_mid_stream_ends_with_an_error_event_then_restarts(gateway_processes: Start) -> None:
+    gw = gateway_processes()
     body = {"model": "tiny-chat", "stream": True, **say("crash")}
     with httpx.stream("POST", gw.v1 + "/chat/completions", json=body, timeout=30) as response:
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
@@ -252,9 +252,9 @@ def test_sdk_sees_503_and_does_not_hang_when_no_engine_is_installed(gateways: St
     assert httpx.get(gw.url + "/healthz").status_code == 200
 
 
-def test_gateway_sigterm_and_sigkill_leave_no_engine_behind(gateways: Start) -> None:
+def test_gateway_sigterm_and_sigkill_leave_no_engine_behind(gateway_processes: Start) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        gw = gateways(fake_env={"FAKE_ENGINE_IGNORE_SIGTERM": "1"}, env={"GATEWAY_STOP_TIMEOUT": "0.5"})
+        gw = gateway_processes(fake_env={"FAKE_ENGINE_IGNORE_SIGTERM": "1"}, env={"GATEWAY_STOP_TIMEOUT": "0.5"})
         client(gw).chat.completions.create(model="tiny-chat", **say("x"))  # type: ignore[call-overload]
         pid = gw.engine()["pid"]
         gw.stop(sig)

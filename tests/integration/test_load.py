@@ -58,8 +58,8 @@ async def _round(url: str, requests: int, concurrency: int) -> list[int]:
     return statuses
 
 
-def test_mixed_load_without_errors_or_leaks(gateways: Start) -> None:
-    gw = gateways(env={"GATEWAY_LOG_LEVEL": "warning"})
+def test_mixed_load_without_errors_or_leaks(gateway_processes: Start) -> None:
+    gw = gateway_processes(env={"GATEWAY_LOG_LEVEL": "warning"})
     pid = gw.proc.pid
     # Warm-up at full concurrency: connection pools fill up to their peak, caches and lazy imports settle.
     asyncio.run(_round(gw.url, 600, 256))

@@ -92,8 +92,8 @@ def test_admin_actions_and_their_cli(gateways: Start) -> None:
     assert denied.returncode == 1 and "admin key" in denied.stderr
 
 
-def test_metrics(gateways: Start) -> None:
-    gw = gateways()
+def test_metrics(gateway_processes: Start) -> None:
+    gw = gateway_processes()
     httpx.post(gw.v1 + "/chat/completions", json=CHAT, timeout=30).raise_for_status()
     with httpx.stream("POST", gw.v1 + "/chat/completions", json={**CHAT, "stream": True}, timeout=30) as r:
         r.read()

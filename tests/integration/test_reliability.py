@@ -43,8 +43,8 @@ def test_a_stalled_request_is_cut_off_but_an_engine_that_answers_its_health_chec
     assert len(gw.spawns()) == 1 and gw.engine()["state"] == "ready"
 
 
-def test_a_stuck_engine_that_fails_its_health_check_is_restarted(gateways: Start) -> None:
-    gw = gateways(env={"GATEWAY_REQUEST_TIMEOUT": "1"})
+def test_a_stuck_engine_that_fails_its_health_check_is_restarted(gateway_processes: Start) -> None:
+    gw = gateway_processes(env={"GATEWAY_REQUEST_TIMEOUT": "1"})
     response = httpx.post(gw.v1 + "/chat/completions", json=chat("freeze"), timeout=60)
     assert response.status_code == 504 and response.json()["error"]["code"] == "engine_stalled"
     first_pid = gw.spawns()[0]["pid"]
@@ -62,8 +62,8 @@ def test_an_engine_that_never_becomes_ready_times_out_with_retry_after(gateways:
     wait_for(lambda: not pid_alive(pid), 10, "the engine that never loaded to be killed")
 
 
-def test_sigterm_lets_streams_in_flight_finish_then_stops_everything(gateways: Start) -> None:
-    gw = gateways()
+def test_sigterm_lets_streams_in_flight_finish_then_stops_everything(gateway_processes: Start) -> None:
+    gw = gateway_processes()
     with httpx.stream("POST", gw.v1 + "/chat/completions", json=chat("slow:2", stream=True), timeout=30) as response:
         lines = response.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
@@ -145,10 +145,10 @@ def test_an_engine_that_always_dies_causes_no_spawn_storm(gateways: Start) -> No
         assert (next_start - failed_at).total_seconds() >= failure["details"]["retry_in"] - 0.01
 
 
-def test_engine_sigkilled_mid_stream_ends_the_stream_with_one_error_then_restarts(gateways: Start) -> None:
+def test_engine_sigkilled_mid_stream_ends_the_stream_with_one_error_then_restarts(gateway_processes: Start) -> None:
     import os
 
-    gw = gateways()
+    gw = gateway_processes()
     with httpx.stream("POST", gw.v1 + "/chat/completions", json=chat("slow:30", stream=True), timeout=30) as response:
         lines = response.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))

@@ -62,9 +62,9 @@ def shutting_down(answer: httpx.Response | None) -> dict[str, Any]:
 
 
 def test_sigterm_answers_requests_waiting_for_a_cold_start_at_once_and_stops_the_loading_engine(
-    gateways: Start,
+    gateway_processes: Start,
 ) -> None:
-    gw = gateways(
+    gw = gateway_processes(
         env={"GATEWAY_SHUTDOWN_TIMEOUT": "60", "GATEWAY_LOADING_INTERVAL": "0.2"},
         fake_env={"FAKE_ENGINE_LOAD_DELAY": "600"},
     )
@@ -80,8 +80,8 @@ def test_sigterm_answers_requests_waiting_for_a_cold_start_at_once_and_stops_the
     wait_for(lambda: not pid_alive(loading_pid), 10, "the loading engine to be stopped")
 
 
-def test_at_the_drain_deadline_requests_still_running_end_in_their_own_shape(gateways: Start) -> None:
-    gw = gateways(env={"GATEWAY_SHUTDOWN_TIMEOUT": "2"})
+def test_at_the_drain_deadline_requests_still_running_end_in_their_own_shape(gateway_processes: Start) -> None:
+    gw = gateway_processes(env={"GATEWAY_SHUTDOWN_TIMEOUT": "2"})
     httpx.post(gw.v1 + "/chat/completions", json=chat("warm up"), timeout=60).raise_for_status()
     flight = InFlight(gw, "slow:600")  # ten chunks a minute apart: far beyond the drain
     assert flight.started.wait(60)
