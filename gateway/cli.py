@@ -171,7 +171,8 @@ def pull_models(settings: Settings, names: list[str], *, every: bool) -> int:
     import asyncio
 
     from .events import EventBus
-    from .models.download import Downloader, DownloadError
+    from .models.download import Downloader
+    from .models.errors import DownloadError
     from .models.progress import render_progress
 
     catalog = load_catalog(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from .download import Downloader, DownloadError, is_retryable
+from .download import Downloader, is_retryable
+from .errors import DownloadError
 
 __all__ = ["DownloadError", "Downloader", "is_retryable"]

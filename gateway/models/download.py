@@ -25,28 +25,32 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
 import re
-import shutil
-import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from ..catalog import ModelEntry
 from ..events import EventSink, NullSink
-
-if TYPE_CHECKING:
-    from hashlib import _Hash
+from .checksums import (
+    Hasher,
+    check_sha256,
+    normalise_sha256,
+    read_sha256_cache,
+    sha256_of,
+    write_sha256_cache,
+)
+from .errors import DownloadError, name_not_resolved
+from .files import free_bytes, fsync_dir, fsync_file, sidecar, size_of, write_all, write_atomic
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -55,37 +59,9 @@ DiskFree = Callable[[Path], int]
 _logger = logging.getLogger("gateway.models")
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, read=120.0)
-_HASH_BLOCK = 4 << 20
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
 _HUB = "https://huggingface.co/"
-
-
-class DownloadError(Exception):
-    """A model file could not be provided; ``message`` names the file, what was expected and what was found.
-
-    ``retryable`` marks trouble that another attempt may cure (a cut connection, a 503); the downloader
-    only lets non-retryable ones, or the last retryable one, escape. ``network``: the network, not the request,
-    is the trouble (no route to the server, no name resolution, retries used up), so a user offline, behind a proxy
-    or in need of a mirror is told what to do about it.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        file: str | None = None,
-        url: str | None = None,
-        retryable: bool = False,
-        network: bool = False,
-    ):
-        super().__init__(message)
-        self.message = message
-        self.file = file
-        self.url = url
-        self.retryable = retryable
-        self.network = network
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -99,18 +75,6 @@ def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError)):
         return False  # our request is wrong; it will be wrong again
     return isinstance(exc, httpx.TransportError) and not name_not_resolved(exc)
-
-
-def name_not_resolved(exc: BaseException) -> bool:
-    """Whether a connection failed because the host name did not resolve (a ``socket.gaierror`` underneath)."""
-    seen: BaseException | None = exc
-    for _ in range(8):  # httpx -> httpcore -> the OS error
-        if seen is None:
-            return False
-        if isinstance(seen, socket.gaierror):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def mirrored(url: str, endpoint: str | None) -> str:
@@ -156,10 +120,6 @@ async def retry_while_progressing(
             except Exception:
                 stalls = 0 if progress() > mark else stalls + 1
                 raise
-
-
-def free_bytes(path: Path) -> int:
-    return shutil.disk_usage(path).free
 
 
 # ----------------------------------------------------------------------------------------- progress
@@ -221,35 +181,6 @@ class ProgressMeter:
 # ----------------------------------------------------------------------------------------- checks
 
 
-def sha256_of(path: Path, limit: int | None = None) -> _Hash:
-    """A sha256 object fed with the first ``limit`` bytes of ``path`` (all of it when None). Blocking."""
-    digest = hashlib.sha256()
-    remaining = limit
-    with path.open("rb") as f:
-        while remaining is None or remaining > 0:
-            block = f.read(_HASH_BLOCK if remaining is None else min(_HASH_BLOCK, remaining))
-            if not block:
-                break
-            digest.update(block)
-            if remaining is not None:
-                remaining -= len(block)
-    return digest
-
-
-def normalise_sha256(value: str | None, file: str) -> str | None:
-    """The expected hash in lower-case hex; accepts a ``sha256:`` prefix. Raises for anything else."""
-    if value is None:
-        return None
-    text = value.strip().lower().removeprefix("sha256:")
-    if not _SHA256.fullmatch(text):
-        raise DownloadError(
-            f"Model file {file!r}: sha256 = {value!r} in the models file is not 64 hexadecimal digits. "
-            "Fix it (sha256sum prints the right value), or remove it to skip the check.",
-            file=file,
-        )
-    return text
-
-
 def check_size(file: str, url: str, expected: int | None, found: int) -> None:
     """Raise unless ``found`` bytes is what the server announced (nothing to check when it announced none)."""
     if expected is None or expected == found:
@@ -261,37 +192,6 @@ def check_size(file: str, url: str, expected: int | None, found: int) -> None:
         url=url,
         retryable=found < expected,
     )
-
-
-def check_sha256(file: str, origin: str, expected: str | None, found: str) -> None:
-    if expected is None or expected == found:
-        return
-    raise DownloadError(
-        f"Model file {file!r} {origin} is not the expected file: its sha256 is {found}, "
-        f"the models file expects {expected}. Check the url and the sha256 in the models file.",
-        file=file,
-    )
-
-
-def read_sha256_cache(path: Path) -> str | None:
-    """The cached hash of ``path`` if its ``.sha256`` sidecar still matches its size and mtime."""
-    try:
-        stat = path.stat()
-        cached = json.loads(_sidecar(path, ".sha256").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(cached, dict):
-        return None
-    if cached.get("size") != stat.st_size or cached.get("mtime_ns") != stat.st_mtime_ns:
-        return None
-    value = cached.get("sha256")
-    return value if isinstance(value, str) and _SHA256.fullmatch(value) else None
-
-
-def write_sha256_cache(path: Path, sha256: str) -> None:
-    stat = path.stat()
-    record = {"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    _write_atomic(_sidecar(path, ".sha256"), json.dumps(record) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- lock
@@ -355,21 +255,21 @@ class _Job:
     high_water: int = 0  # the most bytes the .part file has held
     downloaded: int = 0  # bytes received over the network, all attempts
     total: int | None = None
-    hasher: _Hash | None = None
+    hasher: Hasher | None = None
     hashed: int = 0  # bytes of the .part file that ``hasher`` has seen
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def part(self) -> Path:
-        return _sidecar(self.path, ".part")
+        return sidecar(self.path, ".part")
 
     @property
     def meta_path(self) -> Path:
-        return _sidecar(self.path, ".part.json")
+        return sidecar(self.path, ".part.json")
 
     @property
     def lock_path(self) -> Path:
-        return _sidecar(self.path, ".lock")
+        return sidecar(self.path, ".lock")
 
 
 class Downloader:
@@ -533,7 +433,7 @@ class Downloader:
         )
 
     def _gave_up(self, job: _Job, reason: str) -> DownloadError:
-        kept = _size_of(job.part)
+        kept = size_of(job.part)
         tail = f" {kept} bytes are kept in {job.part.name}; the next try resumes from there." if kept else ""
         return DownloadError(
             f"Could not download model file {job.file!r} from {job.url} after {job.attempt} "
@@ -614,7 +514,7 @@ class Downloader:
         # Unbuffered: what has arrived is in the .part file, so a gateway that is killed resumes from there.
         with job.part.open("ab", buffering=0) as out:
             async for chunk in response.aiter_raw():
-                _write_all(out, chunk)
+                write_all(out, chunk)
                 hasher.update(chunk)
                 done += len(chunk)
                 job.hashed = done
@@ -640,9 +540,9 @@ class Downloader:
         except DownloadError as exc:
             self._discard_part(job)
             raise DownloadError(exc.message + " The download was deleted.", file=job.file, url=job.url) from None
-        await asyncio.to_thread(_fsync, job.part)
+        await asyncio.to_thread(fsync_file, job.part)
         os.replace(job.part, job.path)
-        _fsync_dir(job.path.parent)
+        fsync_dir(job.path.parent)
         write_sha256_cache(job.path, found)
         job.meta_path.unlink(missing_ok=True)
         seconds = round(self._clock() - job.began, 3)
@@ -662,7 +562,7 @@ class Downloader:
 
     def _resume_point(self, job: _Job) -> int:
         """Bytes already in ``.part`` that came from this URL; a part of unknown origin is dropped."""
-        size = _size_of(job.part)
+        size = size_of(job.part)
         if not size:
             job.meta = {}
             return 0
@@ -688,7 +588,7 @@ class Downloader:
             "total": total,
         }
         if meta != job.meta:
-            _write_atomic(job.meta_path, json.dumps(meta) + "\n")
+            write_atomic(job.meta_path, json.dumps(meta) + "\n")
             job.meta = meta
 
     def _discard_part(self, job: _Job) -> None:
@@ -748,48 +648,6 @@ class Downloader:
 
 
 # ---------------------------------------------------------------------------------- progress bars
-
-
-def _sidecar(path: Path, suffix: str) -> Path:
-    return path.with_name(path.name + suffix)
-
-
-def _size_of(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_all(out: io.RawIOBase, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = out.write(view)
-        if not written:
-            raise OSError(errno.EIO, "the file accepted no bytes", out.name if hasattr(out, "name") else None)
-        view = view[written:]
-
-
-def _fsync(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable: a power cut must not bring back the .part name."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot sync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
 
 
 def _check_url(url: str, file: str) -> None:

@@ -41,7 +41,8 @@ from tenacity import RetryCallState
 
 from ..catalog import Model
 from ..events import EventSink, NullSink
-from .download import DownloadError, ProgressMeter, _human, name_not_resolved, retry_while_progressing
+from .download import ProgressMeter, _human, retry_while_progressing
+from .errors import DownloadError, name_not_resolved
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +18,9 @@ from rich.console import Console
 from gateway.catalog import ModelEntry
 from gateway.events import Event, EventBus
 from gateway.models import download as dl
-from gateway.models.download import (
-    Downloader,
-    DownloadError,
-    ProgressMeter,
-    check_sha256,
-    check_size,
-    is_retryable,
-    normalise_sha256,
-    read_sha256_cache,
-    write_sha256_cache,
-)
+from gateway.models.checksums import read_sha256_cache
+from gateway.models.download import Downloader, ProgressMeter, check_size, is_retryable
+from gateway.models.errors import DownloadError
 from gateway.models.progress import render_progress
 from tests.helpers import FakeSleep, Recorder
 
@@ -122,14 +113,6 @@ def leftovers(folder: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------- pure checks
 
 
-def test_sha256_is_normalised_and_checked_for_shape() -> None:
-    assert normalise_sha256(None, "a") is None
-    assert normalise_sha256(" SHA256:" + SHA.upper() + " ", "a") == SHA
-    with pytest.raises(DownloadError) as caught:
-        normalise_sha256("abc", "a.gguf")
-    assert "'a.gguf'" in caught.value.message and "64 hexadecimal digits" in caught.value.message
-
-
 def test_size_check_says_what_was_announced_and_what_arrived() -> None:
     check_size("a.gguf", URL, None, 5)  # nothing announced: nothing to check
     check_size("a.gguf", URL, 5, 5)
@@ -142,14 +125,6 @@ def test_size_check_says_what_was_announced_and_what_arrived() -> None:
     with pytest.raises(DownloadError) as long:
         check_size("a.gguf", URL, 100, 140)
     assert not long.value.retryable
-
-
-def test_sha_check_names_the_file_the_expected_and_the_found_hash() -> None:
-    check_sha256("a.gguf", "downloaded from x", None, SHA)
-    with pytest.raises(DownloadError) as caught:
-        check_sha256("a.gguf", "downloaded from x", "0" * 64, SHA)
-    message = caught.value.message
-    assert "'a.gguf'" in message and "0" * 64 in message and SHA in message
 
 
 @pytest.mark.parametrize(
@@ -170,24 +145,6 @@ def test_sha_check_names_the_file_the_expected_and_the_found_hash() -> None:
 )
 def test_retry_classification(exc: BaseException, retry: bool) -> None:
     assert is_retryable(exc) is retry
-
-
-def test_sha_cache_is_keyed_by_size_and_mtime(tmp_path: Path) -> None:
-    path = tmp_path / "m.bin"
-    path.write_bytes(b"hello")
-    assert read_sha256_cache(path) is None
-    write_sha256_cache(path, SHA)
-    assert json.loads((tmp_path / "m.bin.sha256").read_text())["size"] == 5
-    assert read_sha256_cache(path) == SHA
-    stat = path.stat()
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    assert read_sha256_cache(path) is None
-    write_sha256_cache(path, SHA)
-    path.write_bytes(b"hello!")
-    os.utime(path, ns=(stat.st_atime_ns, path.stat().st_mtime_ns))
-    assert read_sha256_cache(path) is None  # same mtime, other size
-    (tmp_path / "m.bin.sha256").write_text("not json")
-    assert read_sha256_cache(path) is None
 
 
 # ---------------------------------------------------------------------------------------- throttling
