@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ from .checksums import (
 )
 from .errors import DownloadError, name_not_resolved
 from .files import free_bytes, fsync_dir, fsync_file, sidecar, size_of, write_all, write_atomic
+from .progress import ProgressMeter, human_size
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -120,62 +120,6 @@ async def retry_while_progressing(
             except Exception:
                 stalls = 0 if progress() > mark else stalls + 1
                 raise
-
-
-# ----------------------------------------------------------------------------------------- progress
-
-
-class ProgressMeter:
-    """Decides when a progress event is due and computes its rate and ETA.
-
-    An event is due when ``interval`` seconds have passed or ``step`` of the total has been added since the
-    last one, so a download yields at most about ``1/step`` events plus ``1/interval`` per second, however
-    small its chunks are. The rate is measured over the last ``window`` seconds: it follows a link that
-    speeds up or slows down, and does not count bytes that were already on disk.
-    """
-
-    def __init__(
-        self,
-        total: int | None,
-        start: int,
-        now: float,
-        *,
-        interval: float = 0.5,
-        step: float = 0.01,
-        window: float = 5.0,
-    ) -> None:
-        self.total = total
-        self._interval = interval
-        self._step = max(1, int(total * step)) if total else None
-        self._window = window
-        self._samples: deque[tuple[float, int]] = deque([(now, start)])
-        self._last_time = now
-        self._last_bytes = start
-
-    def update(self, done: int, now: float) -> dict[str, Any] | None:
-        """The details of a progress event if one is due, else None."""
-        if now - self._last_time < self._interval and (self._step is None or done - self._last_bytes < self._step):
-            return None
-        return self._emit(done, now)
-
-    def finish(self, done: int, now: float) -> dict[str, Any] | None:
-        """The final event, unless the last one already reported ``done`` bytes."""
-        if done == self._last_bytes and len(self._samples) > 1:
-            return None
-        return self._emit(done, now)
-
-    def _emit(self, done: int, now: float) -> dict[str, Any]:
-        self._samples.append((now, done))
-        while len(self._samples) > 2 and now - self._samples[1][0] >= self._window:
-            self._samples.popleft()
-        first_time, first_bytes = self._samples[0]
-        elapsed = now - first_time
-        rate = (done - first_bytes) / elapsed if elapsed > 0 else None
-        eta = None
-        if rate and self.total is not None:
-            eta = round(max(0, self.total - done) / rate, 1)
-        self._last_time, self._last_bytes = now, done
-        return {"bytes": done, "total": self.total, "rate": round(rate) if rate is not None else None, "eta": eta}
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -385,7 +329,7 @@ class Downloader:
         if expected is not None:
             found = read_sha256_cache(path)
             if found is None:
-                self._log.info("checking the sha256 of %s (%s)", path, _human(size))
+                self._log.info("checking the sha256 of %s (%s)", path, human_size(size))
                 found = (await asyncio.to_thread(sha256_of, path)).hexdigest()
                 write_sha256_cache(path, found)
             if found != expected:
@@ -498,7 +442,7 @@ class Downloader:
             if offset:
                 self._log.info("resuming %s at byte %d of %s", job.file, offset, total if total is not None else "?")
             else:
-                self._log.info("downloading %s from %s (%s)", job.file, job.url, _human(total))
+                self._log.info("downloading %s from %s (%s)", job.file, job.url, human_size(total))
             done = await self._receive(job, response, offset)
         if total is not None and done > total:
             self._discard_part(job)  # more than the whole file: the bytes cannot be trusted
@@ -546,7 +490,7 @@ class Downloader:
         write_sha256_cache(job.path, found)
         job.meta_path.unlink(missing_ok=True)
         seconds = round(self._clock() - job.began, 3)
-        self._log.info("downloaded %s (%s) in %.1f s", job.path, _human(size), seconds)
+        self._log.info("downloaded %s (%s) in %.1f s", job.path, human_size(size), seconds)
         self._events.publish(
             "download.done",
             url=job.url,
@@ -640,14 +584,14 @@ class Downloader:
         if needed > free:
             raise DownloadError(
                 f"Not enough free disk space in {folder} for model file {job.file!r}: it needs {needed} bytes "
-                f"({_human(needed)}), {free} bytes ({_human(free)}) are free. Free some space or set "
+                f"({human_size(needed)}), {free} bytes ({human_size(free)}) are free. Free some space or set "
                 "GATEWAY_MODEL_DIR to a larger disk.",
                 file=job.file,
                 url=job.url,
             )
 
 
-# ---------------------------------------------------------------------------------- progress bars
+# ---------------------------------------------------------------------------------------- helpers
 
 
 def _check_url(url: str, file: str) -> None:
@@ -687,27 +631,3 @@ def _describe(exc: BaseException | None) -> str:
         what = type(exc).__name__
     text = str(exc)
     return f"{what} ({text})" if text else what
-
-
-def _human(size: float | None) -> str:
-    if size is None:
-        return "size unknown"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
-
-
-def _duration(seconds: Any) -> str:
-    if not isinstance(seconds, (int, float)):
-        return "?"
-    whole = int(seconds)
-    if whole < 60:
-        return f"{seconds:.1f} s" if seconds < 10 else f"{whole} s"
-    minutes, secs = divmod(whole, 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"

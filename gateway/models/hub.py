@@ -41,8 +41,9 @@ from tenacity import RetryCallState
 
 from ..catalog import Model
 from ..events import EventSink, NullSink
-from .download import ProgressMeter, _human, retry_while_progressing
+from .download import retry_while_progressing
 from .errors import DownloadError, name_not_resolved
+from .progress import ProgressMeter, human_size
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -453,7 +454,7 @@ class HubFetcher:
         size = sum(job.files.values())
         seconds = round(self._clock() - job.began, 3)
         self._log.info(
-            "fetched %s (%d files, %s) in %.1f s", job.snapshot.folder, len(job.files), _human(size), seconds
+            "fetched %s (%d files, %s) in %.1f s", job.snapshot.folder, len(job.files), human_size(size), seconds
         )
         self._events.publish(
             "download.done",
@@ -517,7 +518,7 @@ class HubFetcher:
             listing.commit[:12],
             snapshot.folder,
             len(sizes),
-            _human(total),
+            human_size(total),
         )
         previous = self._running.get(snapshot.folder)
         if previous is not None and not previous.done():

@@ -1,10 +1,9 @@
-"""The downloader's pieces without a socket: checks, messages, retry rules, throttling, and the download
-logic against httpx.MockTransport (with a fake clock and a sleep that does not wait)."""
+"""The downloader without a socket: checks, messages, retry rules, and the download logic against
+httpx.MockTransport (with a fake clock and a sleep that does not wait)."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -13,15 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
-from rich.console import Console
 
 from gateway.catalog import ModelEntry
-from gateway.events import Event, EventBus
 from gateway.models import download as dl
 from gateway.models.checksums import read_sha256_cache
-from gateway.models.download import Downloader, ProgressMeter, check_size, is_retryable
+from gateway.models.download import Downloader, check_size, is_retryable
 from gateway.models.errors import DownloadError
-from gateway.models.progress import render_progress
 from tests.helpers import FakeSleep, Recorder
 
 CONTENT = bytes(range(256)) * 400  # 102400 bytes
@@ -145,49 +141,6 @@ def test_size_check_says_what_was_announced_and_what_arrived() -> None:
 )
 def test_retry_classification(exc: BaseException, retry: bool) -> None:
     assert is_retryable(exc) is retry
-
-
-# ---------------------------------------------------------------------------------------- throttling
-
-
-def test_progress_is_throttled_by_time_and_by_share_of_the_total() -> None:
-    total = 1_000_000
-    meter = ProgressMeter(total, 0, 0.0, interval=0.5, step=0.01)
-    emitted = []
-    now = 0.0
-    for done in range(1000, total + 1, 1000):  # 1000 small chunks, 1 ms apart: one event per 1 %
-        now += 0.001
-        details = meter.update(done, now)
-        if details is not None:
-            emitted.append(details["bytes"])
-    assert len(emitted) == 100
-    assert emitted[0] == 10_000 and emitted[-1] == total
-    assert meter.finish(total, now) is None  # the last event already said 100 %
-
-    slow = ProgressMeter(total, 0, 0.0, interval=0.5, step=0.01)
-    ticks = [slow.update(done, done * 0.1) for done in range(1, 21)]  # 1 byte per 0.1 s: time decides
-    assert sum(t is not None for t in ticks) == 4
-
-
-def test_progress_rate_and_eta_follow_the_clock() -> None:
-    meter = ProgressMeter(1000, 200, 10.0, interval=0.5, step=0.01)  # 200 bytes were already on disk
-    details = meter.update(400, 12.0)
-    assert details == {"bytes": 400, "total": 1000, "rate": 100, "eta": 6.0}
-    unknown = ProgressMeter(None, 0, 0.0)
-    assert unknown.update(10, 0.1) is None
-    assert unknown.update(50, 1.0) == {"bytes": 50, "total": None, "rate": 50, "eta": None}
-
-
-def test_progress_rate_forgets_old_samples() -> None:
-    meter = ProgressMeter(10**9, 0, 0.0, interval=1.0, step=1.0, window=5.0)
-    done = 0
-    for second in range(1, 11):  # 1000 bytes/s for 10 s ...
-        done += 1000
-        meter.update(done, float(second))
-    for second in range(11, 21):  # ... then 100 bytes/s
-        done += 100
-        details = meter.update(done, float(second))
-    assert details is not None and details["rate"] == 100
 
 
 # ---------------------------------------------------------------------------------------- downloads
@@ -407,31 +360,3 @@ async def test_disk_errors_become_download_errors(tmp_path: Path) -> None:
         await downloader.ensure(URL, "tiny.gguf")
     assert "'tiny.gguf'" in caught.value.message and str(not_a_folder) in caught.value.message
     assert events.types() == ["download.failed"]
-
-
-# ---------------------------------------------------------------------------------------- rendering
-
-
-async def test_progress_bars_render_until_every_file_is_finished() -> None:
-    bus = EventBus()
-    bus.publish("download.present", file="b.gguf", path="/m/b.gguf", bytes=10, verified=False)
-    bus.publish("download.started", url=URL, file="a.gguf", path="/m/a.gguf", total=1000, resumed_from=0)
-    bus.publish("download.progress", file="a.gguf", bytes=500, total=1000, rate=250, eta=2.0)
-    bus.publish("download.retry", url=URL, file="a.gguf", attempt=1, delay=1.0, error="the connection was cut")
-    bus.publish("download.done", url=URL, file="a.gguf", path="/m/a.gguf", bytes=1000, seconds=4.0, sha256=SHA)
-    bus.publish("download.failed", url=URL, file="c.gguf", error="404 Not Found")
-    out = io.StringIO()
-    console = Console(file=out, width=160, force_terminal=False)
-    outcome = await render_progress(bus.subscribe(), ["a.gguf", "b.gguf", "c.gguf"], console=console)
-    assert outcome == {"a.gguf": "done", "b.gguf": "present", "c.gguf": "failed"}
-    text = out.getvalue()
-    assert "c.gguf: 404 Not Found" in text and "a.gguf" in text and "already here" in text
-    assert bus.followers == 0
-
-
-async def test_rendering_nothing_returns_at_once() -> None:
-    async def no_events() -> AsyncIterator[Event]:
-        return
-        yield  # an async generator that ends at once
-
-    assert await render_progress(no_events(), [], console=Console(file=io.StringIO())) == {}
