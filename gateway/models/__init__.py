@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .download import Downloader, is_retryable
+from .download import Downloader
 from .errors import DownloadError
+from .retry import is_retryable
 
 __all__ = ["DownloadError", "Downloader", "is_retryable"]

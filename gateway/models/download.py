@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from ..catalog import ModelEntry
 from ..events import EventSink, NullSink
@@ -48,9 +47,10 @@ from .checksums import (
     sha256_of,
     write_sha256_cache,
 )
-from .errors import DownloadError, name_not_resolved
+from .errors import DownloadError
 from .files import free_bytes, fsync_dir, fsync_file, sidecar, size_of, write_all, write_atomic
 from .progress import ProgressMeter, human_size
+from .retry import retry_while_progressing
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -64,62 +64,11 @@ _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
 _HUB = "https://huggingface.co/"
 
 
-def is_retryable(exc: BaseException) -> bool:
-    """Whether another attempt may succeed: network trouble and server-side errors, not client errors.
-
-    A host name that does not resolve is not retried either: that is a machine without network (or one that needs a
-    proxy or a mirror), which the seconds of a retry do not cure, and a request waits on every attempt.
-    """
-    if isinstance(exc, DownloadError):
-        return exc.retryable
-    if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError)):
-        return False  # our request is wrong; it will be wrong again
-    return isinstance(exc, httpx.TransportError) and not name_not_resolved(exc)
-
-
 def mirrored(url: str, endpoint: str | None) -> str:
     """``url`` on the Hugging Face mirror ``endpoint`` (``HF_ENDPOINT``) when it points at huggingface.co."""
     if endpoint and url.startswith(_HUB):
         return endpoint.rstrip("/") + "/" + url[len(_HUB) :]
     return url
-
-
-async def retry_while_progressing(
-    attempt: Callable[[], Awaitable[None]],
-    progress: Callable[[], int],
-    *,
-    attempts: int,
-    backoff_min: float,
-    backoff_max: float,
-    sleep: Sleep,
-    before_retry: Callable[[RetryCallState], None],
-) -> None:
-    """Run ``attempt`` until it succeeds, retrying retryable errors with exponential backoff.
-
-    ``attempts`` counts failures in a row that made no progress (``progress()`` did not grow): a flaky link
-    that keeps dropping still finishes a big download, a dead one gives up. Shared by file and repo downloads.
-    """
-    stalls = 0
-
-    def delay(_: RetryCallState) -> float:
-        return backoff_min if stalls <= 1 else float(min(backoff_max, backoff_min * 2 ** (stalls - 1)))
-
-    retrying = AsyncRetrying(
-        stop=lambda _: stalls >= attempts,
-        wait=delay,
-        retry=retry_if_exception(is_retryable),
-        sleep=sleep,
-        before_sleep=before_retry,
-        reraise=True,
-    )
-    async for attempt_ctx in retrying:
-        with attempt_ctx:
-            mark = progress()
-            try:
-                await attempt()
-            except Exception:
-                stalls = 0 if progress() > mark else stalls + 1
-                raise
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -355,7 +304,7 @@ class Downloader:
                 backoff_min=self._backoff_min,
                 backoff_max=self._backoff_max,
                 sleep=self._sleep,
-                before_retry=lambda state: self._before_retry(job, state),
+                before_retry=lambda error, delay: self._before_retry(job, error, delay),
             )
         except DownloadError as exc:
             if not exc.retryable:
@@ -365,10 +314,8 @@ class Downloader:
             raise self._gave_up(job, _describe(exc)) from exc
         await self._finish(job)
 
-    def _before_retry(self, job: _Job, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        reason = exc.message if isinstance(exc, DownloadError) else _describe(exc)
-        delay = state.upcoming_sleep
+    def _before_retry(self, job: _Job, error: BaseException, delay: float) -> None:
+        reason = error.message if isinstance(error, DownloadError) else _describe(error)
         self._log.warning(
             "download of %s failed (attempt %d): %s; retrying in %.1f s", job.file, job.attempt, reason, delay
         )
@@ -616,9 +563,7 @@ def _parse_content_range(value: str | None) -> tuple[int, int | None]:
     return int(match.group(1)), (int(total) if total != "*" else None)
 
 
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "unknown error"
+def _describe(exc: BaseException) -> str:
     if isinstance(exc, httpx.TimeoutException):
         what = "timed out"
     elif isinstance(exc, httpx.ConnectError):

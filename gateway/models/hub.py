@@ -37,13 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from tenacity import RetryCallState
-
 from ..catalog import Model
 from ..events import EventSink, NullSink
-from .download import retry_while_progressing
 from .errors import DownloadError, name_not_resolved
 from .progress import ProgressMeter, human_size
+from .retry import retry_while_progressing
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -437,7 +435,7 @@ class HubFetcher:
                 backoff_min=self._backoff_min,
                 backoff_max=self._backoff_max,
                 sleep=self._sleep,
-                before_retry=lambda state: self._before_retry(job, state),
+                before_retry=lambda error, delay: self._before_retry(job, error, delay),
             )
         except DownloadError as exc:
             if not exc.retryable:
@@ -570,13 +568,11 @@ class HubFetcher:
     async def _in_thread(self, call: Callable[[], T], name: str) -> T:
         return await asyncio.wrap_future(_start_thread(call, name))
 
-    def _before_retry(self, job: _Job, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        reason = exc.message if isinstance(exc, DownloadError) else str(exc)
-        delay = state.upcoming_sleep
+    def _before_retry(self, job: _Job, error: BaseException, delay: float) -> None:
+        reason = error.message if isinstance(error, DownloadError) else str(error)
         repo = job.snapshot.repo
         self._log.warning("fetching %s failed (attempt %d): %s; retrying in %.1f s", repo, job.attempt, reason, delay)
-        url = exc.url if isinstance(exc, DownloadError) else None
+        url = error.url if isinstance(error, DownloadError) else None
         self._events.publish("download.retry", url=url, file=repo, attempt=job.attempt, delay=delay, error=reason)
 
     def _fail(self, repo: str, url: str | None, message: str) -> None:

@@ -16,7 +16,7 @@ import pytest
 from gateway.catalog import ModelEntry
 from gateway.models import download as dl
 from gateway.models.checksums import read_sha256_cache
-from gateway.models.download import Downloader, check_size, is_retryable
+from gateway.models.download import Downloader, check_size
 from gateway.models.errors import DownloadError
 from tests.helpers import FakeSleep, Recorder
 
@@ -121,26 +121,6 @@ def test_size_check_says_what_was_announced_and_what_arrived() -> None:
     with pytest.raises(DownloadError) as long:
         check_size("a.gguf", URL, 100, 140)
     assert not long.value.retryable
-
-
-@pytest.mark.parametrize(
-    ("exc", "retry"),
-    [
-        (httpx.ConnectError("refused"), True),
-        (httpx.ReadError("reset by peer"), True),
-        (httpx.ReadTimeout("slow"), True),
-        (httpx.ConnectTimeout("slow"), True),
-        (httpx.RemoteProtocolError("peer closed connection"), True),
-        (httpx.UnsupportedProtocol("ftp"), False),
-        (httpx.LocalProtocolError("bad header"), False),
-        (DownloadError("503", retryable=True), True),
-        (DownloadError("404"), False),
-        (OSError(28, "No space left on device"), False),
-        (ValueError("bug"), False),
-    ],
-)
-def test_retry_classification(exc: BaseException, retry: bool) -> None:
-    assert is_retryable(exc) is retry
 
 
 # ---------------------------------------------------------------------------------------- downloads
