@@ -1,5 +1,11 @@
 """Model files on demand: download ``url`` to ``<model_dir>/<file>`` with resume, checks, a lock and events.
 
+This module is the downloader itself: the HTTP exchange, the ``.part`` file and the order of the steps. What it
+relies on has a module of its own beside it, each usable and testable without the others: :mod:`.checksums`
+(sha256 and its cache), :mod:`.locking` (one download per file across processes), :mod:`.retry` (which failures
+are tried again, and for how long), :mod:`.progress` (when to report, in which words) and :mod:`.files` (writes
+that survive a crash).
+
 The rules that keep a model file trustworthy:
 
 - Bytes go to ``<file>.part``; the final name appears only by an atomic rename once the size matches the
@@ -8,9 +14,8 @@ The rules that keep a model file trustworthy:
 - ``<file>.part.json`` remembers which URL (and ETag / Last-Modified) the partial bytes came from, so a
   resume after a restart asks for the rest of the *same* file (``Range`` + ``If-Range``); a server that
   answers 200 instead of 206 gets a clean start over.
-- ``<file>.lock`` (``fcntl.flock``) serialises gateways sharing one model dir: the second waits, then finds
-  the finished file. The lock file is removed by its holder, and a waiter checks it locked the file that
-  is still at that path (otherwise two processes could each hold a lock on a different inode).
+- ``<file>.lock`` serialises gateways sharing one model dir: the second publishes ``download.waiting``, waits,
+  then finds the finished file. The holder removes the lock file when it is done.
 - ``<file>.sha256`` caches the file's hash keyed by size and mtime: restarts do not re-read big files, and
   a present, valid file means no network at all.
 - Network trouble (refused, reset, timeouts, a connection cut mid-file, 5xx, 429) is retried with
@@ -21,9 +26,6 @@ The rules that keep a model file trustworthy:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -49,6 +51,7 @@ from .checksums import (
 )
 from .errors import DownloadError
 from .files import free_bytes, fsync_dir, fsync_file, sidecar, size_of, write_all, write_atomic
+from .locking import exclusive
 from .progress import ProgressMeter, human_size
 from .retry import retry_while_progressing
 
@@ -87,53 +90,6 @@ def check_size(file: str, url: str, expected: int | None, found: int) -> None:
     )
 
 
-# ------------------------------------------------------------------------------------------- lock
-
-
-class _FileLock:
-    """An exclusive ``flock`` on ``path``, waited for without blocking the event loop (and cancellable)."""
-
-    def __init__(self, path: Path, *, sleep: Sleep, poll: float) -> None:
-        self._path = path
-        self._sleep = sleep
-        self._poll = poll
-        self._fd: int | None = None
-
-    async def acquire(self, on_wait: Callable[[], None]) -> None:
-        waited = False
-        while True:
-            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
-                if not waited:
-                    waited = True
-                    on_wait()
-                await self._sleep(self._poll)
-                continue
-            # The previous holder unlinks the file before unlocking: our lock may be on a file that is no
-            # longer at this path, which would not keep out a process that opens the path afresh.
-            try:
-                same = os.stat(self._path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._fd = fd
-                return
-            os.close(fd)
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()
-        os.close(fd)
-
-
 # ------------------------------------------------------------------------------------- downloader
 
 
@@ -169,8 +125,9 @@ class Downloader:
     """Provides the files of ``url`` models in ``model_dir``, downloading them when missing.
 
     ``events`` receives the ``download.*`` events (see :mod:`gateway.events`). ``transport``, ``clock``,
-    ``sleep`` and ``disk_free`` are there for tests. ``attempts`` is how many attempts in a row may fail
-    without adding a byte before giving up; backoff doubles from ``backoff_min`` to ``backoff_max``.
+    ``sleep`` (the backoff's) and ``disk_free`` are there for tests. ``attempts`` is how many attempts in a row may
+    fail without adding a byte before giving up; backoff doubles from ``backoff_min`` to ``backoff_max``.
+    ``lock_poll``: how often a process waiting for another's download of the same file checks the lock.
     """
 
     def __init__(
@@ -245,15 +202,11 @@ class Downloader:
             _check_url(url, file)
             path.parent.mkdir(parents=True, exist_ok=True)
             job = _Job(url, file, path, expected, began=self._clock())
-            lock = _FileLock(job.lock_path, sleep=self._sleep, poll=self._lock_poll)
-            await lock.acquire(lambda: self._waiting(job))
-            try:
+            async with exclusive(job.lock_path, poll=self._lock_poll, on_wait=lambda: self._waiting(job)):
                 if path.exists():  # another process finished it while we waited
                     await self._accept_present(path, file, expected)
                     return path
                 await self._download(job)
-            finally:
-                lock.release()
             return path
         except DownloadError as exc:
             self._log.error("%s", exc.message)
