@@ -38,12 +38,18 @@ def test_backoff_doubles_from_the_first_delay_up_to_the_longest() -> None:
 
 
 class Flaky:
-    """An attempt that fails with ``errors`` in turn, adding ``gains`` bytes each time, then returns "done"."""
+    """An attempt that fails with ``errors`` in turn, adding ``gains`` bytes each time, then returns "done".
+
+    :meth:`run` retries it as the downloaders do (backoff from 1 s to 30 s), with a sleep that does not wait; the
+    retries it announced are in ``seen``, as (error, delay).
+    """
 
     def __init__(self, errors: list[Exception], gains: list[int]) -> None:
         self.errors, self.gains = errors, gains
         self.bytes = 0
         self.calls = 0
+        self.sleep = FakeSleep()
+        self.seen: list[tuple[str, float]] = []
 
     async def __call__(self) -> str:
         self.calls += 1
@@ -52,51 +58,34 @@ class Flaky:
         self.bytes += self.gains.pop(0)
         raise self.errors.pop(0)
 
+    async def run(self, attempts: int) -> str:
+        return await retry_while_progressing(
+            self,
+            lambda: self.bytes,
+            attempts=attempts,
+            backoff_min=1.0,
+            backoff_max=30.0,
+            sleep=self.sleep,
+            before_retry=lambda error, delay: self.seen.append((str(error), delay)),
+        )
+
 
 async def test_the_result_comes_back_after_retries_that_are_announced() -> None:
     flaky = Flaky([httpx.ConnectError("refused"), DownloadError("503", retryable=True)], [0, 0])
-    sleep, seen = FakeSleep(), []
-    result = await retry_while_progressing(
-        flaky,
-        lambda: flaky.bytes,
-        attempts=3,
-        backoff_min=1.0,
-        backoff_max=30.0,
-        sleep=sleep,
-        before_retry=lambda error, delay: seen.append((str(error), delay)),
-    )
-    assert result == "done" and flaky.calls == 3
-    assert seen == [("refused", 1.0), ("503", 2.0)] and sleep.delays == [1.0, 2.0]
+    assert await flaky.run(attempts=3) == "done" and flaky.calls == 3
+    assert flaky.seen == [("refused", 1.0), ("503", 2.0)] and flaky.sleep.delays == [1.0, 2.0]
 
 
 async def test_only_attempts_without_progress_count_towards_giving_up() -> None:
     cut = [httpx.RemoteProtocolError("cut") for _ in range(6)]
     flaky = Flaky(list(cut), [100, 100, 100, 100, 0, 0])  # four attempts add bytes, then two add nothing
-    sleep = FakeSleep()
     with pytest.raises(httpx.RemoteProtocolError):
-        await retry_while_progressing(
-            flaky,
-            lambda: flaky.bytes,
-            attempts=2,
-            backoff_min=1.0,
-            backoff_max=30.0,
-            sleep=sleep,
-            before_retry=lambda error, delay: None,
-        )
-    assert flaky.calls == 6 and sleep.delays == [1.0] * 5
+        await flaky.run(attempts=2)
+    assert flaky.calls == 6 and flaky.sleep.delays == [1.0] * 5
 
 
 async def test_an_error_that_is_not_retryable_is_raised_at_once() -> None:
     flaky = Flaky([DownloadError("404")], [0])
-    sleep = FakeSleep()
     with pytest.raises(DownloadError, match="404"):
-        await retry_while_progressing(
-            flaky,
-            lambda: flaky.bytes,
-            attempts=5,
-            backoff_min=1.0,
-            backoff_max=30.0,
-            sleep=sleep,
-            before_retry=lambda error, delay: None,
-        )
-    assert flaky.calls == 1 and sleep.delays == []
+        await flaky.run(attempts=5)
+    assert flaky.calls == 1 and flaky.sleep.delays == [] and flaky.seen == []
