@@ -9,8 +9,8 @@ filelock keeps a Unix lock file after release (a removed one is a known hazard);
 finished download leaves nothing behind, and safely: the holder removes it *before* it lets go, and a waiter that
 then wins the lock on the removed file finds it has no name any more (filelock checks the link count after every
 ``flock``) and tries again on the path. So two processes never each hold a lock on a different file of the same
-name. That needs filelock 3.29.5 or later: from 3.21 to 3.29.4 filelock removed the file itself on release, after
-our removal, which could take away a newer holder's file.
+name. That needs filelock 3.30 or later: from 3.21 to 3.29.4 filelock removed the file itself on release, after
+our removal, which could take away a newer holder's file; 3.30 added ``fallback_to_soft``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ async def exclusive(path: Path, *, poll: float, on_wait: Callable[[], None]) -> 
 
     ``on_wait`` is called once, before waiting, when another process holds the lock: the caller tells its users.
     """
-    lock = AsyncFileLock(path, mode=0o644, poll_interval=poll)
+    # No soft fallback where flock is missing: a marker file left by a killed process would block every later
+    # download of the file; without flock the download fails with the OSError, as it always has.
+    lock = AsyncFileLock(path, mode=0o644, poll_interval=poll, fallback_to_soft=False)
     try:
         await lock.acquire(blocking=False)  # filelock's way to try once: Timeout when someone else holds it
     except Timeout:
