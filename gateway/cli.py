@@ -171,8 +171,9 @@ def pull_models(settings: Settings, names: list[str], *, every: bool) -> int:
     import asyncio
 
     from .events import EventBus
-    from .models.download import Downloader, DownloadError
-    from .models.progress import render_progress
+    from .models.bars import render_progress
+    from .models.download import Downloader
+    from .models.errors import DownloadError
 
     catalog = load_catalog(
         settings.resolved_models_file(), model_dir=settings.model_dir, default_model=settings.default_model

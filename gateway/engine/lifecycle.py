@@ -20,8 +20,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tenacity import RetryCallState, wait_exponential
-
 from ..errors import EngineStartFailed, EngineUnavailable, GatewayError, ModelDownloadFailed, retry_after_header
 from ..events import EventSink, NullSink
 from .launcher import Endpoint, Running
@@ -40,6 +38,14 @@ EXIT_GRACE = 5.0
 # An engine that dies sooner than this after it became ready counts as one that failed to start: it backs off,
 # instead of being started again at once by every request (a model that crashes the engine at its first request).
 STABLE_AFTER = 60.0
+
+
+def start_backoff(failures: int, longest: float) -> float:
+    """Seconds before the next start after ``failures`` failed starts in a row: 1, 2, 4 ... up to ``longest``.
+
+    Never less than a second, whatever ``longest`` says. (An integer power: no overflow however long it failed.)
+    """
+    return float(max(1, min(longest, 2 ** (failures - 1))))
 
 
 class NotStarted(Exception):
@@ -110,7 +116,6 @@ class EngineLifecycle:
         self._activity = asyncio.Event()  # wakes the idle stopper
         self._stopper_parked = False
         self._sm = StateMachine(on_change=self._on_state_change)
-        self._backoff = wait_exponential(multiplier=1, min=1, max=limits.backoff_max)
 
         self._running: Running | None = None
         self._start_task: asyncio.Task[Endpoint] | None = None
@@ -460,9 +465,7 @@ class EngineLifecycle:
 
     def _fail_start(self, exc: BaseException) -> None:
         self._failures += 1
-        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-        state.attempt_number = self._failures
-        delay = self._backoff(state)
+        delay = start_backoff(self._failures, self._limits.backoff_max)
         self._failure = type(exc) if isinstance(exc, EngineUnavailable) else EngineStartFailed
         if isinstance(exc, ModelDownloadFailed):
             delay = max(delay, min(DOWNLOAD_RETRY_MIN, self._limits.backoff_max))

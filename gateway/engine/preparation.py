@@ -84,7 +84,7 @@ class Preparer:
         repos = [m for m in catalog.models if not m.source.local and m.entry.prefetch]
         if not (wanted or repos) or self._make_downloader is None:
             return {}
-        from ..models.download import DownloadError  # loaded only by models that need it
+        from ..models.errors import DownloadError  # loaded only by models that need it
 
         folders: dict[str, Path] = {}
         for model in [*wanted, *repos]:

@@ -1,5 +1,11 @@
 """Model files on demand: download ``url`` to ``<model_dir>/<file>`` with resume, checks, a lock and events.
 
+This module is the downloader itself: the HTTP exchange, the ``.part`` file and the order of the steps. What it
+relies on has a module of its own beside it, each usable and testable without the others: :mod:`.checksums`
+(sha256 and its cache), :mod:`.locking` (one download per file across processes), :mod:`.retry` (which failures
+are tried again, and for how long), :mod:`.progress` (when to report, in which words) and :mod:`.files` (writes
+that survive a crash).
+
 The rules that keep a model file trustworthy:
 
 - Bytes go to ``<file>.part``; the final name appears only by an atomic rename once the size matches the
@@ -8,9 +14,8 @@ The rules that keep a model file trustworthy:
 - ``<file>.part.json`` remembers which URL (and ETag / Last-Modified) the partial bytes came from, so a
   resume after a restart asks for the rest of the *same* file (``Range`` + ``If-Range``); a server that
   answers 200 instead of 206 gets a clean start over.
-- ``<file>.lock`` (``fcntl.flock``) serialises gateways sharing one model dir: the second waits, then finds
-  the finished file. The lock file is removed by its holder, and a waiter checks it locked the file that
-  is still at that path (otherwise two processes could each hold a lock on a different inode).
+- ``<file>.lock`` serialises gateways sharing one model dir: the second publishes ``download.waiting``, waits,
+  then finds the finished file. The holder removes the lock file when it is done.
 - ``<file>.sha256`` caches the file's hash keyed by size and mtime: restarts do not re-read big files, and
   a present, valid file means no network at all.
 - Network trouble (refused, reset, timeouts, a connection cut mid-file, 5xx, 429) is retried with
@@ -21,32 +26,34 @@ The rules that keep a model file trustworthy:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
 import re
-import shutil
-import socket
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from ..catalog import ModelEntry
 from ..events import EventSink, NullSink
-
-if TYPE_CHECKING:
-    from hashlib import _Hash
+from .checksums import (
+    Hasher,
+    check_sha256,
+    normalise_sha256,
+    read_sha256_cache,
+    sha256_of,
+    write_sha256_cache,
+)
+from .errors import DownloadError
+from .files import free_bytes, fsync_dir, fsync_file, sidecar, size_of, write_all, write_atomic
+from .locking import exclusive
+from .progress import ProgressMeter, human_size
+from .retry import retry_while_progressing
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -55,62 +62,9 @@ DiskFree = Callable[[Path], int]
 _logger = logging.getLogger("gateway.models")
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, read=120.0)
-_HASH_BLOCK = 4 << 20
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
 _HUB = "https://huggingface.co/"
-
-
-class DownloadError(Exception):
-    """A model file could not be provided; ``message`` names the file, what was expected and what was found.
-
-    ``retryable`` marks trouble that another attempt may cure (a cut connection, a 503); the downloader
-    only lets non-retryable ones, or the last retryable one, escape. ``network``: the network, not the request,
-    is the trouble (no route to the server, no name resolution, retries used up), so a user offline, behind a proxy
-    or in need of a mirror is told what to do about it.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        file: str | None = None,
-        url: str | None = None,
-        retryable: bool = False,
-        network: bool = False,
-    ):
-        super().__init__(message)
-        self.message = message
-        self.file = file
-        self.url = url
-        self.retryable = retryable
-        self.network = network
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """Whether another attempt may succeed: network trouble and server-side errors, not client errors.
-
-    A host name that does not resolve is not retried either: that is a machine without network (or one that needs a
-    proxy or a mirror), which the seconds of a retry do not cure, and a request waits on every attempt.
-    """
-    if isinstance(exc, DownloadError):
-        return exc.retryable
-    if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError)):
-        return False  # our request is wrong; it will be wrong again
-    return isinstance(exc, httpx.TransportError) and not name_not_resolved(exc)
-
-
-def name_not_resolved(exc: BaseException) -> bool:
-    """Whether a connection failed because the host name did not resolve (a ``socket.gaierror`` underneath)."""
-    seen: BaseException | None = exc
-    for _ in range(8):  # httpx -> httpcore -> the OS error
-        if seen is None:
-            return False
-        if isinstance(seen, socket.gaierror):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def mirrored(url: str, endpoint: str | None) -> str:
@@ -120,134 +74,7 @@ def mirrored(url: str, endpoint: str | None) -> str:
     return url
 
 
-async def retry_while_progressing(
-    attempt: Callable[[], Awaitable[None]],
-    progress: Callable[[], int],
-    *,
-    attempts: int,
-    backoff_min: float,
-    backoff_max: float,
-    sleep: Sleep,
-    before_retry: Callable[[RetryCallState], None],
-) -> None:
-    """Run ``attempt`` until it succeeds, retrying retryable errors with exponential backoff.
-
-    ``attempts`` counts failures in a row that made no progress (``progress()`` did not grow): a flaky link
-    that keeps dropping still finishes a big download, a dead one gives up. Shared by file and repo downloads.
-    """
-    stalls = 0
-
-    def delay(_: RetryCallState) -> float:
-        return backoff_min if stalls <= 1 else float(min(backoff_max, backoff_min * 2 ** (stalls - 1)))
-
-    retrying = AsyncRetrying(
-        stop=lambda _: stalls >= attempts,
-        wait=delay,
-        retry=retry_if_exception(is_retryable),
-        sleep=sleep,
-        before_sleep=before_retry,
-        reraise=True,
-    )
-    async for attempt_ctx in retrying:
-        with attempt_ctx:
-            mark = progress()
-            try:
-                await attempt()
-            except Exception:
-                stalls = 0 if progress() > mark else stalls + 1
-                raise
-
-
-def free_bytes(path: Path) -> int:
-    return shutil.disk_usage(path).free
-
-
-# ----------------------------------------------------------------------------------------- progress
-
-
-class ProgressMeter:
-    """Decides when a progress event is due and computes its rate and ETA.
-
-    An event is due when ``interval`` seconds have passed or ``step`` of the total has been added since the
-    last one, so a download yields at most about ``1/step`` events plus ``1/interval`` per second, however
-    small its chunks are. The rate is measured over the last ``window`` seconds: it follows a link that
-    speeds up or slows down, and does not count bytes that were already on disk.
-    """
-
-    def __init__(
-        self,
-        total: int | None,
-        start: int,
-        now: float,
-        *,
-        interval: float = 0.5,
-        step: float = 0.01,
-        window: float = 5.0,
-    ) -> None:
-        self.total = total
-        self._interval = interval
-        self._step = max(1, int(total * step)) if total else None
-        self._window = window
-        self._samples: deque[tuple[float, int]] = deque([(now, start)])
-        self._last_time = now
-        self._last_bytes = start
-
-    def update(self, done: int, now: float) -> dict[str, Any] | None:
-        """The details of a progress event if one is due, else None."""
-        if now - self._last_time < self._interval and (self._step is None or done - self._last_bytes < self._step):
-            return None
-        return self._emit(done, now)
-
-    def finish(self, done: int, now: float) -> dict[str, Any] | None:
-        """The final event, unless the last one already reported ``done`` bytes."""
-        if done == self._last_bytes and len(self._samples) > 1:
-            return None
-        return self._emit(done, now)
-
-    def _emit(self, done: int, now: float) -> dict[str, Any]:
-        self._samples.append((now, done))
-        while len(self._samples) > 2 and now - self._samples[1][0] >= self._window:
-            self._samples.popleft()
-        first_time, first_bytes = self._samples[0]
-        elapsed = now - first_time
-        rate = (done - first_bytes) / elapsed if elapsed > 0 else None
-        eta = None
-        if rate and self.total is not None:
-            eta = round(max(0, self.total - done) / rate, 1)
-        self._last_time, self._last_bytes = now, done
-        return {"bytes": done, "total": self.total, "rate": round(rate) if rate is not None else None, "eta": eta}
-
-
 # ----------------------------------------------------------------------------------------- checks
-
-
-def sha256_of(path: Path, limit: int | None = None) -> _Hash:
-    """A sha256 object fed with the first ``limit`` bytes of ``path`` (all of it when None). Blocking."""
-    digest = hashlib.sha256()
-    remaining = limit
-    with path.open("rb") as f:
-        while remaining is None or remaining > 0:
-            block = f.read(_HASH_BLOCK if remaining is None else min(_HASH_BLOCK, remaining))
-            if not block:
-                break
-            digest.update(block)
-            if remaining is not None:
-                remaining -= len(block)
-    return digest
-
-
-def normalise_sha256(value: str | None, file: str) -> str | None:
-    """The expected hash in lower-case hex; accepts a ``sha256:`` prefix. Raises for anything else."""
-    if value is None:
-        return None
-    text = value.strip().lower().removeprefix("sha256:")
-    if not _SHA256.fullmatch(text):
-        raise DownloadError(
-            f"Model file {file!r}: sha256 = {value!r} in the models file is not 64 hexadecimal digits. "
-            "Fix it (sha256sum prints the right value), or remove it to skip the check.",
-            file=file,
-        )
-    return text
 
 
 def check_size(file: str, url: str, expected: int | None, found: int) -> None:
@@ -261,84 +88,6 @@ def check_size(file: str, url: str, expected: int | None, found: int) -> None:
         url=url,
         retryable=found < expected,
     )
-
-
-def check_sha256(file: str, origin: str, expected: str | None, found: str) -> None:
-    if expected is None or expected == found:
-        return
-    raise DownloadError(
-        f"Model file {file!r} {origin} is not the expected file: its sha256 is {found}, "
-        f"the models file expects {expected}. Check the url and the sha256 in the models file.",
-        file=file,
-    )
-
-
-def read_sha256_cache(path: Path) -> str | None:
-    """The cached hash of ``path`` if its ``.sha256`` sidecar still matches its size and mtime."""
-    try:
-        stat = path.stat()
-        cached = json.loads(_sidecar(path, ".sha256").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(cached, dict):
-        return None
-    if cached.get("size") != stat.st_size or cached.get("mtime_ns") != stat.st_mtime_ns:
-        return None
-    value = cached.get("sha256")
-    return value if isinstance(value, str) and _SHA256.fullmatch(value) else None
-
-
-def write_sha256_cache(path: Path, sha256: str) -> None:
-    stat = path.stat()
-    record = {"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    _write_atomic(_sidecar(path, ".sha256"), json.dumps(record) + "\n")
-
-
-# ------------------------------------------------------------------------------------------- lock
-
-
-class _FileLock:
-    """An exclusive ``flock`` on ``path``, waited for without blocking the event loop (and cancellable)."""
-
-    def __init__(self, path: Path, *, sleep: Sleep, poll: float) -> None:
-        self._path = path
-        self._sleep = sleep
-        self._poll = poll
-        self._fd: int | None = None
-
-    async def acquire(self, on_wait: Callable[[], None]) -> None:
-        waited = False
-        while True:
-            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
-                if not waited:
-                    waited = True
-                    on_wait()
-                await self._sleep(self._poll)
-                continue
-            # The previous holder unlinks the file before unlocking: our lock may be on a file that is no
-            # longer at this path, which would not keep out a process that opens the path afresh.
-            try:
-                same = os.stat(self._path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._fd = fd
-                return
-            os.close(fd)
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------- downloader
@@ -355,29 +104,30 @@ class _Job:
     high_water: int = 0  # the most bytes the .part file has held
     downloaded: int = 0  # bytes received over the network, all attempts
     total: int | None = None
-    hasher: _Hash | None = None
+    hasher: Hasher | None = None
     hashed: int = 0  # bytes of the .part file that ``hasher`` has seen
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def part(self) -> Path:
-        return _sidecar(self.path, ".part")
+        return sidecar(self.path, ".part")
 
     @property
     def meta_path(self) -> Path:
-        return _sidecar(self.path, ".part.json")
+        return sidecar(self.path, ".part.json")
 
     @property
     def lock_path(self) -> Path:
-        return _sidecar(self.path, ".lock")
+        return sidecar(self.path, ".lock")
 
 
 class Downloader:
     """Provides the files of ``url`` models in ``model_dir``, downloading them when missing.
 
     ``events`` receives the ``download.*`` events (see :mod:`gateway.events`). ``transport``, ``clock``,
-    ``sleep`` and ``disk_free`` are there for tests. ``attempts`` is how many attempts in a row may fail
-    without adding a byte before giving up; backoff doubles from ``backoff_min`` to ``backoff_max``.
+    ``sleep`` (the backoff's) and ``disk_free`` are there for tests. ``attempts`` is how many attempts in a row may
+    fail without adding a byte before giving up; backoff doubles from ``backoff_min`` to ``backoff_max``.
+    ``lock_poll``: how often a process waiting for another's download of the same file checks the lock.
     """
 
     def __init__(
@@ -452,15 +202,11 @@ class Downloader:
             _check_url(url, file)
             path.parent.mkdir(parents=True, exist_ok=True)
             job = _Job(url, file, path, expected, began=self._clock())
-            lock = _FileLock(job.lock_path, sleep=self._sleep, poll=self._lock_poll)
-            await lock.acquire(lambda: self._waiting(job))
-            try:
+            async with exclusive(job.lock_path, poll=self._lock_poll, on_wait=lambda: self._waiting(job)):
                 if path.exists():  # another process finished it while we waited
                     await self._accept_present(path, file, expected)
                     return path
                 await self._download(job)
-            finally:
-                lock.release()
             return path
         except DownloadError as exc:
             self._log.error("%s", exc.message)
@@ -485,7 +231,7 @@ class Downloader:
         if expected is not None:
             found = read_sha256_cache(path)
             if found is None:
-                self._log.info("checking the sha256 of %s (%s)", path, _human(size))
+                self._log.info("checking the sha256 of %s (%s)", path, human_size(size))
                 found = (await asyncio.to_thread(sha256_of, path)).hexdigest()
                 write_sha256_cache(path, found)
             if found != expected:
@@ -511,7 +257,7 @@ class Downloader:
                 backoff_min=self._backoff_min,
                 backoff_max=self._backoff_max,
                 sleep=self._sleep,
-                before_retry=lambda state: self._before_retry(job, state),
+                before_retry=lambda error, delay: self._before_retry(job, error, delay),
             )
         except DownloadError as exc:
             if not exc.retryable:
@@ -521,10 +267,8 @@ class Downloader:
             raise self._gave_up(job, _describe(exc)) from exc
         await self._finish(job)
 
-    def _before_retry(self, job: _Job, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        reason = exc.message if isinstance(exc, DownloadError) else _describe(exc)
-        delay = state.upcoming_sleep
+    def _before_retry(self, job: _Job, error: BaseException, delay: float) -> None:
+        reason = error.message if isinstance(error, DownloadError) else _describe(error)
         self._log.warning(
             "download of %s failed (attempt %d): %s; retrying in %.1f s", job.file, job.attempt, reason, delay
         )
@@ -533,7 +277,7 @@ class Downloader:
         )
 
     def _gave_up(self, job: _Job, reason: str) -> DownloadError:
-        kept = _size_of(job.part)
+        kept = size_of(job.part)
         tail = f" {kept} bytes are kept in {job.part.name}; the next try resumes from there." if kept else ""
         return DownloadError(
             f"Could not download model file {job.file!r} from {job.url} after {job.attempt} "
@@ -598,7 +342,7 @@ class Downloader:
             if offset:
                 self._log.info("resuming %s at byte %d of %s", job.file, offset, total if total is not None else "?")
             else:
-                self._log.info("downloading %s from %s (%s)", job.file, job.url, _human(total))
+                self._log.info("downloading %s from %s (%s)", job.file, job.url, human_size(total))
             done = await self._receive(job, response, offset)
         if total is not None and done > total:
             self._discard_part(job)  # more than the whole file: the bytes cannot be trusted
@@ -614,7 +358,7 @@ class Downloader:
         # Unbuffered: what has arrived is in the .part file, so a gateway that is killed resumes from there.
         with job.part.open("ab", buffering=0) as out:
             async for chunk in response.aiter_raw():
-                _write_all(out, chunk)
+                write_all(out, chunk)
                 hasher.update(chunk)
                 done += len(chunk)
                 job.hashed = done
@@ -640,13 +384,13 @@ class Downloader:
         except DownloadError as exc:
             self._discard_part(job)
             raise DownloadError(exc.message + " The download was deleted.", file=job.file, url=job.url) from None
-        await asyncio.to_thread(_fsync, job.part)
+        await asyncio.to_thread(fsync_file, job.part)
         os.replace(job.part, job.path)
-        _fsync_dir(job.path.parent)
+        fsync_dir(job.path.parent)
         write_sha256_cache(job.path, found)
         job.meta_path.unlink(missing_ok=True)
         seconds = round(self._clock() - job.began, 3)
-        self._log.info("downloaded %s (%s) in %.1f s", job.path, _human(size), seconds)
+        self._log.info("downloaded %s (%s) in %.1f s", job.path, human_size(size), seconds)
         self._events.publish(
             "download.done",
             url=job.url,
@@ -662,7 +406,7 @@ class Downloader:
 
     def _resume_point(self, job: _Job) -> int:
         """Bytes already in ``.part`` that came from this URL; a part of unknown origin is dropped."""
-        size = _size_of(job.part)
+        size = size_of(job.part)
         if not size:
             job.meta = {}
             return 0
@@ -688,7 +432,7 @@ class Downloader:
             "total": total,
         }
         if meta != job.meta:
-            _write_atomic(job.meta_path, json.dumps(meta) + "\n")
+            write_atomic(job.meta_path, json.dumps(meta) + "\n")
             job.meta = meta
 
     def _discard_part(self, job: _Job) -> None:
@@ -740,56 +484,14 @@ class Downloader:
         if needed > free:
             raise DownloadError(
                 f"Not enough free disk space in {folder} for model file {job.file!r}: it needs {needed} bytes "
-                f"({_human(needed)}), {free} bytes ({_human(free)}) are free. Free some space or set "
+                f"({human_size(needed)}), {free} bytes ({human_size(free)}) are free. Free some space or set "
                 "GATEWAY_MODEL_DIR to a larger disk.",
                 file=job.file,
                 url=job.url,
             )
 
 
-# ---------------------------------------------------------------------------------- progress bars
-
-
-def _sidecar(path: Path, suffix: str) -> Path:
-    return path.with_name(path.name + suffix)
-
-
-def _size_of(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_all(out: io.RawIOBase, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = out.write(view)
-        if not written:
-            raise OSError(errno.EIO, "the file accepted no bytes", out.name if hasattr(out, "name") else None)
-        view = view[written:]
-
-
-def _fsync(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable: a power cut must not bring back the .part name."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot sync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
+# ---------------------------------------------------------------------------------------- helpers
 
 
 def _check_url(url: str, file: str) -> None:
@@ -814,9 +516,7 @@ def _parse_content_range(value: str | None) -> tuple[int, int | None]:
     return int(match.group(1)), (int(total) if total != "*" else None)
 
 
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "unknown error"
+def _describe(exc: BaseException) -> str:
     if isinstance(exc, httpx.TimeoutException):
         what = "timed out"
     elif isinstance(exc, httpx.ConnectError):
@@ -829,27 +529,3 @@ def _describe(exc: BaseException | None) -> str:
         what = type(exc).__name__
     text = str(exc)
     return f"{what} ({text})" if text else what
-
-
-def _human(size: float | None) -> str:
-    if size is None:
-        return "size unknown"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
-
-
-def _duration(seconds: Any) -> str:
-    if not isinstance(seconds, (int, float)):
-        return "?"
-    whole = int(seconds)
-    if whole < 60:
-        return f"{seconds:.1f} s" if seconds < 10 else f"{whole} s"
-    minutes, secs = divmod(whole, 60)
-    if minutes < 60:
-        return f"{minutes} min {secs:02d} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min"

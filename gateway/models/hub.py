@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from tenacity import RetryCallState
-
 from ..catalog import Model
 from ..events import EventSink, NullSink
-from .download import DownloadError, ProgressMeter, _human, name_not_resolved, retry_while_progressing
+from .errors import DownloadError, name_not_resolved
+from .progress import ProgressMeter, human_size
+from .retry import retry_while_progressing
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -94,14 +94,16 @@ class Hub(Protocol):
         ...
 
 
-class _FoundInCache(Exception):
-    """Ends the retries: the hub cannot be asked, but its client's cache holds the snapshot (``sizes``: its files')."""
+@dataclass(frozen=True)
+class CachedCopy:
+    """A complete copy of a snapshot in the hub client's own cache, used when the hub cannot be asked (``reason``).
 
-    def __init__(self, folder: Path, sizes: list[int], reason: str) -> None:
-        super().__init__(reason)
-        self.folder = folder
-        self.sizes = sizes
-        self.reason = reason
+    An attempt that finds one returns it, which ends the retries: there is nothing left to fetch.
+    """
+
+    folder: Path
+    sizes: tuple[int, ...]  # of its files
+    reason: str
 
 
 def _unreachable(exc: BaseException, error: DownloadError) -> bool:
@@ -393,25 +395,10 @@ class HubFetcher:
                     files=len(present),
                 )
                 return snapshot.folder
-            try:
-                await self._fetch(_Job(snapshot, began=self._clock()))
-            except _FoundInCache as found:
-                self._log.warning(
-                    "%s cannot be fetched (%s): loading the copy in huggingface_hub's cache, %s",
-                    repo,
-                    found.reason,
-                    found.folder,
-                )
-                self._events.publish(
-                    "download.present",
-                    file=repo,
-                    path=str(found.folder),
-                    bytes=sum(found.sizes),
-                    verified=False,
-                    files=len(found.sizes),
-                    source="huggingface_hub cache",
-                )
-                return found.folder
+            cached = await self._fetch(_Job(snapshot, began=self._clock()))
+            if cached is not None:
+                self._use_cached(repo, cached)
+                return cached.folder
             return snapshot.folder
         except DownloadError as exc:
             self._fail(repo, exc.url, exc.message)
@@ -426,16 +413,17 @@ class HubFetcher:
 
     # --------------------------------------------------------------------------------- fetching
 
-    async def _fetch(self, job: _Job) -> None:
+    async def _fetch(self, job: _Job) -> CachedCopy | None:
+        """Snapshot the repo into its folder and record it; or, when the hub is out of reach, its client's copy."""
         try:
-            await retry_while_progressing(
+            cached = await retry_while_progressing(
                 lambda: self._attempt(job),
                 lambda: len(job.files),
                 attempts=self._attempts,
                 backoff_min=self._backoff_min,
                 backoff_max=self._backoff_max,
                 sleep=self._sleep,
-                before_retry=lambda state: self._before_retry(job, state),
+                before_retry=lambda error, delay: self._before_retry(job, error, delay),
             )
         except DownloadError as exc:
             if not exc.retryable:
@@ -447,12 +435,14 @@ class HubFetcher:
                 url=exc.url,
                 network=exc.network,
             ) from exc
+        if cached is not None:
+            return cached
         assert job.listing is not None
         write_record(job.snapshot, job.listing.commit, job.files)
         size = sum(job.files.values())
         seconds = round(self._clock() - job.began, 3)
         self._log.info(
-            "fetched %s (%d files, %s) in %.1f s", job.snapshot.folder, len(job.files), _human(size), seconds
+            "fetched %s (%d files, %s) in %.1f s", job.snapshot.folder, len(job.files), human_size(size), seconds
         )
         self._events.publish(
             "download.done",
@@ -466,8 +456,27 @@ class HubFetcher:
             commit=job.listing.commit,
             files=len(job.files),
         )
+        return None
 
-    async def _attempt(self, job: _Job) -> None:
+    def _use_cached(self, repo: str, cached: CachedCopy) -> None:
+        self._log.warning(
+            "%s cannot be fetched (%s): loading the copy in huggingface_hub's cache, %s",
+            repo,
+            cached.reason,
+            cached.folder,
+        )
+        self._events.publish(
+            "download.present",
+            file=repo,
+            path=str(cached.folder),
+            bytes=sum(cached.sizes),
+            verified=False,
+            files=len(cached.sizes),
+            source="huggingface_hub cache",
+        )
+
+    async def _attempt(self, job: _Job) -> CachedCopy | None:
+        """One try: ask the hub, download. When the hub cannot be asked, a complete copy in its client's cache."""
         job.attempt += 1
         snapshot = job.snapshot
         try:
@@ -480,17 +489,20 @@ class HubFetcher:
         except Exception as exc:
             error = explain(exc, snapshot, job.url or snapshot.repo)
             if _unreachable(exc, error):
-                found = await self._in_thread(lambda: self._look_in_cache(snapshot), f"hub-cache {snapshot.repo}")
-                if found is not None:
-                    raise _FoundInCache(*found, error.message) from exc
+                cached = await self._in_thread(
+                    lambda: self._look_in_cache(snapshot, error.message), f"hub-cache {snapshot.repo}"
+                )
+                if cached is not None:
+                    return cached
             raise error from exc
+        return None
 
-    def _look_in_cache(self, snapshot: Snapshot) -> tuple[Path, list[int]] | None:
+    def _look_in_cache(self, snapshot: Snapshot, reason: str) -> CachedCopy | None:
         """In a worker thread: the hub client's cached copy and the sizes of its files (disk I/O off the loop)."""
         folder = self._hub.cached(snapshot)
         if folder is None:
             return None
-        return folder, [p.stat().st_size for p in folder.rglob("*") if p.is_file()]
+        return CachedCopy(folder, tuple(p.stat().st_size for p in folder.rglob("*") if p.is_file()), reason)
 
     async def _download(self, job: _Job, listing: Listing, url: str) -> None:
         snapshot = job.snapshot
@@ -516,7 +528,7 @@ class HubFetcher:
             listing.commit[:12],
             snapshot.folder,
             len(sizes),
-            _human(total),
+            human_size(total),
         )
         previous = self._running.get(snapshot.folder)
         if previous is not None and not previous.done():
@@ -568,13 +580,11 @@ class HubFetcher:
     async def _in_thread(self, call: Callable[[], T], name: str) -> T:
         return await asyncio.wrap_future(_start_thread(call, name))
 
-    def _before_retry(self, job: _Job, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        reason = exc.message if isinstance(exc, DownloadError) else str(exc)
-        delay = state.upcoming_sleep
+    def _before_retry(self, job: _Job, error: BaseException, delay: float) -> None:
+        reason = error.message if isinstance(error, DownloadError) else str(error)
         repo = job.snapshot.repo
         self._log.warning("fetching %s failed (attempt %d): %s; retrying in %.1f s", repo, job.attempt, reason, delay)
-        url = exc.url if isinstance(exc, DownloadError) else None
+        url = error.url if isinstance(error, DownloadError) else None
         self._events.publish("download.retry", url=url, file=repo, attempt=job.attempt, delay=delay, error=reason)
 
     def _fail(self, repo: str, url: str | None, message: str) -> None:

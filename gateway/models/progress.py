@@ -1,105 +1,91 @@
-"""Progress bars for `mistral-gateway pull`, drawn from the downloader's events.
+"""How far a download has come, and how to say it: the progress meter and human-readable sizes and durations.
 
-Kept apart from the downloader so that the gateway process never imports rich (memory at rest counts).
+File downloads and repo snapshots report progress the same way: :class:`ProgressMeter` decides when a
+``download.progress`` event is due and computes its rate and ETA, so neither floods the event bus with one event
+per chunk. The words for sizes and durations are shared by the log lines and by the progress bars of
+``mistral-gateway pull`` (:mod:`gateway.models.bars`), which is why they live here and not in either.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Collection
-
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
-
-from ..events import DOWNLOAD_FINAL, Event
-from .download import _duration, _human
+from collections import deque
+from typing import Any
 
 
-class ProgressView:
-    """Draws one rich progress bar per file from ``download.*`` events; ``outcome`` holds each file's end."""
+class ProgressMeter:
+    """Decides when a progress event is due and computes its rate and ETA.
 
-    def __init__(self, console: Console | None = None) -> None:
-        self.outcome: dict[str, str] = {}
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TextColumn("{task.fields[eta]}"),
-            TextColumn("{task.fields[status]}"),
-            console=console,
-        )
-        self._tasks: dict[str, TaskID] = {}
-
-    def __enter__(self) -> ProgressView:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
-
-    def finished(self, files: Collection[str]) -> bool:
-        return all(name in self.outcome for name in files)
-
-    def handle(self, event: Event) -> None:
-        if not event.type.startswith("download."):
-            return
-        details = event.details
-        name = str(details.get("file", "?"))
-        task = self._task(name)
-        kind = event.type.removeprefix("download.")
-        update = self._progress.update
-        if kind == "started":
-            self.outcome.pop(name, None)
-            update(task, total=details.get("total"), completed=details.get("resumed_from") or 0, status="")
-        elif kind == "progress":
-            update(task, total=details.get("total"), completed=details.get("bytes") or 0)
-            rate, eta = details.get("rate"), details.get("eta")
-            update(task, rate=f"{_human(rate)}/s" if rate else "", eta=f"{_duration(eta)} left" if eta else "")
-        elif kind == "waiting":
-            update(task, status="waiting for another process")
-        elif kind == "retry":
-            update(task, status=f"retry {details.get('attempt')}: {details.get('error')}", rate="", eta="")
-        elif kind in ("done", "present"):
-            size = details.get("bytes") or 0
-            status = f"done in {_duration(details.get('seconds'))}" if kind == "done" else "already here"
-            update(task, total=size, completed=size, rate="", eta="", status=status)
-        elif kind == "failed":
-            update(task, rate="", eta="", status="[red]failed")
-            self._progress.console.print(f"[red]{name}: {details.get('error')}", markup=True, highlight=False)
-        if event.type in DOWNLOAD_FINAL:
-            self.outcome[name] = kind
-
-    def _task(self, name: str) -> TaskID:
-        if name not in self._tasks:
-            self._tasks[name] = self._progress.add_task(name, total=None, rate="", eta="", status="")
-        return self._tasks[name]
-
-
-async def render_progress(
-    events: AsyncIterable[Event],
-    files: Collection[str] | None = None,
-    *,
-    console: Console | None = None,
-) -> dict[str, str]:
-    """Draw progress bars until every file of ``files`` is done, failed or present (or ``events`` ends).
-
-    Returns each file's outcome: ``done``, ``present`` or ``failed``. ``events`` is usually
-    ``bus.subscribe()``, subscribed before the downloads start (its history covers any head start).
+    An event is due when ``interval`` seconds have passed or ``step`` of the total has been added since the
+    last one, so a download yields at most about ``1/step`` events plus ``1/interval`` per second, however
+    small its chunks are. The rate is measured over the last ``window`` seconds: it follows a link that
+    speeds up or slows down, and does not count bytes that were already on disk.
     """
-    view = ProgressView(console)
-    try:
-        with view:
-            if files is not None and not files:
-                return view.outcome
-            async for event in events:
-                view.handle(event)
-                if files is not None and view.finished(files):
-                    break
-    finally:
-        close = getattr(events, "aclose", None)
-        if close is not None:
-            await close()
-    return view.outcome
+
+    def __init__(
+        self,
+        total: int | None,
+        start: int,
+        now: float,
+        *,
+        interval: float = 0.5,
+        step: float = 0.01,
+        window: float = 5.0,
+    ) -> None:
+        self.total = total
+        self._interval = interval
+        self._step = max(1, int(total * step)) if total else None
+        self._window = window
+        self._samples: deque[tuple[float, int]] = deque([(now, start)])
+        self._last_time = now
+        self._last_bytes = start
+
+    def update(self, done: int, now: float) -> dict[str, Any] | None:
+        """The details of a progress event if one is due, else None."""
+        if now - self._last_time < self._interval and (self._step is None or done - self._last_bytes < self._step):
+            return None
+        return self._emit(done, now)
+
+    def finish(self, done: int, now: float) -> dict[str, Any] | None:
+        """The final event, unless the last one already reported ``done`` bytes."""
+        if done == self._last_bytes and len(self._samples) > 1:
+            return None
+        return self._emit(done, now)
+
+    def _emit(self, done: int, now: float) -> dict[str, Any]:
+        self._samples.append((now, done))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self._window:
+            self._samples.popleft()
+        first_time, first_bytes = self._samples[0]
+        elapsed = now - first_time
+        rate = (done - first_bytes) / elapsed if elapsed > 0 else None
+        eta = None
+        if rate and self.total is not None:
+            eta = round(max(0, self.total - done) / rate, 1)
+        self._last_time, self._last_bytes = now, done
+        return {"bytes": done, "total": self.total, "rate": round(rate) if rate is not None else None, "eta": eta}
 
 
-# ------------------------------------------------------------------------------------- helpers
+def human_size(size: float | None) -> str:
+    """Bytes in binary units (``512 B``, ``1.5 MiB``, at most GiB); ``size unknown`` for None."""
+    if size is None:
+        return "size unknown"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def human_duration(seconds: Any) -> str:
+    """Seconds as ``4.2 s``, ``42 s``, ``3 min 05 s`` or ``1 h 02 min``; ``?`` for anything that is not a number."""
+    if not isinstance(seconds, (int, float)):
+        return "?"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{whole} s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"

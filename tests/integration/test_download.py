@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from gateway.events import EventBus
-from gateway.models.download import Downloader, DownloadError
+from gateway.models.download import Downloader
+from gateway.models.errors import DownloadError
 from tests.fileserver import FileServer
 from tests.helpers import ROOT, FakeSleep, free_port
 
@@ -287,7 +288,8 @@ async def test_too_little_disk_space_is_reported_before_downloading(
 SCRIPT = """
 import asyncio, json, sys
 from pathlib import Path
-from gateway.models.download import Downloader, DownloadError
+from gateway.models.download import Downloader
+from gateway.models.errors import DownloadError
 
 class Printer:
     def publish(self, type, /, **details):

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from gateway.events import EventBus
-from gateway.models.download import DownloadError
+from gateway.models.errors import DownloadError
 from gateway.models.hub import HfHub, HubFetcher, Snapshot, recorded_files
 from tests.fakehub import FakeHub, Request
 from tests.helpers import FakeSleep, Gateway, free_port

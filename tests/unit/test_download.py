@@ -1,12 +1,10 @@
-"""The downloader's pieces without a socket: checks, messages, retry rules, throttling, and the download
-logic against httpx.MockTransport (with a fake clock and a sleep that does not wait)."""
+"""The downloader without a socket: checks, messages, retry rules, and the download logic against
+httpx.MockTransport (with a fake clock and a sleep that does not wait)."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,23 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
-from rich.console import Console
 
 from gateway.catalog import ModelEntry
-from gateway.events import Event, EventBus
 from gateway.models import download as dl
-from gateway.models.download import (
-    Downloader,
-    DownloadError,
-    ProgressMeter,
-    check_sha256,
-    check_size,
-    is_retryable,
-    normalise_sha256,
-    read_sha256_cache,
-    write_sha256_cache,
-)
-from gateway.models.progress import render_progress
+from gateway.models.checksums import read_sha256_cache
+from gateway.models.download import Downloader, check_size
+from gateway.models.errors import DownloadError
 from tests.helpers import FakeSleep, Recorder
 
 CONTENT = bytes(range(256)) * 400  # 102400 bytes
@@ -122,14 +109,6 @@ def leftovers(folder: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------- pure checks
 
 
-def test_sha256_is_normalised_and_checked_for_shape() -> None:
-    assert normalise_sha256(None, "a") is None
-    assert normalise_sha256(" SHA256:" + SHA.upper() + " ", "a") == SHA
-    with pytest.raises(DownloadError) as caught:
-        normalise_sha256("abc", "a.gguf")
-    assert "'a.gguf'" in caught.value.message and "64 hexadecimal digits" in caught.value.message
-
-
 def test_size_check_says_what_was_announced_and_what_arrived() -> None:
     check_size("a.gguf", URL, None, 5)  # nothing announced: nothing to check
     check_size("a.gguf", URL, 5, 5)
@@ -142,95 +121,6 @@ def test_size_check_says_what_was_announced_and_what_arrived() -> None:
     with pytest.raises(DownloadError) as long:
         check_size("a.gguf", URL, 100, 140)
     assert not long.value.retryable
-
-
-def test_sha_check_names_the_file_the_expected_and_the_found_hash() -> None:
-    check_sha256("a.gguf", "downloaded from x", None, SHA)
-    with pytest.raises(DownloadError) as caught:
-        check_sha256("a.gguf", "downloaded from x", "0" * 64, SHA)
-    message = caught.value.message
-    assert "'a.gguf'" in message and "0" * 64 in message and SHA in message
-
-
-@pytest.mark.parametrize(
-    ("exc", "retry"),
-    [
-        (httpx.ConnectError("refused"), True),
-        (httpx.ReadError("reset by peer"), True),
-        (httpx.ReadTimeout("slow"), True),
-        (httpx.ConnectTimeout("slow"), True),
-        (httpx.RemoteProtocolError("peer closed connection"), True),
-        (httpx.UnsupportedProtocol("ftp"), False),
-        (httpx.LocalProtocolError("bad header"), False),
-        (DownloadError("503", retryable=True), True),
-        (DownloadError("404"), False),
-        (OSError(28, "No space left on device"), False),
-        (ValueError("bug"), False),
-    ],
-)
-def test_retry_classification(exc: BaseException, retry: bool) -> None:
-    assert is_retryable(exc) is retry
-
-
-def test_sha_cache_is_keyed_by_size_and_mtime(tmp_path: Path) -> None:
-    path = tmp_path / "m.bin"
-    path.write_bytes(b"hello")
-    assert read_sha256_cache(path) is None
-    write_sha256_cache(path, SHA)
-    assert json.loads((tmp_path / "m.bin.sha256").read_text())["size"] == 5
-    assert read_sha256_cache(path) == SHA
-    stat = path.stat()
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    assert read_sha256_cache(path) is None
-    write_sha256_cache(path, SHA)
-    path.write_bytes(b"hello!")
-    os.utime(path, ns=(stat.st_atime_ns, path.stat().st_mtime_ns))
-    assert read_sha256_cache(path) is None  # same mtime, other size
-    (tmp_path / "m.bin.sha256").write_text("not json")
-    assert read_sha256_cache(path) is None
-
-
-# ---------------------------------------------------------------------------------------- throttling
-
-
-def test_progress_is_throttled_by_time_and_by_share_of_the_total() -> None:
-    total = 1_000_000
-    meter = ProgressMeter(total, 0, 0.0, interval=0.5, step=0.01)
-    emitted = []
-    now = 0.0
-    for done in range(1000, total + 1, 1000):  # 1000 small chunks, 1 ms apart: one event per 1 %
-        now += 0.001
-        details = meter.update(done, now)
-        if details is not None:
-            emitted.append(details["bytes"])
-    assert len(emitted) == 100
-    assert emitted[0] == 10_000 and emitted[-1] == total
-    assert meter.finish(total, now) is None  # the last event already said 100 %
-
-    slow = ProgressMeter(total, 0, 0.0, interval=0.5, step=0.01)
-    ticks = [slow.update(done, done * 0.1) for done in range(1, 21)]  # 1 byte per 0.1 s: time decides
-    assert sum(t is not None for t in ticks) == 4
-
-
-def test_progress_rate_and_eta_follow_the_clock() -> None:
-    meter = ProgressMeter(1000, 200, 10.0, interval=0.5, step=0.01)  # 200 bytes were already on disk
-    details = meter.update(400, 12.0)
-    assert details == {"bytes": 400, "total": 1000, "rate": 100, "eta": 6.0}
-    unknown = ProgressMeter(None, 0, 0.0)
-    assert unknown.update(10, 0.1) is None
-    assert unknown.update(50, 1.0) == {"bytes": 50, "total": None, "rate": 50, "eta": None}
-
-
-def test_progress_rate_forgets_old_samples() -> None:
-    meter = ProgressMeter(10**9, 0, 0.0, interval=1.0, step=1.0, window=5.0)
-    done = 0
-    for second in range(1, 11):  # 1000 bytes/s for 10 s ...
-        done += 1000
-        meter.update(done, float(second))
-    for second in range(11, 21):  # ... then 100 bytes/s
-        done += 100
-        details = meter.update(done, float(second))
-    assert details is not None and details["rate"] == 100
 
 
 # ---------------------------------------------------------------------------------------- downloads
@@ -450,31 +340,3 @@ async def test_disk_errors_become_download_errors(tmp_path: Path) -> None:
         await downloader.ensure(URL, "tiny.gguf")
     assert "'tiny.gguf'" in caught.value.message and str(not_a_folder) in caught.value.message
     assert events.types() == ["download.failed"]
-
-
-# ---------------------------------------------------------------------------------------- rendering
-
-
-async def test_progress_bars_render_until_every_file_is_finished() -> None:
-    bus = EventBus()
-    bus.publish("download.present", file="b.gguf", path="/m/b.gguf", bytes=10, verified=False)
-    bus.publish("download.started", url=URL, file="a.gguf", path="/m/a.gguf", total=1000, resumed_from=0)
-    bus.publish("download.progress", file="a.gguf", bytes=500, total=1000, rate=250, eta=2.0)
-    bus.publish("download.retry", url=URL, file="a.gguf", attempt=1, delay=1.0, error="the connection was cut")
-    bus.publish("download.done", url=URL, file="a.gguf", path="/m/a.gguf", bytes=1000, seconds=4.0, sha256=SHA)
-    bus.publish("download.failed", url=URL, file="c.gguf", error="404 Not Found")
-    out = io.StringIO()
-    console = Console(file=out, width=160, force_terminal=False)
-    outcome = await render_progress(bus.subscribe(), ["a.gguf", "b.gguf", "c.gguf"], console=console)
-    assert outcome == {"a.gguf": "done", "b.gguf": "present", "c.gguf": "failed"}
-    text = out.getvalue()
-    assert "c.gguf: 404 Not Found" in text and "a.gguf" in text and "already here" in text
-    assert bus.followers == 0
-
-
-async def test_rendering_nothing_returns_at_once() -> None:
-    async def no_events() -> AsyncIterator[Event]:
-        return
-        yield  # an async generator that ends at once
-
-    assert await render_progress(no_events(), [], console=Console(file=io.StringIO())) == {}

@@ -17,7 +17,8 @@ import pytest
 from gateway.catalog import Model, parse_catalog
 from gateway.engine.pool import EnginePool
 from gateway.errors import ConfigError, EngineStartFailed
-from gateway.models.download import Downloader, DownloadError
+from gateway.models.download import Downloader
+from gateway.models.errors import DownloadError
 from gateway.models.hub import HubFetcher, Listing, Snapshot, explain, recorded_files, snapshot_of, write_record
 from tests.fakes.engines import FakeSpawner, make_pool
 from tests.helpers import FakeSleep, Recorder
