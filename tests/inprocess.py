@@ -34,6 +34,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.engine.discovery import EngineProgram
 from gateway.http.server import http_protocol
+from gateway.http.shutdown import GracefulServer
 from gateway.settings import Settings
 from tests.fakes import fake_engine
 from tests.helpers import Gateway, wait_for
@@ -233,7 +234,8 @@ class InProcessGateway(Gateway):
             http=http_protocol(header_timeout=settings.header_timeout, max_connections=settings.max_connections),
             proxy_headers=False,
         )
-        self._server = uvicorn.Server(config)
+        # Stopped as `mistral-gateway` stops on SIGTERM: draining, ending /events and /logs/stream followers.
+        self._server = GracefulServer(config, gateway=self.app, drain_timeout=settings.shutdown_timeout)
         self._thread = threading.Thread(target=self._serve, args=(listener,), name=f"gateway-{port}", daemon=True)
         super().__init__(
             url=f"http://127.0.0.1:{port}",

@@ -206,6 +206,10 @@ class Launcher:
         else:
             proc.signal_group(signal.SIGKILL)
 
+    async def aclose(self) -> None:
+        """Close the connections of the health probe."""
+        await self._probe.aclose()
+
     async def healthy(self, url: str, timeout: float = 2.0) -> bool:
         try:
             status, _ = await self._probe.get(f"{url}/health", timeout=timeout)

@@ -402,6 +402,7 @@ class EnginePool:
     async def aclose(self) -> None:
         await asyncio.gather(*(lc.aclose() for lc in self._lifecycles.values()))
         await self._preparer.aclose()
+        await self._launcher.aclose()
 
     def kill_now(self) -> None:
         for lifecycle in self._lifecycles.values():
