@@ -36,6 +36,7 @@ from .engine.launcher import Launcher, ProgramFinder
 from .engine.pool import EnginePool
 from .engine.preparation import Preparer
 from .engine.process import ProcessSpawner, SubprocessSpawner
+from .engine.recipes import Machine, engine_on_cpu
 from .errors import EngineUnavailable, GatewayError, MethodNotAllowed, RouteNotFound
 from .events import EventBus
 from .http.auth import KeyGuard, load_keys
@@ -45,6 +46,7 @@ from .http.openapi import openapi_route
 from .http.proxies import PublicOrigin, TrustedProxies
 from .metrics import Metrics, cache_metrics, download_metrics, engine_metrics
 from .serving.intake import Intake
+from .serving.limits import PromptLimits
 from .serving.relay import Relay
 from .serving.service import Serving
 from .serving.upstream import AiohttpUpstream, Upstream
@@ -94,7 +96,16 @@ def create_app(
             output=logs.append,
         )
         hf_endpoint = (os.environ if environ is None else environ).get("HF_ENDPOINT")
-        preparer = Preparer(settings, downloader=lambda: _downloader(settings, events, hf_endpoint), events=events)
+        on_cpu = engine_on_cpu(engine=settings.engine, binary=settings.engine_binary, cpu_flag=catalog.engine.cpu)
+        preparer = Preparer(
+            settings,
+            downloader=lambda: _downloader(settings, events, hf_endpoint),
+            events=events,
+            machine=Machine.detect(cpu_only=on_cpu),
+        )
+        for model, verdict in preparer.verdicts(catalog):
+            if not verdict.fast or verdict.serve_as is not None:
+                logger.warning("model %s: %s", model.id, preparer.advice(model, verdict))
         pool = EnginePool(
             settings,
             catalog,
@@ -114,7 +125,10 @@ def create_app(
     memory = MemoryStore(int(settings.embedding_cache_mb * 1024 * 1024), ttl=settings.embedding_cache_ttl)
     shared = RedisStore(settings.cache_url, ttl=settings.embedding_cache_ttl) if settings.cache_url else None
     embeddings = Embeddings(relay, memory, shared)
-    serving = Serving(pool, relay, embeddings, events, loading_interval=settings.loading_interval, tracker=tracker)
+    limits = PromptLimits(settings.model_dir)
+    serving = Serving(
+        pool, relay, embeddings, events, limits=limits, loading_interval=settings.loading_interval, tracker=tracker
+    )
     intake = Intake(catalog, max_body_mb=settings.max_body_mb)
     images = ImageStore(run_dir / "images", ttl=settings.image_ttl)
     origin = PublicOrigin(settings.public_url, host=settings.host, port=settings.port)

@@ -9,14 +9,17 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from . import __version__
-from .catalog import load_catalog
+from .catalog import Catalog, load_catalog
 from .errors import ConfigError, EngineNotInstalled, EngineStartFailed
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .engine.preparation import Preparer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="download model files ahead of time, with progress")
     pull.add_argument("models", nargs="*", metavar="ID", help="models to download (default: the default models)")
     pull.add_argument("--all", action="store_true", help="download every model of the models file")
+    convert = sub.add_parser(
+        "convert", help="rewrite a GGUF model in a weight type the engine is fast with (Q8_0 or Q4_0)"
+    )
+    convert.add_argument("model", metavar="ID_OR_FILE", help="a model of the models file, or the path of a .gguf file")
+    convert.add_argument("--to", choices=["Q8_0", "Q4_0"], default="Q8_0", help="the weight type to write (Q8_0)")
+    convert.add_argument("--out", type=Path, help="where to write it (a file given by path: beside it)")
     engine = sub.add_parser("engine", help="start, stop or show every engine of a running gateway")
     engine.add_argument("action", choices=["start", "stop", "status"])
     engine.add_argument("--url", help="the gateway's URL (default: from GATEWAY_HOST and GATEWAY_PORT)")
@@ -41,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--url", help="the gateway's URL (default: from GATEWAY_HOST and GATEWAY_PORT)")
     # The same flags before or after the subcommand. A subcommand's defaults are SUPPRESS, so that
     # `mistral-gateway --port 9000 serve` keeps 9000 instead of the subparser resetting it to None.
-    for p in (parser, serve, check, pull):
+    for p in (parser, serve, check, pull, convert):
         default = None if p is parser else argparse.SUPPRESS
         p.add_argument("--models-file", default=default, help="models file (TOML); env GATEWAY_MODELS_FILE")
         if p is not pull:
@@ -78,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check(settings)
         if args.command == "pull":
             return pull_models(settings, args.models, every=args.all)
+        if args.command == "convert":
+            return convert_model(settings, args.model, target=args.to, out=args.out)
         if args.command == "engine":
             return engine_command(settings, args.action, args.url)
         if args.command == "models":
@@ -126,6 +137,10 @@ def check(settings: Settings) -> int:
         print(f"  {model.id} [{model.kind}] from {source}{aliases}")
     catalog = engine_catalog(catalog, folders, None)
     print(f"default model: {catalog.default_model}; default embedding model: {catalog.default_embedding_model}")
+    preparer = _preparer(settings, catalog)
+    for model, verdict in preparer.verdicts(catalog):
+        fast = "fast" if verdict.fast and verdict.serve_as is None else "SLOW"
+        print(f"weights of {model.id}: {verdict.current or 'unknown type'}, {fast}: {preparer.advice(model, verdict)}")
     if settings.engine_url:
         print(f"engine: the one running at {settings.engine_url}")
         return 0
@@ -227,6 +242,71 @@ def pull_models(settings: Settings, names: list[str], *, every: bool) -> int:
         else:
             print(f"{model.id}: {result}")
     return 1 if failed else 0
+
+
+def _preparer(settings: Settings, catalog: Catalog) -> Preparer:
+    """What decides the weight type each model is served in on this machine (no downloads)."""
+    from .engine.preparation import Preparer
+    from .engine.recipes import Machine, engine_on_cpu
+
+    on_cpu = engine_on_cpu(engine=settings.engine, binary=settings.engine_binary, cpu_flag=catalog.engine.cpu)
+    return Preparer(settings, machine=Machine.detect(cpu_only=on_cpu))
+
+
+def convert_model(settings: Settings, name: str, *, target: str, out: Path | None) -> int:
+    """`mistral-gateway convert`: a GGUF rewritten in a fast weight type, with its progress."""
+    import asyncio
+    import time
+
+    from .engine.preparation import engine_catalog
+    from .models.convert import convert, converted_name
+    from .models.metadata import NotGGUF, read_gguf
+
+    path = Path(name).expanduser()
+    model_id = None
+    if not path.is_file():
+        catalog = load_catalog(
+            settings.resolved_models_file(), model_dir=settings.model_dir, default_model=settings.default_model
+        )
+        model = catalog.find(name)
+        if model is None:
+            print(f"mistral-gateway: {name!r} is neither a file nor a model of {catalog.origin}", file=sys.stderr)
+            return 2
+        model = engine_catalog(catalog.only([model.id]), {}, None).models[0]
+        if model.kind != "gguf" or not model.source.local or not model.source.filename:
+            print(
+                f"mistral-gateway: {model.id} is not a local GGUF file (run `mistral-gateway pull` first)",
+                file=sys.stderr,
+            )
+            return 2
+        path, model_id = Path(model.source.model_id) / model.source.filename, model.id
+    try:
+        current = read_gguf(path).weight_type()
+    except NotGGUF as exc:
+        print(f"mistral-gateway: {exc}", file=sys.stderr)
+        return 2
+    if out is None:
+        folder = settings.model_dir / "converted" if model_id else path.parent
+        out = folder / converted_name(path, target)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shown = [-1]
+
+    def progress(done: int, total: int) -> None:
+        share = 100 * done // max(total, 1)
+        if share // 10 != shown[0] // 10:
+            shown[0] = share
+            print(f"  {share:3d}% of {total / 2**20:.0f} MiB", flush=True)
+
+    print(f"converting {path} ({current}) to {target}: {out}")
+    began = time.monotonic()
+    result = asyncio.run(asyncio.to_thread(convert, path, out, target, only_slow=False, progress=progress))
+    print(
+        f"done in {time.monotonic() - began:.1f} s: {result.converted} tensors converted, {result.kept} kept, "
+        f"{result.bytes / 2**20:.0f} MiB"
+    )
+    if model_id:
+        print(f'the gateway serves it for {model_id} (quant = "auto" does for a slow type, quant = "{target}" for any)')
+    return 0
 
 
 def _admin(settings: Settings, url: str | None, method: str, path: str) -> dict[str, Any] | None:

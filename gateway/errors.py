@@ -4,6 +4,7 @@
 
     GatewayError                      every error a client can see; carries status, type, code
       InvalidRequest                  400 - the request itself is wrong
+        ContextLengthExceeded         400 - the prompt does not fit the model's context
         BodyTooLarge                  413
         UnsupportedMediaType          415
         UnsupportedForModel           400 - e.g. embeddings asked of a chat model
@@ -83,6 +84,18 @@ class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_value"  # the usual case; checks that know better say invalid_type, invalid_json, ...
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt (or the prompt and ``max_tokens``) does not fit the model's context: ``prompt_tokens`` and
+    ``limit`` let each dialect say it in its own words (Claude Code reads Anthropic's)."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, message: str, *, prompt_tokens: int, limit: int, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
 
 
 class BodyTooLarge(InvalidRequest):

@@ -16,6 +16,10 @@ Event types and their details:
 - ``download.retry``    url, file, attempt, delay (s), error
 - ``download.done``     url, file, path, bytes, downloaded (bytes fetched over the network), seconds, sha256
 - ``download.failed``   url, file, error
+- ``convert.started``   file (the converted file's name), source, target (weight type), model
+- ``convert.progress``  file, bytes, total (bytes of the source's tensors read)
+- ``convert.done``      file, path, bytes, seconds
+- ``convert.failed``    file, error
 - ``engine.starting``, ``engine.ready``, ``engine.stopped``, ``engine.crashed``: whatever the engine lifecycle adds
 - ``events.dropped``    dropped: events this follower lost (sent to that follower only)
 """
@@ -128,7 +132,7 @@ class EventBus:
         queue_size: int = 1000,
         clock: WallClock = time.time,
         logger: logging.Logger = _logger,
-        debug_types: Collection[str] = ("download.progress",),
+        debug_types: Collection[str] = ("download.progress", "convert.progress"),
     ) -> None:
         if history < 0 or queue_size < 2:
             raise ValueError("history must be >= 0 and queue_size >= 2")
@@ -139,6 +143,7 @@ class EventBus:
         self._debug_types = frozenset(debug_types)
         self._followers: list[_Follower] = []
         self._downloads: dict[str, dict[str, Any]] = {}
+        self._conversions: dict[str, dict[str, Any]] = {}
         self._last_engine: Event | None = None
         self._seq = 0
         self._closed = False
@@ -216,9 +221,11 @@ class EventBus:
         """For ``/status``: each file's download state, and the last engine event."""
         with self._lock:
             downloads = {name: dict(state) for name, state in self._downloads.items()}
+            conversions = {name: dict(state) for name, state in self._conversions.items()}
             engine = self._last_engine
         return {
             "downloads": downloads,
+            "conversions": conversions,
             "engine": engine.to_dict() if engine is not None else None,
         }
 
@@ -256,6 +263,12 @@ class EventBus:
         """Keep the per-file download state that :meth:`summary` reports (the ring buffer forgets)."""
         if event.type.startswith("engine."):
             self._last_engine = event
+            return
+        if event.type.startswith("convert."):
+            kind = event.type.removeprefix("convert.")
+            state = self._conversions.setdefault(str(event.details.get("file", "?")), {})
+            state.update(event.details, state={"started": "converting", "progress": "converting"}.get(kind, kind))
+            state["updated"] = event.time
             return
         if not event.type.startswith("download."):
             return

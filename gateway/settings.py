@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     memory_budget_mb: float = Field(
         0, ge=0, description="Memory the engines may take together, in MB; idle ones stop to make room. 0 = no limit."
     )
+    engine_growth_mb: float = Field(
+        2048,
+        ge=0,
+        description="Memory an engine may gain over what it took once loaded (mostly the prefix cache that makes an "
+        "agent's next turn fast, which mistral.rs never shrinks on a CPU), in MB; beyond it, the engine is restarted "
+        "once idle. 0 = no limit.",
+    )
 
     embedding_cache_mb: float = Field(
         256, ge=0, description="Memory for cached embedding vectors, in MiB; 0 turns the cache off."

@@ -35,6 +35,10 @@ DOWNLOAD_RETRY_MIN = 30.0
 HEALTH_TIMEOUT = 10.0
 # How long a failed health check waits for the engine's exit to be reported before it restarts the engine itself.
 EXIT_GRACE = 5.0
+# Prefill speed assumed for an engine that has not shown its own yet (tokens/s; a small model on a CPU), and the least
+# a restart is assumed to cost (seconds) before one has been measured.
+DEFAULT_PREFILL_RATE = 500.0
+DEFAULT_RESTART_SECONDS = 2.0
 # An engine that dies sooner than this after it became ready counts as one that failed to start: it backs off,
 # instead of being started again at once by every request (a model that crashes the engine at its first request).
 STABLE_AFTER = 60.0
@@ -102,6 +106,7 @@ class EngineLifecycle:
         events: EventSink | None = None,
         logger: logging.Logger,
         on_change: Callable[[], None] = lambda: None,
+        on_idle: Callable[[], None] = lambda: None,
     ) -> None:
         self.name = name
         self.models = models
@@ -113,6 +118,7 @@ class EngineLifecycle:
         self._events: EventSink = events or NullSink()
         self._log = logger
         self._on_change = on_change  # the pool's: memory or an exclusive slot may have come free
+        self._on_idle = on_idle  # the pool's: the last request ended (it looks at the engine's memory)
         self._activity = asyncio.Event()  # wakes the idle stopper
         self._stopper_parked = False
         self._sm = StateMachine(on_change=self._on_state_change)
@@ -127,6 +133,8 @@ class EngineLifecycle:
 
         self._in_flight = 0
         self._engaged = 0  # leases whose request has the endpoint and may be talking to the engine
+        self.prefill_rate: float | None = None  # prompt tokens per second, as the engine last showed it
+        self._restart: asyncio.Future[None] | None = None  # a stop to free the engine from an abandoned prefill
         self.waiting = 0  # requests waiting for this engine to start (counted by the pool)
         self.last_activity = clock()
         self._expiry: float | None = None  # a keep_alive's stop time (inf: until further notice); None: the ttl
@@ -142,6 +150,7 @@ class EngineLifecycle:
         # What the engine was last measured to use (the pool's meter), kept after it stops: the best guess of what
         # it will take when it starts again.
         self.memory_mb: float | None = None
+        self.loaded_mb: float | None = None  # what it took right after loading, before any request
 
     # ------------------------------------------------------------------------------------- public
 
@@ -180,6 +189,34 @@ class EngineLifecycle:
         # when it wakes (waking it for every request cost a task per request).
         self._in_flight += 1
         return Lease(self)
+
+    def prefilled(self, tokens: int, seconds: float) -> None:
+        """A request's prompt of ``tokens`` took ``seconds`` to its first token: the engine's prefill speed."""
+        if tokens >= 64 and seconds > 0:  # shorter prompts say more about the overhead than about prefill
+            rate = tokens / seconds
+            self.prefill_rate = rate if self.prefill_rate is None else 0.5 * self.prefill_rate + 0.5 * rate
+
+    def abandoned(self, prompt_tokens: int | None, elapsed: float) -> str | None:
+        """A request was abandoned (its client left, or an operator cancelled it) before the engine sent anything:
+        the engine may still be prefilling its prompt, which mistral.rs cannot abort on a CPU, and every other
+        request to it would wait behind that. When nothing else uses the engine and the rest of that prefill is
+        likely to take longer than a restart, the engine is stopped (the next request starts it again at once);
+        returns what was done, for the log, or None."""
+        if not self.ready or self.adopted or self._engaged > 0 or prompt_tokens is None:
+            return None
+        rate = self.prefill_rate or DEFAULT_PREFILL_RATE
+        remaining = prompt_tokens / rate - elapsed
+        restart = self.last_start_seconds or DEFAULT_RESTART_SECONDS
+        if remaining <= restart:
+            return None
+        why = (
+            f"a request was abandoned {elapsed:.1f} s into the prefill of its {prompt_tokens}-token prompt, which the "
+            f"engine cannot abort (about {remaining:.0f} s left at {rate:.0f} tokens/s; a restart takes about "
+            f"{restart:.1f} s): stopped, to start again at the next request"
+        )
+        self._log.warning("engine %s: %s", self.name, why)
+        self._restart = asyncio.ensure_future(self.stop("abandoned prefill"))
+        return why
 
     def keep_alive(self, seconds: float) -> None:
         """A request's ``keep_alive``, meant as Ollama means it: stop the engine ``seconds`` from now instead of
@@ -390,6 +427,8 @@ class EngineLifecycle:
         elif self._in_flight == 0 and self._stopper_parked:
             self._activity.set()  # the stopper waits with no deadline (it saw the engine busy): one may apply now
         self._on_change()  # room may have come free (an Event.set(): no cost when nobody waits)
+        if self._in_flight == 0:
+            self._on_idle()
 
     def _on_state_change(self, previous: EngineState, current: EngineState) -> None:
         self._log.info("engine %s: %s -> %s", self.name, previous.value, current.value)

@@ -72,6 +72,7 @@ class EnginePool:
         self._changed = asyncio.Event()  # an engine stopped, or its last request ended: room may have come free
         self._draining: set[str] = set()  # engines of exclusive groups about to be swapped out
         self._shutdown: list[asyncio.Task[None]] = []
+        self._growth: dict[str, asyncio.Future[None]] = {}  # a memory check of an engine that just went idle
         if settings.engine_url:  # one engine, not ours, serving every model
             self._units: dict[str, Unit] = {ADOPTED: Unit(ADOPTED, catalog.models)}
         else:
@@ -97,6 +98,7 @@ class EnginePool:
             events=self._events,
             logger=self._log,
             on_change=self._changed.set,
+            on_idle=lambda: self._idle(unit.name),
         )
 
     # ------------------------------------------------------------------------------------- requests
@@ -140,6 +142,13 @@ class EnginePool:
                     return await lifecycle.join()
         finally:
             lifecycle.waiting -= 1
+
+    def prefilled(self, model_id: str, tokens: int, seconds: float) -> None:
+        self.lifecycle(model_id).prefilled(tokens, seconds)
+
+    def abandoned(self, model_id: str, prompt_tokens: int | None, elapsed: float) -> str | None:
+        """A request to ``model_id`` was abandoned before its engine sent anything (see EngineLifecycle.abandoned)."""
+        return self.lifecycle(model_id).abandoned(prompt_tokens, elapsed)
 
     def engine_failed(self, base_url: str, error: GatewayError) -> None:
         """The relay's report of a failed exchange with the engine at ``base_url``."""
@@ -283,6 +292,39 @@ class EnginePool:
             if lifecycle.ready and pid is not None:
                 lifecycle.memory_mb = await asyncio.to_thread(self._meter.measure_mb, pid)
 
+    def _idle(self, name: str) -> None:
+        """The last request of engine ``name`` ended: look at how much it has grown since it loaded."""
+        lifecycle = self._lifecycles[name]
+        if not self._settings.engine_growth_mb or lifecycle.loaded_mb is None or lifecycle.pid is None:
+            return
+        running = self._growth.get(name)
+        if running is None or running.done():
+            self._growth[name] = asyncio.ensure_future(self._check_growth(lifecycle))
+
+    async def _check_growth(self, lifecycle: EngineLifecycle) -> None:
+        """An engine keeps the KV cache of finished conversations (mistral.rs's prefix cache, so that an agent's next
+        turn prefills only its new tokens) and on a CPU never gives it back: once it has grown by more than
+        GATEWAY_ENGINE_GROWTH_MB over what it took when loaded, it is stopped while idle (the next request starts it
+        afresh), which bounds that memory."""
+        pid, loaded = lifecycle.pid, lifecycle.loaded_mb
+        if pid is None or loaded is None:
+            return
+        now = await asyncio.to_thread(self._meter.measure_mb, pid)
+        if now is None or lifecycle.pid != pid:
+            return
+        lifecycle.memory_mb = now
+        limit = self._settings.engine_growth_mb
+        if now - loaded > limit and lifecycle.ready and lifecycle.in_flight == 0:
+            self._log.warning(
+                "engine %s: %.0f MB now, %.0f MB more than when it loaded (its prefix cache; the limit is "
+                "GATEWAY_ENGINE_GROWTH_MB=%g): stopped while idle, to start afresh at the next request",
+                lifecycle.name,
+                now,
+                now - loaded,
+                limit,
+            )
+            await lifecycle.stop("grown past GATEWAY_ENGINE_GROWTH_MB")
+
     # ----------------------------------------------------------------------------------- operations
 
     async def prepare(self, model_id: str) -> None:
@@ -420,7 +462,9 @@ class EnginePool:
         prepared = await self._preparer.prepare(catalog, token_source(self._settings, self._launcher.environ))
         running = await self._launcher.launch(prepared, self._run_dir / _folder(unit.name), program, name=unit.name)
         if running.proc is not None:
-            self._lifecycles[unit.name].memory_mb = await asyncio.to_thread(self._meter.measure_mb, running.proc.pid)
+            loaded = await asyncio.to_thread(self._meter.measure_mb, running.proc.pid)
+            lifecycle = self._lifecycles[unit.name]
+            lifecycle.memory_mb = lifecycle.loaded_mb = loaded
         return running
 
 

@@ -1,14 +1,19 @@
-"""Getting models ready to load: files downloaded, Hugging Face repos fetched, paths checked.
+"""Getting models ready to load: files downloaded, Hugging Face repos fetched, weights in a fast type, paths checked.
 
 Before an engine starts, :class:`Preparer` makes every file its models need local (``url`` files with resume and
-checks, ``repo`` snapshots with huggingface_hub; what is complete locally costs nothing) and returns the catalog
-the engine is started with: prefetched repos load from their folder, under the ids clients use. A download that
-fails is a :class:`~gateway.errors.ModelDownloadFailed` that says what to do about it. It also estimates what a
-model will take in memory from its files, for the pool's budget before the engine has loaded it.
+checks, ``repo`` snapshots with huggingface_hub; what is complete locally costs nothing), converts a GGUF whose
+weight type the engine is slow with on this machine (gateway/engine/recipes.py; once, into the model dir's
+``converted`` folder, unless the models file says ``quant = "as-is"``), and returns the catalog the engine is
+started with: prefetched repos load from their folder and converted files from theirs, under the ids clients use.
+A download that fails is a :class:`~gateway.errors.ModelDownloadFailed` that says what to do about it. It also
+estimates what a model will take in memory from its files, for the pool's budget before the engine has loaded it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +22,9 @@ from typing import TYPE_CHECKING
 from ..catalog import Catalog, Model
 from ..errors import EngineStartFailed, ModelDownloadFailed
 from ..events import EventSink, NullSink
+from ..models.metadata import NotGGUF, read_gguf
 from ..settings import Settings
+from .recipes import Machine, Verdict, plan
 
 if TYPE_CHECKING:
     from ..models.download import Downloader
@@ -30,6 +37,7 @@ OFFLINE_HELP = (
 )
 # Weights take about their file's size in memory; the engine's own state (KV cache, runtime) comes on top.
 ESTIMATE_FACTOR = 1.1
+_log = logging.getLogger("gateway.engine")
 
 
 class Preparer:
@@ -43,20 +51,109 @@ class Preparer:
         downloader: Callable[[], Downloader] | None = None,
         hub: Callable[[], HubFetcher] | None = None,
         events: EventSink | None = None,
+        machine: Machine | None = None,
     ) -> None:
         self._settings = settings
         self._events: EventSink = events or NullSink()
+        self._machine = machine or Machine.detect(cpu_only=True)
+        self._converting: dict[Path, asyncio.Future[Path]] = {}  # one conversion of a file, however many wait
         self._make_downloader = downloader
         self._make_hub = hub or self._default_hub
         self._downloader: Downloader | None = None
         self._hub: HubFetcher | None = None
 
     async def prepare(self, catalog: Catalog, token_source: str | None) -> Catalog:
-        """The catalog to start an engine with, once every file of its models is local."""
+        """The catalog to start an engine with, once every file of its models is local and in a fast type."""
         folders = await self._download(catalog)
         prepared = engine_catalog(catalog, folders, token_source)
         _check_files(prepared)
-        return prepared
+        return await self._fast(prepared)
+
+    def verdicts(self, catalog: Catalog) -> list[tuple[Model, Verdict]]:
+        """For each GGUF model whose file is here: its weight type and what is served (start-up log, `check`)."""
+        out = []
+        for model in catalog.models:
+            path = _local_path(model, self._settings.model_dir)
+            if model.kind != "gguf" or path is None or not path.is_file():
+                continue
+            try:
+                weight_type = read_gguf(path).weight_type()
+            except (OSError, NotGGUF):
+                continue
+            out.append((model, plan(weight_type, self._machine, wanted=model.entry.options.quant)))
+        return out
+
+    def advice(self, model: Model, verdict: Verdict) -> str:
+        """What the log and `mistral-gateway check` say about a model whose file is slow here."""
+        if verdict.serve_as is None:
+            return verdict.why
+        folder = self._settings.model_dir / "converted"
+        return (
+            f"{verdict.why} (converted once, at its first start, into {folder}; `mistral-gateway convert "
+            f'{model.id}` does it now; quant = "as-is" in its [models.options] serves the file as it is)'
+        )
+
+    async def _fast(self, catalog: Catalog) -> Catalog:
+        """The catalog with each slow GGUF replaced by its converted copy (made now if it is not there yet)."""
+        models = []
+        for model, verdict in self.verdicts(catalog):
+            if verdict.serve_as is None or not model.source.filename:
+                models.append(model)
+                continue
+            source = Path(model.source.model_id) / model.source.filename
+            only_slow = model.entry.options.quant == "auto"
+            converted = await self.converted(source, verdict.serve_as, model.id, only_slow=only_slow)
+            models.append(
+                replace(model, source=replace(model.source, model_id=str(converted.parent), filename=converted.name))
+            )
+        by_id = {model.id: model for model in models}
+        return replace(catalog, models=tuple(by_id.get(model.id, model) for model in catalog.models))
+
+    async def converted(self, source: Path, target: str, model_id: str, *, only_slow: bool = True) -> Path:
+        """``source`` with its weights in ``target``: converted once into the model dir's ``converted`` folder."""
+        from ..models.convert import converted_name
+
+        folder = self._settings.model_dir / "converted"
+        path = folder / converted_name(source, target)
+        if path.is_file() and path.stat().st_mtime >= source.stat().st_mtime:
+            return path
+        running = self._converting.get(path)
+        if running is None:
+            running = self._converting[path] = asyncio.ensure_future(
+                self._convert(source, path, target, model_id, only_slow=only_slow)
+            )
+            running.add_done_callback(lambda _: self._converting.pop(path, None))
+        return await asyncio.shield(running)
+
+    async def _convert(self, source: Path, path: Path, target: str, model_id: str, *, only_slow: bool) -> Path:
+        from ..models.convert import convert
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = path.name
+        loop = asyncio.get_running_loop()
+        began = time.monotonic()
+        self._events.publish("convert.started", file=file, source=str(source), target=target, model=model_id)
+        _log.warning(
+            "model %s: converting %s to %s for the engine's fast kernels (once): %s",
+            model_id,
+            source.name,
+            target,
+            path,
+        )
+
+        def progress(done: int, total: int) -> None:
+            loop.call_soon_threadsafe(
+                lambda: self._events.publish("convert.progress", file=file, bytes=done, total=total)
+            )
+
+        try:
+            result = await asyncio.to_thread(convert, source, path, target, only_slow=only_slow, progress=progress)
+        except (OSError, ValueError) as exc:
+            self._events.publish("convert.failed", file=file, error=str(exc))
+            raise EngineStartFailed(f"Model {model_id!r}: converting {source.name} to {target} failed: {exc}") from exc
+        seconds = round(time.monotonic() - began, 2)
+        self._events.publish("convert.done", file=file, path=str(path), bytes=result.bytes, seconds=seconds)
+        return path
 
     def estimate_mb(self, models: tuple[Model, ...]) -> float | None:
         """What the models' files weigh (times ESTIMATE_FACTOR), when all of them are on this machine already."""

@@ -21,6 +21,7 @@ from starlette.responses import Response
 
 from ..catalog import Model
 from ..chat.plans import Plan
+from .limits import Policy
 
 if TYPE_CHECKING:
     from ..errors import GatewayError
@@ -48,6 +49,9 @@ class ChatWork:
     plan: Plan
     writer: ChatWriter
     answer_media_type: str = "application/json"  # of a whole answer
+    # When max_tokens does not fit the room the prompt leaves (gateway/serving/limits.py): refuse (OpenAI), clamp
+    # (Anthropic, Ollama), or leave it to the engine (a token count).
+    limit: Policy = "refuse"
 
 
 @dataclass(frozen=True)

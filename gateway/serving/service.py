@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import orjson
@@ -39,6 +41,7 @@ from ..events import Event as BusEvent
 from ..events import EventBus
 from . import chat
 from .calls import ChatWork, EmbeddingWork, LoadWork, ModelCall, RelayWork
+from .limits import PromptLimits
 from .relay import ModelRename, Relay
 
 T = TypeVar("T")
@@ -56,11 +59,13 @@ class Serving:
         embeddings: Embeddings,
         events: EventBus,
         *,
+        limits: PromptLimits,
         loading_interval: float,
         tracker: Tracker | None = None,
     ) -> None:
         self.pool = pool
         self.relay = relay
+        self.limits = limits
         self.tracker = tracker or Tracker()
         self._embeddings = embeddings
         self._events = events
@@ -110,7 +115,13 @@ class Serving:
     def loading(self) -> bytes:
         """The SSE comment sent while a stream waits: `: loading`, with download progress when there is any."""
         parts = []
-        for file, state in self._events.summary()["downloads"].items():
+        summary = self._events.summary()
+        for file, state in summary["conversions"].items():
+            if state.get("state") == "converting":
+                done, total = state.get("bytes") or 0, state.get("total")
+                share = f" {100 * done / total:.0f}%" if total else ""
+                parts.append(f" converting {file} to {state.get('target')}{share}")
+        for file, state in summary["downloads"].items():
             if state.get("state") in ("downloading", "retrying", "waiting"):
                 done, total = state.get("bytes") or 0, state.get("total")
                 share = f" {100 * done / total:.0f}%" if total else ""
@@ -122,7 +133,7 @@ class Serving:
 
     # ------------------------------------------------------------------------------ the work, once leased
 
-    async def _whole(self, call: ModelCall, lease: Lease, record: Record | None) -> Response:
+    async def _whole(self, call: ModelCall, lease: Lease, record: Record | None, progress: _Progress) -> Response:
         """The whole answer to a call that does not stream."""
         work, model = call.work, call.model
         if isinstance(work, EmbeddingWork):
@@ -136,7 +147,9 @@ class Serving:
             return work.answer()
         if isinstance(work, RelayWork):
             return await self._relayed(work, model, endpoint)
+        progress.sent = time.monotonic()
         result = await chat.answer(self.relay, endpoint.base_url, work.plan, endpoint.engine_id(model.id))
+        progress.first = time.monotonic()
         if record is not None:
             self.tracker.usage(record, result.get("usage"))
         return Response(work.writer.answer(result), media_type=work.answer_media_type, headers=dict(call.headers))
@@ -169,22 +182,25 @@ class Serving:
         finally:
             ready.cancel()  # nothing waits on for nobody (a no-op once it is done)
 
-    async def _stream(self, call: ModelCall, work: ChatWork, lease: Lease, record: Record | None, out: _Out) -> None:
+    async def _stream(
+        self, call: ModelCall, work: ChatWork, lease: Lease, record: Record | None, out: _Out, progress: _Progress
+    ) -> None:
         """A streamed answer: the engine made ready, its stream opened, written in the dialect as it comes."""
         writer = work.writer
         try:
             endpoint = await self._ready_for_stream(call, lease, out, writer.loading_comments)
             engine_id = endpoint.engine_id(call.model.id)
             stream: chat.Stream
+            progress.sent = time.monotonic()
             if work.plan.whole:
                 result = await chat.answer(self.relay, endpoint.base_url, work.plan, engine_id)
+                progress.first = time.monotonic()
                 if record is not None:
                     self.tracker.usage(record, result.get("usage"))
                 stream = chat.AnswerStream(work.plan, result)
             else:
                 stream = await chat.open_stream(self.relay, endpoint.base_url, work.plan, engine_id)
-                if record is not None:
-                    stream.events = self._observed(stream.events, stream, record)
+                stream.events = self._observed(stream.events, stream, call.model, record, progress)
             async with contextlib.aclosing(writer.stream(stream)) as chunks:  # type: ignore[type-var]
                 async for chunk in chunks:
                     await out.body(chunk)
@@ -195,14 +211,34 @@ class Serving:
         await out.end()
 
     async def _observed(
-        self, events: AsyncIterator[Event], stream: chat.Stream, record: Record
+        self,
+        events: AsyncIterator[Event],
+        stream: chat.Stream,
+        model: Model,
+        record: Record | None,
+        progress: _Progress,
     ) -> AsyncIterator[Event]:
-        """A stream's engine events, noting the first token's time and, at the end, the usage."""
+        """A stream's engine events, noting the first token's time (the engine's prefill speed with it) and, at the
+        end, the usage."""
         async for event in events:
-            if record.ttft_ms is None and event.comment is None:
-                self.tracker.first_token(record)
+            if progress.first is None and event.comment is None:
+                progress.first = time.monotonic()
+                if progress.prompt_tokens is not None and progress.sent is not None:
+                    self.pool.prefilled(model.id, progress.prompt_tokens, progress.first - progress.sent)
+                if record is not None:
+                    self.tracker.first_token(record)
             yield event
-        self.tracker.usage(record, stream.usage())
+        if record is not None:
+            self.tracker.usage(record, stream.usage())
+
+
+@dataclass
+class _Progress:
+    """How far a chat call got with its engine: what a call abandoned during its prefill is judged by."""
+
+    prompt_tokens: int | None = None  # counted before any engine saw it (gateway/serving/limits.py)
+    sent: float | None = None  # when its engine request went out (monotonic)
+    first: float | None = None  # when the engine's first event came back
 
 
 class _Out:
@@ -250,13 +286,19 @@ class _Served(Response):
             record.model, record.stream = call.model.id, call.streams
         if serving.draining:
             raise EngineUnavailable("The gateway is shutting down.", retry_after=1)
+        progress = _Progress()
+        if isinstance(call.work, ChatWork):  # a prompt that cannot fit is refused before any engine starts
+            checked = await serving.limits.check(call.model, call.work.plan, call.work.limit)
+            call = replace(call, work=replace(call.work, plan=checked.plan))
+            progress.prompt_tokens = checked.prompt_tokens
         lease = serving.pool.lease(call.model.id)
+        outcome: object = None
         try:
             if isinstance(call.work, ChatWork) and call.streams:
                 media = call.work.writer.media_type
                 out = _Out(send, media, call.headers)
-                stream = serving._stream(call, call.work, lease, record, out)
-                finished = await _watched(receive, stream, record)
+                stream = serving._stream(call, call.work, lease, record, out, progress)
+                finished = outcome = await _watched(receive, stream, record)
                 if finished is _GONE:
                     if not out.started:
                         await send({"type": "http.response.start", "status": 499, "headers": []})
@@ -266,7 +308,7 @@ class _Served(Response):
                     await out.body(call.work.writer.failed(RequestCancelled()))
                     await out.end()
                 return
-            answer = await _watched(receive, serving._whole(call, lease, record), record)
+            answer = outcome = await _watched(receive, serving._whole(call, lease, record, progress), record)
             if answer is _CANCELLED:
                 raise RequestCancelled()
             if answer is _GONE:
@@ -275,6 +317,9 @@ class _Served(Response):
             await answer(scope, receive, send)
         finally:
             lease.release(call.keep_alive)
+            if outcome in (_GONE, _CANCELLED) and progress.sent is not None and progress.first is None:
+                # Abandoned before the engine sent anything: it may be prefilling for nobody (the pool decides).
+                serving.pool.abandoned(call.model.id, progress.prompt_tokens, time.monotonic() - progress.sent)
 
 
 class _Outcome:

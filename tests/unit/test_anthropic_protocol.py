@@ -131,7 +131,7 @@ def test_images_become_data_urls() -> None:
     [
         ({"max_tokens": None}, "max_tokens", "Field required"),
         ({"messages": []}, "messages", "non-empty"),
-        ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role", "'user' or 'assistant'"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "'user', 'assistant' or 'system'"),
         (
             {"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
             "messages[0].content[0].type",
@@ -256,3 +256,41 @@ def test_errors_have_anthropics_types(error: Any, kind: str) -> None:
     assert protocol.error_body(error) == {"type": "error", "error": {"type": kind, "message": error.message}}
     head, data = protocol.error_event(error).decode().strip().split("\n")
     assert head == "event: error" and json.loads(data[6:])["error"]["type"] == kind
+
+
+def test_a_system_message_in_the_conversation_stays_where_it_is() -> None:
+    """Claude Code sends one (the API's mid-conversation-system beta): a chat system message at the same place."""
+    chat = protocol.to_chat(
+        {
+            "model": "m",
+            "max_tokens": 10,
+            "system": "You are terse.",
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "system", "content": [{"type": "text", "text": "Today is Monday."}]},
+            ],
+        }
+    )
+    assert chat["messages"] == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": "Today is Monday."},
+    ]
+
+
+def test_too_long_a_prompt_is_said_in_anthropics_words() -> None:
+    from gateway.errors import ContextLengthExceeded
+
+    error = ContextLengthExceeded("The prompt does not fit.", prompt_tokens=20000, limit=8192, param="messages")
+    body = protocol.error_body(error)
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["message"].startswith("prompt is too long: 20000 tokens > 8192 maximum")
+
+
+def test_an_answer_cut_for_length_before_max_tokens_ran_out_of_context() -> None:
+    answer = {
+        "choices": [{"message": {"role": "assistant", "content": "x y"}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 8190, "completion_tokens": 2},
+    }
+    assert protocol.from_chat(answer, "msg_1", "m", max_tokens=32000)["stop_reason"] == "model_context_window_exceeded"
+    assert protocol.from_chat(answer, "msg_1", "m", max_tokens=2)["stop_reason"] == "max_tokens"

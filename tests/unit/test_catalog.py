@@ -18,7 +18,7 @@ def test_builtin_default_is_the_4d_pair(tmp_path: Path) -> None:
     assert catalog.default_embedding_model == "Qwen/Qwen3-Embedding-0.6B"
     chat = catalog.find("Qwen/Qwen3-1.7B")
     assert chat is not None and chat.kind == "gguf"
-    assert chat.source.filename == "Qwen3-1.7B-Q5_K_M.gguf" and chat.entry.url
+    assert chat.source.filename == "Qwen3-1.7B-Q8_0.gguf" and chat.entry.url
     assert chat.source.model_id == str(tmp_path / "Qwen")  # downloaded into the model dir, as the 4D component did
     assert chat.engine_id == "Qwen/Qwen3-1.7B"  # the tokenizer id names a GGUF pipeline
 

@@ -281,7 +281,7 @@ def test_builtin_default_command(tmp_path: Path) -> None:
     config = json.loads(cmd.files["multi-model.json"])
     gguf = next(e for e in config.values() if "GGUF" in e)["GGUF"]
     assert gguf["quantized_model_id"] == str(tmp_path / "Qwen")
-    assert gguf["quantized_filename"] == "Qwen3-1.7B-Q5_K_M.gguf"
+    assert gguf["quantized_filename"] == "Qwen3-1.7B-Q8_0.gguf"
     assert gguf["tok_model_id"] == "Qwen/Qwen3-1.7B"
     assert cmd.argv[-1] == "Qwen/Qwen3-1.7B"
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...chat.fields import boolean, integer, invalid, number, require, unsupported, wrong_type
 from ...chat.streams import ToolCallPieces
-from ...errors import GatewayError
+from ...errors import ContextLengthExceeded, GatewayError
 
 if TYPE_CHECKING:
     from ...serving.chat import Stream
@@ -55,7 +55,11 @@ def error_body(error: GatewayError) -> dict[str, Any]:
     """Anthropic's error body: ``{"type": "error", "error": {"type", "message"}}``."""
     # An operator's cancel is a 503 like an overload, but "overloaded" would tell the client the wrong story.
     kind = "api_error" if error.code == "request_cancelled" else error_type(error.status)
-    return {"type": "error", "error": {"type": kind, "message": error.message}}
+    message = error.message
+    if isinstance(error, ContextLengthExceeded):
+        # Anthropic's own words, which its clients read (Claude Code tells its user the numbers from them).
+        message = f"prompt is too long: {error.prompt_tokens} tokens > {error.limit} maximum. {error.message}"
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 def error_event(error: GatewayError) -> bytes:
@@ -138,9 +142,13 @@ def _message(message: Any, where: str) -> list[dict[str, Any]]:
     if not isinstance(message, dict):
         raise wrong_type(where, "an object")
     role = message.get("role")
-    if role not in ("user", "assistant"):
-        raise invalid(f"{where}.role", f"Invalid '{where}.role': use 'user' or 'assistant'.")
+    if role not in ("user", "assistant", "system"):
+        raise invalid(f"{where}.role", f"Invalid '{where}.role': use 'user', 'assistant' or 'system'.")
     content = message.get("content")
+    if role == "system":
+        # A system message in the conversation (the API's mid-conversation-system beta, which Claude Code uses):
+        # a system message of the chat at the same place.
+        return [{"role": "system", "content": _system(content) or ""}]
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
@@ -342,14 +350,19 @@ def _usage(usage: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def _stop_reason(finish: str | None, called: bool) -> str:
-    if called:
+def _stop_reason(finish: str | None, called: bool, usage: dict[str, Any] | None, max_tokens: int | None) -> str:
+    if called and finish != "length":  # a call cut by max_tokens ends as Anthropic's do: max_tokens
         return "tool_use"
+    written = (usage or {}).get("completion_tokens")
+    if finish == "length" and max_tokens and isinstance(written, int) and written < max_tokens:
+        # Cut for length before max_tokens: the context was full (the gateway clamps max_tokens to the room the
+        # prompt leaves, gateway/serving/limits.py), which Anthropic's API reports so.
+        return "model_context_window_exceeded"
     return _STOP_REASONS.get(finish or "stop", "end_turn")
 
 
-def from_chat(answer: dict[str, Any], message_id: str, model: str) -> dict[str, Any]:
-    """The ``Message`` for a chat answer."""
+def from_chat(answer: dict[str, Any], message_id: str, model: str, max_tokens: int | None = None) -> dict[str, Any]:
+    """The ``Message`` for a chat answer (``max_tokens``: what the client asked for)."""
     choice = answer["choices"][0]
     message = choice.get("message") or {}
     content: list[dict[str, Any]] = []
@@ -365,7 +378,7 @@ def from_chat(answer: dict[str, Any], message_id: str, model: str) -> dict[str, 
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": _stop_reason(choice.get("finish_reason"), bool(calls)),
+        "stop_reason": _stop_reason(choice.get("finish_reason"), bool(calls), answer.get("usage"), max_tokens),
         "stop_sequence": None,
         "usage": _usage(answer.get("usage")),
     }
@@ -383,9 +396,10 @@ class EventWriter:
     a tool call's arguments in one piece at the end anyway.
     """
 
-    def __init__(self, message_id: str, model: str) -> None:
+    def __init__(self, message_id: str, model: str, max_tokens: int | None = None) -> None:
         self._id = message_id
         self._model = model
+        self._max_tokens = max_tokens
         self._index = -1  # of the content block being written
         self._open: str | None = None  # its type
         self._calls = ToolCallPieces()
@@ -464,7 +478,7 @@ class EventWriter:
             out.append(self._delta({"type": "input_json_delta", "partial_json": arguments}))
             out.append(_sse("content_block_stop", {"type": "content_block_stop", "index": self._index}))
         counts = _usage(usage)
-        delta = {"stop_reason": _stop_reason(self._finish, bool(calls)), "stop_sequence": None}
+        delta = {"stop_reason": _stop_reason(self._finish, bool(calls), usage, self._max_tokens), "stop_sequence": None}
         out.append(_sse("message_delta", {"type": "message_delta", "delta": delta, "usage": counts}))
         out.append(_sse("message_stop", {"type": "message_stop"}))
         return out
@@ -483,10 +497,11 @@ class Dialect:
         self.chat = to_chat(body)
         self._id = new_id("msg")
         self._model = model
-        self._writer = EventWriter(self._id, model)
+        self._writer = EventWriter(self._id, model, self.chat.get("max_tokens"))
 
     def answer(self, chat_answer: dict[str, Any]) -> bytes:
-        return json.dumps(from_chat(chat_answer, self._id, self._model), ensure_ascii=False).encode()
+        answer = from_chat(chat_answer, self._id, self._model, self.chat.get("max_tokens"))
+        return json.dumps(answer, ensure_ascii=False).encode()
 
     async def stream(self, stream: Stream) -> AsyncIterator[bytes]:
         writer = self._writer

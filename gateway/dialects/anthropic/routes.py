@@ -45,7 +45,7 @@ class AnthropicRoutes:
         dialect = protocol.Dialect(body, model.id)
         checks.chat(dialect.chat)
         plan = plan_chat(dialect.chat, model.id, takes_images=model.kind == "vision-plain")
-        return self._serving.serve(ModelCall(model, keep, ChatWork(plan, dialect)))
+        return self._serving.serve(ModelCall(model, keep, ChatWork(plan, dialect, limit="clamp")))
 
     async def count_tokens(self, request: Request) -> Response:
         """The prompt's tokens as the model sees them (chat template and tools included): the engine has no
@@ -57,4 +57,4 @@ class AnthropicRoutes:
         chat.pop("tool_choice", None)  # a forced tool call cannot be made in one token; it does not change the prompt
         checks.chat(chat)
         plan = plan_chat(chat, model.id, takes_images=model.kind == "vision-plain")
-        return self._serving.serve(ModelCall(model, keep, ChatWork(plan, protocol.TokenCount())))
+        return self._serving.serve(ModelCall(model, keep, ChatWork(plan, protocol.TokenCount(), limit="none")))

@@ -383,12 +383,12 @@ class _Dialect(ABC):
     loading_comments = False  # NDJSON has no comments: a stream starts once its engine is ready
 
     def __init__(self, model: str, clock: Callable[[], float], wall: Callable[[], float]) -> None:
-        self._model = model
+        self.model = model  # the name the answers say (as the client sent it)
         self._timing = Timing(clock)
         self._wall = wall
 
     def _head(self) -> dict[str, Any]:
-        return {"model": self._model, "created_at": timestamp(self._wall())}
+        return {"model": self.model, "created_at": timestamp(self._wall())}
 
     @abstractmethod
     def _piece(self, text: str, thinking: str | None, calls: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -412,7 +412,7 @@ class _Dialect(ABC):
         calls = ToolCallPieces()
         try:
             async for item in stream.events:
-                data = item.json(self._model)
+                data = item.json(self.model)
                 if data is None:
                     continue
                 for choice in data.get("choices") or []:

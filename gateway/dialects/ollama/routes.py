@@ -138,7 +138,7 @@ class OllamaRoutes:
         model = self._model(request, body, CHAT_KINDS)
         keep = keep_alive(body, request)
         translated = protocol.chat_request(body)
-        dialect = protocol.ChatDialect(model.id, self._clock, self._wall)
+        dialect = protocol.ChatDialect(_named(body, model), self._clock, self._wall)
         return await self._generate(model, translated, dialect, keep, chat=True)
 
     async def generate(self, request: Request) -> Response:
@@ -146,7 +146,7 @@ class OllamaRoutes:
         model = self._model(request, body, CHAT_KINDS)
         keep = keep_alive(body, request)
         translated = protocol.generate_request(body)
-        dialect = protocol.GenerateDialect(model.id, self._clock, self._wall)
+        dialect = protocol.GenerateDialect(_named(body, model), self._clock, self._wall)
         return await self._generate(model, translated, dialect, keep, chat=False)
 
     async def _generate(
@@ -160,7 +160,7 @@ class OllamaRoutes:
     ) -> Response:
         headers = {"x-ignored-options": ",".join(translated.ignored)} if translated.ignored else {}
         if translated.load_only:
-            return await self._load(model, keep, chat=chat)
+            return await self._load(model, keep, chat=chat, name=dialect.model)
         request_body = translated.body
         work: ChatWork
         if translated.raw:
@@ -169,19 +169,20 @@ class OllamaRoutes:
             wants_stream = request_body.pop("stream", False)
             plan = plan_completion(request_body, model.id)
             if wants_stream:
-                work = ChatWork(plan, protocol.OneLine(dialect), answer_media_type=protocol.NDJSON)
+                work = ChatWork(plan, protocol.OneLine(dialect), answer_media_type=protocol.NDJSON, limit="clamp")
             else:
-                work = ChatWork(plan, dialect)
+                work = ChatWork(plan, dialect, limit="clamp")
         else:
             checks.chat(request_body)
-            work = ChatWork(plan_chat(request_body, model.id, takes_images=model.kind == "vision-plain"), dialect)
+            plan = plan_chat(request_body, model.id, takes_images=model.kind == "vision-plain")
+            work = ChatWork(plan, dialect, limit="clamp")
         return self._serving.serve(ModelCall(model, keep, work, headers))
 
-    async def _load(self, model: Model, keep: float | None, *, chat: bool) -> Response:
+    async def _load(self, model: Model, keep: float | None, *, chat: bool, name: str) -> Response:
         """No prompt: load the model (Ollama's preload), or with keep_alive 0 unload it (at once when nothing uses
         its engine, else as soon as the requests in flight are done)."""
         unloading = keep == 0
-        answer = protocol.load_answer(model.id, chat=chat, unloaded=unloading, wall=self._wall())
+        answer = protocol.load_answer(name, chat=chat, unloaded=unloading, wall=self._wall())
         if unloading:
             await self._serving.unload(model)
             return JSONResponse(answer)
@@ -210,7 +211,7 @@ class OllamaRoutes:
             if legacy:
                 return JSONResponse({"embedding": vectors[0]}, headers={"x-cache": cache})
             answer = {
-                "model": model.id,
+                "model": _named(body, model),
                 "embeddings": vectors,
                 "total_duration": int((self._clock() - began) * 1e9),
                 "load_duration": 0,
@@ -247,6 +248,12 @@ class OllamaRoutes:
             return
         for status in ("verifying sha256 digest", "writing manifest", "success"):
             yield _line({"status": status})
+
+
+def _named(body: dict[str, Any], model: Model) -> str:
+    """The model's name as the client sent it (``smollm2:135m``): Ollama's answers say that name, not an id."""
+    name = body.get("model")
+    return name if isinstance(name, str) and name else model.id
 
 
 def _line(data: dict[str, Any]) -> bytes:
