@@ -213,7 +213,12 @@ def start_gateway(
         )
     gateway = Gateway(f"http://127.0.0.1:{port}", proc, log_path, spawn_log, request_log, full_env)
 
-    wait_serving(proc, gateway.url + "/healthz", gateway.log, 20, "the gateway")
+    try:
+        wait_serving(proc, gateway.url + "/healthz", gateway.log, 20, "the gateway")
+    except BaseException:
+        proc.kill()  # a gateway that never served must not outlive its test
+        proc.wait()
+        raise
     return gateway
 
 
