@@ -9,6 +9,8 @@ would have sent; nothing here does I/O, and nothing changes what the model said.
 
 from __future__ import annotations
 
+import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,10 @@ class Shape:
     include_usage: bool = False  # stream_options.include_usage
     single_tool_call: bool = False  # parallel_tool_calls: false
     text_offset: int = 0  # completions: where the choice's text starts (the prompt's length with echo)
+    # tool_choice "required" or a named function: the tools the forced call is one of. The engine writes such a
+    # call as the text of a JSON object (a grammar makes it) and turns it into a tool call once whole; cut short by
+    # max_tokens, it stays text, which must reach the client as the call it was becoming, as OpenAI answers it.
+    forced_tools: tuple[str, ...] = ()
 
 
 def finish_reason(value: Any) -> str | None:
@@ -171,6 +177,29 @@ def _compact(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)("?)')
+_ARGUMENTS = re.compile(r'\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+
+
+def cut_tool_call(text: str, names: tuple[str, ...] | list[str]) -> dict[str, Any] | None:
+    """The tool call a forced call's text (``{"name":...,"arguments":{...}}``) was on its way to be when
+    ``max_tokens`` cut it: its name (completed from the tools when the cut fell inside it or before it: the first
+    tool it can still be) and the arguments as far as they got. None only without any tool to name."""
+    head = _CALL_HEAD.match(text)
+    written = head.group(1) if head is not None else ""
+    whole = head is not None and bool(head.group(2))
+    name = written if whole else next((n for n in names if n.startswith(written)), names[0] if names else None)
+    if name is None:
+        return None
+    after = _ARGUMENTS.match(text[head.end() :]) if head is not None and whole else None
+    arguments = text[head.end() + after.end() :] if head is not None and after is not None else ""
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+
+
 # ------------------------------------------------------------------------------------------ whole answers
 
 
@@ -185,6 +214,11 @@ def _chat_choice(choice: Any, shape: Shape, index: int) -> dict[str, Any]:
     reason = finish_reason(choice.get("finish_reason")) or "stop"
     if calls and reason == "stop":
         reason = "tool_calls"
+    text = message.get("content")
+    if shape.forced_tools and reason == "length" and not calls and isinstance(text, str):
+        cut = cut_tool_call(text, shape.forced_tools)
+        if cut is not None:
+            out_message["content"], out_message["tool_calls"] = None, [cut]
     return {
         "index": index,
         "message": out_message,

@@ -95,6 +95,18 @@ def _images(messages: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def _forced_tools(body: dict[str, Any]) -> tuple[str, ...]:
+    """The tools a forced call is one of: every tool for tool_choice "required", the named one for a name."""
+    choice = body.get("tool_choice")
+    tools = [t["function"]["name"] for t in body.get("tools") or [] if isinstance(t, dict) and "function" in t]
+    if choice == "required":
+        return tuple(tools)
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        return (name,) if isinstance(name, str) else ()
+    return ()
+
+
 def plan_chat(body: dict[str, Any], model: str, *, takes_images: bool) -> Plan:
     """``body`` has passed ``checks.chat``; ``model`` is the id the client used."""
     messages = body["messages"]
@@ -114,6 +126,7 @@ def plan_chat(body: dict[str, Any], model: str, *, takes_images: bool) -> Plan:
         logprobs=(body.get("top_logprobs") or 0) if body.get("logprobs") else None,
         include_usage=stream and (body.get("stream_options") or {}).get("include_usage") is True,
         single_tool_call=body.get("parallel_tool_calls") is False,
+        forced_tools=_forced_tools(body),
     )
     n = body.get("n") or 1
     return Plan(CHAT_PATH, tuple(engine for _ in range(n)), shape, chat=True, stream=stream)

@@ -68,8 +68,9 @@ class Leg:
         self.done = False
         self._offsets = CompletionOffsets({})
         # The engine's bytes can pass only when nothing in them needs changing: one choice numbered 0, no
-        # logprobs to reshape, no usage or finish to handle, no tool calls to trim.
-        self._passable = index == 0 and shape.logprobs is None
+        # logprobs to reshape, no usage or finish to handle, no tool calls to trim, no forced call's text to hold.
+        self._passable = index == 0 and shape.logprobs is None and not shape.forced_tools
+        self._held: list[str] = []  # a forced call's text, kept back (answers.Shape.forced_tools)
 
     async def events(self, blocks: AsyncGenerator[bytes, None]) -> AsyncIterator[Event]:
         async with contextlib.aclosing(blocks):  # at [DONE] too: that hands the connection back at once
@@ -114,8 +115,29 @@ class Leg:
             self.usage = parts.usage
         if parts.chunk is None:
             return None
+        if self.shape.forced_tools and self.chat:
+            return self._forced(parts.chunk)
         self.head = parts.chunk
         return Event(data=parts.chunk)
+
+    def _forced(self, chunk: dict[str, Any]) -> Event | None:
+        """A chunk of a forced call: its text held back (the engine sends the call itself once it is whole); cut
+        by max_tokens, the last chunk carries the call as far as it got."""
+        for choice in chunk["choices"]:
+            delta = choice["delta"]
+            if delta.get("content"):
+                self._held.append(delta["content"])
+            delta.pop("content", None)
+            if choice["finish_reason"] == "length" and not delta.get("tool_calls") and self._held:
+                cut = answers.cut_tool_call("".join(self._held), self.shape.forced_tools)
+                if cut is not None:
+                    delta["tool_calls"] = [{**cut, "index": 0}]
+        if not any(
+            c["finish_reason"] or c["delta"].get("tool_calls") or c["delta"].get("role") for c in chunk["choices"]
+        ):
+            return None
+        self.head = chunk
+        return Event(data=chunk)
 
     def _plain(self, data: bytes) -> bool:
         if b'"finish_reason":null' not in data or b'"logprobs":null' not in data:

@@ -58,6 +58,8 @@ Tools (chat, with `tools` given; a `call:`/`calls:` prompt is the last user mess
     tool_choice "required" / {"type": "function", "function": {"name": X}}: always a call of the first
                    tool / of X, whatever the prompt; X not among `tools`, or "required" without tools: 422
     tool_choice "none": never a call
+    a forced call longer than max_tokens (one token per 8 characters of its {"name","arguments"} text) stays
+                   that text, cut, with finish_reason "length", as mistral.rs leaves it
     last message a `tool` message (second turn of a tool loop): reply "tool said: <its content>" (unless
                    the choice forces a call)
 
@@ -982,9 +984,16 @@ def chat_plan(messages: list[Any] | str, tools: ToolRequest, gen: Generation) ->
     plan = reply_plan(prompt)
     if plan.scenario == "normal":
         result = None if isinstance(messages, str) else _tool_result(messages)
-        called = tools.forced() or (tools.asked(prompt) if result is None else ())
+        forced = tools.forced()
+        called = forced or (tools.asked(prompt) if result is None else ())
         if called:
             calls = tuple((tool.name, _json_text(schema_instance(tool.parameters, None))) for tool in called)
+            if forced and gen.max_tokens is not None:
+                # A forced call is written under a grammar as {"name":...,"arguments":...}, one token per 8
+                # characters here; cut by max_tokens, it stays that text (finish "length"), as mistral.rs leaves it.
+                pieces = _json_pieces(_json_text({"name": calls[0][0], "arguments": json.loads(calls[0][1])}))
+                if gen.max_tokens < len(pieces):
+                    return Plan(pieces[: gen.max_tokens], "length")
             return Plan((), "tool_calls", calls=calls)
         if result is not None:
             plan = Plan(_split("tool said: " + result))

@@ -327,6 +327,32 @@ def test_tool_choice_required_and_named_force_a_call(target: Target, stream: boo
         _check_call(call, ["get_time"])
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_call_cut_by_max_tokens_is_a_call_with_cut_arguments(target: Target, stream: bool) -> None:
+    """As OpenAI answers it: a tool call whose arguments stop where max_tokens did, finish reason length; never the
+    call's JSON as the assistant's text."""
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for choice, names in (("required", ["get_weather", "get_time"]), (named, ["get_time"])):
+        request = {"tools": [WEATHER, TIME], "max_tokens": 3, "tool_choice": choice}
+        request["messages"] = [{"role": "user", "content": "What is the weather in Paris?"}]
+        if stream:
+            chunks = chat_stream(target, **request)
+            calls = [c.model_dump() for k in chunks for ch in k.choices for c in ch.delta.tool_calls or []]
+            text = "".join(ch.delta.content or "" for k in chunks for ch in k.choices)
+            finish = finishes(chunks)[0]
+        else:
+            answer = chat(target, **request)["choices"][0]
+            calls, text, finish = (
+                answer["message"].get("tool_calls") or [],
+                answer["message"]["content"],
+                answer["finish_reason"],
+            )
+        assert finish == "length" and not text, (choice, text)
+        assert len(calls) == 1 and calls[0]["function"]["name"] in names
+        arguments = calls[0]["function"]["arguments"]
+        assert is_json_prefix(arguments), arguments  # as far as the arguments got
+
+
 def test_tool_choice_none_and_auto(target: Target) -> None:
     calls, finish = _calls(target, tool_choice="none")
     assert calls == [] and finish in ("stop", "length")

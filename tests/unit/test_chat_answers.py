@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -230,3 +231,57 @@ def test_a_banned_alternative_has_openais_very_unlikely_logprob() -> None:
     converted = answers.token_logprob(entry, 1)
     assert converted["top_logprobs"] == [{"token": "b", "logprob": -9999.0, "bytes": [98]}]
     assert converted["bytes"] == [97]
+
+
+@pytest.mark.parametrize(
+    ("text", "names", "name", "arguments"),
+    [
+        ('{"name":"get_weather","arguments":{"city":"Par', ["get_weather"], "get_weather", '{"city":"Par'),
+        ('{"name":"get_weather","argu', ["get_weather"], "get_weather", ""),
+        ('{"name":"get_w', ["get_time", "get_weather"], "get_weather", ""),  # completed from the tools
+        ('{"na', ["get_weather"], "get_weather", ""),  # one tool: it can only be that one
+        ('{"na', ["get_time", "get_weather"], "get_time", ""),  # two, no telling which: the first it can be
+        ("", [], None, None),  # no tool to name
+    ],
+)
+def test_a_forced_call_cut_by_max_tokens_is_the_call_it_was_becoming(
+    text: str, names: list[str], name: str | None, arguments: str | None
+) -> None:
+    call = answers.cut_tool_call(text, names)
+    if name is None:
+        assert call is None
+        return
+    assert call is not None and call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": name, "arguments": arguments}
+
+
+def test_a_forced_call_cut_by_max_tokens_comes_back_as_a_call_not_as_text() -> None:
+    shape = answers.Shape(model="m", forced_tools=("get_weather",))
+    engine = {
+        "id": "x",
+        "choices": [{"message": {"content": '{"name":"get_weather","arguments":{"ci'}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13},
+    }
+    choice = answers.merge_answers([engine], [shape], chat=True)["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"ci'}
+    plain = answers.merge_answers([engine], [answers.Shape(model="m")], chat=True)["choices"][0]
+    assert plain["message"]["content"].startswith('{"name"')  # not forced: the text is what the model said
+
+
+async def test_a_forced_calls_stream_holds_its_text_and_ends_with_the_cut_call() -> None:
+    from gateway.chat.streams import Leg
+
+    leg = Leg(answers.Shape(model="m", forced_tools=("get_weather",)), chat=True)
+    pieces = ['{"name":"get_', 'weather","argu', 'ments":{"city"']
+    events: list[dict[str, Any]] = []
+    for i, piece in enumerate(pieces):
+        finish = "length" if i == len(pieces) - 1 else None
+        chunk = {"id": "x", "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": finish}]}
+        event = leg.feed(b"data: " + json.dumps(chunk).encode())
+        if event is not None and event.data is not None:
+            events.append(event.data)
+    assert len(events) == 1  # the text never reached the client
+    (choice,) = events[0]["choices"]
+    assert choice["finish_reason"] == "length" and "content" not in choice["delta"]
+    assert choice["delta"]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city"'}

@@ -414,3 +414,63 @@ def test_groups_are_checked_when_the_models_file_is_read(tmp_path: Path) -> None
 def test_a_fixed_engine_port_needs_a_single_engine(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="share_engine"):
         make_pool(tmp_path, repo_models("a", "b"), engine_port=41234)
+
+
+# ------------------------------------------------------------------ tokens: abandoned prefills, a growing engine
+
+
+async def test_an_abandoned_long_prefill_stops_an_engine_nothing_else_uses(tmp_path: Path) -> None:
+    pool, spawner, _ = pool_of(tmp_path)
+    lease = pool.lease("chat")
+    await pool.ensure_ready("chat", lease)
+    lifecycle = pool.lifecycle("chat")
+    lifecycle.last_start_seconds = 2.0
+    lifecycle.prefilled(1000, 1.0)  # the engine prefills 1,000 tokens a second
+    other = pool.lease("chat")
+    await pool.ensure_ready("chat", other)
+    lease.release()
+    # Another request is using the engine: it waits behind the prefill either way, so nothing is stopped.
+    assert pool.abandoned("chat", 20_000, elapsed=1.0) is None
+    other.release()
+    # A prompt that is nearly done: waiting costs less than a restart.
+    assert pool.abandoned("chat", 2_500, elapsed=1.0) is None
+    why = pool.abandoned("chat", 20_000, elapsed=1.0)  # 19 s of prefill left for nobody, against a 2 s restart
+    assert why is not None and "20000-token prompt" in why and "19 s left" in why
+    await until(lambda: lifecycle.state is EngineState.STOPPED)
+    assert not spawner.procs[0].alive
+    await pool.ensure_ready("chat")  # the next request starts it afresh
+    assert len(spawner.procs) == 2
+    await pool.aclose()
+
+
+async def test_an_engine_grown_past_its_bound_is_restarted_once_idle(tmp_path: Path) -> None:
+    meter = FakeMeter(default=300)
+    pool, spawner, _ = pool_of(tmp_path, meter=meter, engine_growth_mb=500)
+    lease = pool.lease("chat")
+    await pool.ensure_ready("chat", lease)
+    lifecycle = pool.lifecycle("chat")
+    assert lifecycle.loaded_mb == 300
+    meter.default = 700  # the prefix cache holds a few conversations: within the bound
+    lease.release()
+    await until(lambda: lifecycle.memory_mb == 700)
+    assert lifecycle.ready
+    lease = pool.lease("chat")
+    await pool.ensure_ready("chat", lease)
+    meter.default = 900  # 600 MB more than when it loaded
+    lease.release()
+    await until(lambda: lifecycle.state is EngineState.STOPPED)
+    assert not spawner.procs[0].alive and lifecycle.status()["state"] == "stopped"
+    await pool.aclose()
+
+
+async def test_a_busy_engine_is_never_restarted_for_its_growth(tmp_path: Path) -> None:
+    meter = FakeMeter(default=300)
+    pool, _, _ = pool_of(tmp_path, meter=meter, engine_growth_mb=100)
+    first, second = pool.lease("chat"), pool.lease("chat")
+    await pool.ensure_ready("chat", first)
+    meter.default = 2000
+    first.release()  # the other request still runs: no look at all
+    assert pool.lifecycle("chat").ready and pool.lifecycle("chat").memory_mb == 300
+    second.release()
+    await until(lambda: pool.lifecycle("chat").state is EngineState.STOPPED)
+    await pool.aclose()

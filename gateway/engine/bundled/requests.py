@@ -255,20 +255,6 @@ def tool_options(body: dict[str, Any]) -> ToolOptions:
     )
 
 
-def forced_tool_names(body: dict[str, Any]) -> list[str] | None:
-    """The tools a forced call (``tool_choice`` required or named) chooses among; None when the call is not forced
-    (or the request is one the package refused already)."""
-    try:
-        options = tool_options(body)
-    except RequestError:
-        return None
-    if options.grammar is None:
-        return None
-    choice = body.get("tool_choice")
-    named = _named_choice(choice)
-    return [named] if named is not None else [tool["function"]["name"] for tool in _tools(body.get("tools"))]
-
-
 def _named_choice(choice: Any) -> str | None:
     if not isinstance(choice, dict) or choice.get("type") != "function":
         return None

@@ -28,9 +28,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from .args import ArgsError, parse_args
-from .requests import forced_tool_names
 from .runners import GenerationError, LoadedModel, RequestError, clean_message, load_model, new_id
-from .wire import ChatCollector, chunk_json, completion_json, cut_tool_call
+from .wire import ChatCollector, chunk_json, completion_json
 
 _CHAT_KINDS = frozenset({"plain", "gguf", "multimodal"})
 _SSE = "text/event-stream"
@@ -156,27 +155,18 @@ class EngineApp:
         except GenerationError as exc:
             return _message(500, str(exc))
         meta = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": model.id}
-        forced = forced_tool_names(body)
         if body.get("stream") is True:
-            return StreamingResponse(self._events(first, chunks, meta, forced), media_type=_SSE)
-        return await self._collect(request, first, chunks, meta, logprobs=body.get("logprobs") is True, forced=forced)
+            return StreamingResponse(self._events(first, chunks, meta), media_type=_SSE)
+        return await self._collect(request, first, chunks, meta, logprobs=body.get("logprobs") is True)
 
     async def _events(
-        self, first: Any, chunks: AsyncGenerator[Any, None], meta: dict[str, Any], forced: list[str] | None
+        self, first: Any, chunks: AsyncGenerator[Any, None], meta: dict[str, Any]
     ) -> AsyncIterator[bytes]:
-        """The engine's chunks as SSE. A forced tool call's text is held back: the engine turns it into the call
-        once it is whole; cut by ``max_tokens``, it is sent as the call it was becoming (wire.cut_tool_call)."""
-        held: list[str] = []
         try:
             if first is not None:
-                chunk = first
-                while chunk is not None:
-                    data: dict[str, Any] | None = chunk_json(chunk, meta)
-                    if forced and data is not None:
-                        data = _forced_chunk(data, held, forced)
-                    if data is not None:
-                        yield _sse(data)
-                    chunk = await anext(chunks, None)
+                yield _sse(chunk_json(first, meta))
+                async for chunk in chunks:
+                    yield _sse(chunk_json(chunk, meta))
         except GenerationError as exc:
             # The engine's own way: a plain-text error event, then the end of the stream.
             yield f"data: {exc}\n\n".encode()
@@ -192,7 +182,6 @@ class EngineApp:
         meta: dict[str, Any],
         *,
         logprobs: bool,
-        forced: list[str] | None = None,
     ) -> Response:
         collector = ChatCollector()
         count = 0
@@ -208,7 +197,7 @@ class EngineApp:
                 chunk = await anext(chunks, None)
         except GenerationError as exc:
             return _message(500, str(exc), partial_response=collector.partial())
-        return JSONResponse(collector.answer(meta, logprobs=logprobs, forced=forced))
+        return JSONResponse(collector.answer(meta, logprobs=logprobs))
 
     # ----------------------------------------------------------------------- embeddings, images
 
@@ -266,25 +255,6 @@ class EngineApp:
         except GenerationError as exc:
             return _message(500, str(exc))
         return Response(_wav(pcm, rate, channels), media_type="audio/wav")
-
-
-def _forced_chunk(data: dict[str, Any], held: list[str], forced: list[str]) -> dict[str, Any] | None:
-    """A chunk of a forced tool call's stream: its text kept back in ``held``; the last chunk, when ``max_tokens``
-    cut the call, carries the call as far as it got."""
-    choice = data["choices"][0] if data["choices"] else None
-    if choice is None:
-        return data
-    delta = choice["delta"]
-    if delta.get("content"):
-        held.append(delta["content"])
-        delta["content"] = None
-    if choice["finish_reason"] == "length" and not delta.get("tool_calls") and held:
-        cut = cut_tool_call("".join(held), forced)
-        if cut is not None:
-            delta["tool_calls"] = [cut]
-    if choice["finish_reason"] is None and not delta.get("tool_calls") and data.get("usage") is None:
-        return None  # nothing to send yet
-    return data
 
 
 def _wav(pcm: list[float], rate: int, channels: int) -> bytes:

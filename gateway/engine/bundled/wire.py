@@ -8,8 +8,6 @@ shape into OpenAI's for every engine alike.
 from __future__ import annotations
 
 import math
-import re
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,34 +50,6 @@ def tool_call_json(call: Any) -> dict[str, Any]:
         "type": str(call.tp).rsplit(".", 1)[-1].lower(),
         "function": {"name": call.function.name, "arguments": call.function.arguments},
     }
-
-
-_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)("?)')
-_ARGUMENTS = re.compile(r'\s*,\s*"arguments"\s*:\s*')
-
-
-def cut_tool_call(text: str, names: list[str]) -> dict[str, Any] | None:
-    """The tool call a forced call's text (``{"name":...,"arguments":{...}}``, what the grammar makes the model
-    write) was on its way to be when ``max_tokens`` cut it: its name (completed from the tools when the cut fell
-    inside it) and the arguments as far as they got, as OpenAI answers such a call. None when no name can be
-    told."""
-    head = _CALL_HEAD.match(text)
-    if head is None:
-        name = names[0] if len(names) == 1 else None
-        arguments = ""
-    else:
-        written = head.group(1)
-        if head.group(2):  # the name is whole
-            name = written
-        else:
-            name = next((candidate for candidate in names if candidate.startswith(written)), None)
-        rest = text[head.end() :]
-        after = _ARGUMENTS.match(rest) if head.group(2) else None
-        arguments = rest[after.end() :] if after is not None else ""
-    if name is None:
-        return None
-    call_id = f"call-{uuid.uuid4()}"
-    return {"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def chunk_json(chunk: Any, meta: dict[str, Any]) -> dict[str, Any]:
@@ -146,15 +116,10 @@ class ChatCollector:
         """What each choice had said before a failure (mistral.rs's ``partial_response``)."""
         return {index: "".join(choice.texts) for index, choice in sorted(self._choices.items())}
 
-    def answer(self, meta: dict[str, Any], *, logprobs: bool, forced: list[str] | None = None) -> dict[str, Any]:
-        """A ``ChatCompletionResponse``: ``content`` is null when the model only called tools. ``forced``: the
-        tools a forced call chose among (a call cut by ``max_tokens`` is then still a call, not text)."""
+    def answer(self, meta: dict[str, Any], *, logprobs: bool) -> dict[str, Any]:
+        """A ``ChatCompletionResponse``: ``content`` is null when the model only called tools."""
         choices = []
         for index, choice in sorted(self._choices.items()):
-            if forced and choice.finish_reason == "length" and not choice.tool_calls:
-                cut = cut_tool_call("".join(choice.texts), forced)
-                if cut is not None:
-                    choice.tool_calls, choice.texts = [cut], []
             text = "".join(choice.texts) if choice.texts or not choice.tool_calls else None
             message: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": choice.tool_calls or None}
             if choice.reasoning:
