@@ -178,16 +178,17 @@ class FakeEngineSpawner:
 
 
 class _ThreadLogs(logging.Handler):
-    """The gateway's log lines (those logged in its thread), written to its log file."""
+    """The gateway's log lines (those logged in its thread, and in the test's while it builds the gateway), written
+    to its log file."""
 
-    def __init__(self, path: Path, thread: threading.Thread) -> None:
+    def __init__(self, path: Path) -> None:
         super().__init__()
         self._file = path.open("a", encoding="utf-8")
-        self._thread = thread
+        self.threads = {threading.get_ident()}
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self._thread.ident:
+        if record.thread in self.threads:
             self._file.write(self.format(record) + "\n")
             self._file.flush()
 
@@ -201,6 +202,9 @@ class InProcessGateway(Gateway):
 
     def __init__(self, work: Path, env: Mapping[str, str], *, engine: str = "mistralrs-server") -> None:
         work.mkdir(parents=True, exist_ok=True)
+        # Logging first: what the gateway logs while it is built (warnings about its models) is in its log too.
+        self._logs = _ThreadLogs(work / "gateway.log")
+        logging.getLogger().addHandler(self._logs)
         self.spawner = FakeEngineSpawner()
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
@@ -215,6 +219,8 @@ class InProcessGateway(Gateway):
             {key.removeprefix("GATEWAY_").lower(): value for key, value in env.items() if key.startswith("GATEWAY_")}
         )
         settings = Settings(_env_file=None, **fields)
+        # As `mistral-gateway` sets it up (cli.serve): the access log and the engines' output at INFO.
+        logging.getLogger("gateway").setLevel(settings.log_level.upper())
         engine_env = {key: value for key, value in env.items() if not key.startswith("GATEWAY_")}
         if "GATEWAY_ENGINE" in env:
             # A test that chose its engine (the bundled one, or none installed) gets real engine processes, found
@@ -245,11 +251,9 @@ class InProcessGateway(Gateway):
             request_log=Path(env["FAKE_ENGINE_REQUEST_LOG"]),
             env=dict(env),
         )
-        self._logs = _ThreadLogs(self.log_path, self._thread)
-        logging.getLogger().addHandler(self._logs)
-        # As `mistral-gateway` sets it up (cli.serve): the access log and the engines' output at INFO.
-        logging.getLogger("gateway").setLevel(settings.log_level.upper())
         self._thread.start()
+        assert self._thread.ident is not None
+        self._logs.threads = {self._thread.ident}
         wait_for(lambda: self._server.started or not self._thread.is_alive(), 20, "the in-process gateway to serve")
         if not self._server.started:
             raise AssertionError(f"the in-process gateway did not start:\n{self.log()}")

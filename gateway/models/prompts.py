@@ -31,6 +31,25 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 _CONTROL, _USER_DEFINED = 3, 4  # GGUF token types whose text stands for one token (special tokens)
+# How a byte-level BPE splits text into words before merging, by the family `tokenizer.ggml.pre` names (llama.cpp's
+# table): they differ in how digits and spaces go with their neighbours.
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_PRE = {
+    "llama-bpe": _LLAMA3,
+    "llama3": _LLAMA3,
+    "llama-v3": _LLAMA3,
+    "smaug-bpe": _LLAMA3,
+    "qwen2": _QWEN2,
+    "deepseek-r1-qwen": _QWEN2,
+}
 
 
 @dataclass(frozen=True)
@@ -137,7 +156,7 @@ def load_counter(files: ModelFiles) -> PromptCounter | None:
 
 def _gguf_tokenizer(metadata: dict[str, Any]) -> tuple[Tokenizer, dict[str, str]] | None:
     """A byte-level BPE tokenizer from a GGUF's vocabulary, as mistral.rs builds it for ``gpt2`` vocabularies."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     if metadata.get("tokenizer.ggml.model") != "gpt2":
         return None
@@ -149,7 +168,13 @@ def _gguf_tokenizer(metadata: dict[str, Any]) -> tuple[Tokenizer, dict[str, str]
     vocab = {token: i for i, token in enumerate(tokens)}
     pairs = [tuple(merge.split(" ", 1)) for merge in merges if " " in merge]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))  # type: ignore[arg-type]
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    pattern = _PRE.get(str(metadata.get("tokenizer.ggml.pre")), _GPT2)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     special = [tokens[i] for i, kind in enumerate(kinds) if kind in (_CONTROL, _USER_DEFINED)]
     tokenizer.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in special])
