@@ -40,6 +40,7 @@ from .engine.recipes import Machine, engine_on_cpu
 from .errors import EngineUnavailable, GatewayError, MethodNotAllowed, RouteNotFound
 from .events import EventBus
 from .http.auth import KeyGuard, load_keys
+from .http.browsers import BrowserGuard, default_hosts
 from .http.health import Health
 from .http.observer import RequestObserver, loggable
 from .http.openapi import openapi_route
@@ -183,11 +184,18 @@ def create_app(
     # No redirect to the path with(out) a trailing slash: its Location would be built from the Host header, and an
     # API client is better served by a 404 in OpenAI's shape that names the path.
     routed.router.redirect_slashes = False
-    # The layers every request crosses, outermost first: trusted proxies -> observer -> key guard -> Starlette.
+    # The layers every request crosses, outermost first: trusted proxies -> observer -> browsers (hosts, origins, CORS)
+    # -> key guard -> Starlette.
     stack: ASGIApp = routed
     api_keys = load_keys(settings.api_keys)
     if api_keys or settings.admin_key:  # a layer costs CPU on every request: none when nothing is guarded
         stack = KeyGuard(stack, api_keys=api_keys, admin_key=settings.admin_key)
+    stack = BrowserGuard(
+        stack,
+        hosts=[*default_hosts(settings.public_url, settings.host), *settings.allowed_hosts.split(",")],
+        cors_origins=settings.cors_origins.split(","),
+        public_origin=settings.public_url,
+    )
     stack = RequestObserver(stack, metrics=metrics, log_format=settings.log_format, tracker=tracker)
     stack = TrustedProxies(stack, allow_ips=settings.forwarded_allow_ips)  # instead of uvicorn's (cli.serve)
     return GatewayApp(stack, pool=pool, catalog=catalog, serving=serving, relay=relay, events=events, logs=logs)

@@ -10,6 +10,7 @@
         UnsupportedForModel           400 - e.g. embeddings asked of a chat model
       ModelNotFound                   404 - code model_not_found
       Unauthorized                    401 - no key, or not one of GATEWAY_API_KEYS / GATEWAY_ADMIN_KEY
+      Forbidden                       403 - a Host not allowed (DNS rebinding), a page of another origin
       RouteNotFound                   404 - code unknown_url
       MethodNotAllowed                405
       NotImplementedByGateway         501 - /v1/moderations, /v1/files; never retried by SDKs
@@ -126,6 +127,14 @@ class Unauthorized(GatewayError):
     def __init__(self, message: str, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.headers.setdefault("www-authenticate", "Bearer")
+
+
+class Forbidden(GatewayError):
+    """A request refused for where it comes from: a Host the gateway does not answer to, a page of another origin."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "forbidden"
 
 
 class RouteNotFound(GatewayError):

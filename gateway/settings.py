@@ -34,6 +34,18 @@ class Settings(BaseSettings):
         description="Proxies (IP addresses or networks, comma-separated; * for any) whose X-Forwarded-For, "
         "X-Forwarded-Proto and X-Forwarded-Host are believed.",
     )
+    allowed_hosts: str = Field(
+        "",
+        description="Host names the gateway answers to besides the ones a local user types (localhost, *.localhost, "
+        "this machine's name, IP addresses) and GATEWAY_PUBLIC_URL's: comma-separated, *.example.com patterns, * for "
+        "any. Other names are refused (DNS rebinding).",
+    )
+    cors_origins: str = Field(
+        "",
+        description="Origins of browser applications that may call the gateway (comma-separated, "
+        "https://*.example.com patterns; * for any, without credentials). Pages of other origins may not send "
+        "anything but GET.",
+    )
     header_timeout: float = Field(
         10, gt=0, description="Seconds a client gets to send a request's line and headers; then it is disconnected."
     )

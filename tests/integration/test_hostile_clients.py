@@ -20,6 +20,8 @@ import pytest
 from tests.helpers import Gateway, wait_for
 
 Start = Callable[..., Gateway]
+# The Host names these tests send: the gateway answers to them only when told (tests/integration/test_browsers.py).
+HOSTS = {"GATEWAY_ALLOWED_HOSTS": "gateway.test,evil.example"}
 
 DEADLINE = 30.0  # seconds to wait for something a 1 s timeout causes: generous for a busy machine
 FORGED = "1999-01-01 00:00:00,000 INFO gateway.access: GET /forged"
@@ -83,7 +85,7 @@ def closed_by_gateway(sock: socket.socket) -> bool:
 
 
 def test_a_request_head_that_never_ends_is_cut_off(gateways: Start) -> None:
-    gw = gateways(env={"GATEWAY_HEADER_TIMEOUT": "1"})
+    gw = gateways(env={**HOSTS, "GATEWAY_HEADER_TIMEOUT": "1"})
     silent = connect(gw)  # connects and sends nothing
     slow = connect(gw)
     slow.sendall(b"GET /healthz HT")  # half a request line, then nothing
@@ -92,7 +94,7 @@ def test_a_request_head_that_never_ends_is_cut_off(gateways: Start) -> None:
 
 
 def test_head_deadline_spares_idle_keep_alive_connections_and_slow_bodies(gateways: Start) -> None:
-    gw = gateways(env={"GATEWAY_HEADER_TIMEOUT": "1"})
+    gw = gateways(env={**HOSTS, "GATEWAY_HEADER_TIMEOUT": "1"})
     idle = connect(gw)
     idle.sendall(head("GET", "/healthz"))
     assert read_answer(idle).status == 200  # ... and the connection stays open, idle
@@ -137,7 +139,7 @@ def hold(gw: Gateway) -> socket.socket:
 
 
 def test_connections_beyond_the_cap_get_an_openai_shaped_503(gateways: Start) -> None:
-    gw = gateways(env={"GATEWAY_MAX_CONNECTIONS": "5"})
+    gw = gateways(env={**HOSTS, "GATEWAY_MAX_CONNECTIONS": "5"})
     held = [hold(gw) for _ in range(5)]
 
     extra = connect(gw)  # sends nothing: the refusal comes at once
@@ -168,7 +170,7 @@ def test_connections_beyond_the_cap_get_an_openai_shaped_503(gateways: Start) ->
 
 
 def test_control_characters_cannot_forge_access_log_lines(gateways: Start) -> None:
-    gw = gateways()  # GATEWAY_LOG_FORMAT=text
+    gw = gateways(env=HOSTS)  # GATEWAY_LOG_FORMAT=text
     ids = {"path": "forge-path", "model": "forge-model", "error": "forge-501", "sync": "sync-after"}
 
     sock = connect(gw)
@@ -213,7 +215,7 @@ def image_url(gw: Gateway, headers: dict[str, str]) -> str:
 
 
 def test_made_up_host_headers_make_no_urls(gateways: Start) -> None:
-    gw = gateways()
+    gw = gateways(env=HOSTS)
     url = image_url(gw, {"Host": "evil.example"})
     assert url.startswith(gw.url + "/images/image-")  # the address the client connected to
     assert httpx.get(url).status_code == 200
@@ -231,14 +233,14 @@ def test_made_up_host_headers_make_no_urls(gateways: Start) -> None:
 
 
 def test_forwarded_headers_count_only_from_trusted_proxies(gateways: Start) -> None:
-    gw = gateways(env={"GATEWAY_FORWARDED_ALLOW_IPS": "192.0.2.1"})  # the test's 127.0.0.1 is no trusted proxy
+    gw = gateways(env={**HOSTS, "GATEWAY_FORWARDED_ALLOW_IPS": "192.0.2.1"})  # the test's 127.0.0.1 is no trusted proxy
     forwarded = {"Host": "evil.example", "X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https"}
     assert image_url(gw, forwarded).startswith(gw.url + "/images/image-")
 
 
 @pytest.mark.parametrize("public_url", ["https://llm.example.com/gateway/", "http://10.1.2.3:9000"])
 def test_public_url_is_the_base_of_every_url(gateways: Start, public_url: str) -> None:
-    gw = gateways(env={"GATEWAY_PUBLIC_URL": public_url})
+    gw = gateways(env={**HOSTS, "GATEWAY_PUBLIC_URL": public_url})
     headers = {"Host": "evil.example", "X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https"}
     url = image_url(gw, headers)
     assert url.startswith(public_url.rstrip("/") + "/images/image-")
