@@ -183,7 +183,7 @@ class _ThreadLogs(logging.Handler):
 
     def __init__(self, path: Path) -> None:
         super().__init__()
-        self._file = path.open("a", encoding="utf-8")
+        self._file = path.open("a", encoding="utf-8", errors="backslashreplace")
         self.threads = {threading.get_ident()}
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 

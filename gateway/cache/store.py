@@ -34,6 +34,9 @@ _MAGIC = b"MGE"
 _VERSION = 1
 _STAMP = struct.Struct("<3sBI")  # magic, version, CRC-32
 _COUNTS = struct.Struct("<II")  # dimensions, tokens
+# No text one embedding model reads is this long; a count beyond it (read back from a shared Redis, checksum and
+# all) would be served as the answer's usage.
+MAX_ITEM_TOKENS = 1 << 20
 _HEADER_SIZE = _STAMP.size + _COUNTS.size
 
 # What an entry costs in memory beyond its vector's bytes object and its token count's int (both measured per
@@ -81,6 +84,8 @@ class Entry:
         dimensions, tokens = _COUNTS.unpack_from(raw, _STAMP.size)
         if dimensions == 0 or len(raw) != _HEADER_SIZE + 4 * dimensions:
             raise BadValue(f"{len(raw)} bytes for {dimensions} dimensions")
+        if tokens > MAX_ITEM_TOKENS:
+            raise BadValue(f"{tokens} tokens for one item: more than any model's context")
         if zlib.crc32(memoryview(raw)[_STAMP.size :]) != crc:
             raise BadValue("checksum mismatch")
         vector = raw[_HEADER_SIZE:]

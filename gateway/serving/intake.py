@@ -148,12 +148,22 @@ def parse_json_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
     if not raw.strip():
         raise InvalidRequest("The request body is empty: send a JSON object.", code="invalid_json")
     try:
-        body = json.loads(raw, parse_constant=_constant, parse_int=_integer, parse_float=_float)
+        # UTF-8 as JSON must be (a byte-order mark tolerated), decoded strictly: json.loads would take bytes that
+        # encode a UTF-16 surrogate ("surrogatepass"), which no engine and no encoder downstream can take.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(
+            f"The request body is not valid UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 4]!r}). Send the "
+            "JSON as UTF-8 text.",
+            code="invalid_json",
+        ) from exc
+    try:
+        body = json.loads(text, parse_constant=_constant, parse_int=_integer, parse_float=_float)
     except _Refused as exc:
         raise InvalidRequest(f"The JSON body has a value no engine can take: {exc}.", code="invalid_value") from exc
     except RecursionError as exc:
         raise InvalidRequest(f"The JSON body nests deeper than {MAX_DEPTH} levels.", code="invalid_json") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise InvalidRequest(
             f"We could not parse the JSON body of your request ({exc}). Send a valid JSON object with "
             "Content-Type: application/json.",
@@ -161,9 +171,43 @@ def parse_json_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
         ) from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    if b"\\u" in raw and (bad := _lone_surrogate(body)) is not None:
+        # JSON lets a string hold half of a UTF-16 pair (\ud800); no engine, and no UTF-8 encoder, can take one.
+        raise InvalidRequest(
+            f"The JSON body has a string that is not valid Unicode at {bad or 'the top level'}: a lone UTF-16 "
+            "surrogate (an escape such as \\ud800 without its pair). Send valid UTF-8 text.",
+            param=bad or None,
+            code="invalid_value",
+        )
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _too_deep(body):
         raise InvalidRequest(f"The JSON body nests deeper than {MAX_DEPTH} levels.", code="invalid_json")
     return body
+
+
+def _lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The path (``messages[1].content``) of the first string holding a lone surrogate, key or value; None if none."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, str):
+            if not _valid_unicode(item):
+                return at
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if not _valid_unicode(key):
+                    return at
+                stack.append((child, f"{at}.{key}" if at else key))
+        elif isinstance(item, list):
+            stack.extend((child, f"{at}[{i}]") for i, child in enumerate(item))
+    return None
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_keep_alive(value: Any, param: str) -> float:

@@ -93,13 +93,20 @@ def _translate(exc: Exception) -> UpstreamError:
     import aiohttp
 
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamConnectError(f"The engine refused the connection ({exc.os_error}).")
+        reason = exc.os_error.strerror or "no answer"
+        return UpstreamConnectError(f"Nothing accepted the connection to the engine ({reason.lower()}).")
     if isinstance(exc, asyncio.TimeoutError):  # aiohttp's own timeouts derive from it
         return UpstreamTimeout("The engine took too long.")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamBroken(f"The engine sent a malformed answer: {exc.message}")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return UpstreamBroken("the engine closed the connection before its answer was complete")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return UpstreamBroken("the engine closed the connection without answering")
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.http_exceptions.HttpProcessingError):
+        return UpstreamBroken("the engine's answer was not well-formed HTTP")
+    if isinstance(exc, ConnectionResetError):
+        return UpstreamBroken("the engine reset the connection")
     if isinstance(exc, aiohttp.ClientError | OSError):
-        return UpstreamBroken(f"The connection to the engine broke: {type(exc).__name__} {exc}".strip())
+        return UpstreamBroken("the connection to the engine broke")
     raise exc  # anything else is a bug, not the engine's doing: let it surface as one
 
 

@@ -110,12 +110,19 @@ async def test_memory_store_ttl() -> None:
 # The stored format
 
 
-@pytest.mark.parametrize("tokens", [0, 1, 2**31])
+@pytest.mark.parametrize("tokens", [0, 1, 2**20])
 def test_entry_roundtrip(tokens: int) -> None:
     entry = Entry(np.arange(4, dtype="<f4").tobytes(), tokens)
     raw = entry.encode()
     assert raw[:4] == b"MGE\x01" and len(raw) == 16 + 4 * 4
     assert Entry.decode(raw) == entry
+
+
+@pytest.mark.parametrize("tokens", [2**20 + 1, 2**32 - 1])
+def test_a_token_count_no_item_can_have_is_refused_even_with_a_right_checksum(tokens: int) -> None:
+    raw = Entry(np.arange(4, dtype="<f4").tobytes(), tokens).encode()  # a well-formed value, checksum and all
+    with pytest.raises(BadValue, match="tokens for one item"):
+        Entry.decode(raw)
 
 
 def test_a_value_written_before_is_read_the_same_by_a_later_gateway() -> None:

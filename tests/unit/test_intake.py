@@ -71,3 +71,31 @@ def test_bodies_no_engine_can_take_are_a_400(raw: bytes) -> None:
 def test_what_engines_take_passes() -> None:
     raw = b'{"a": ' + b"[" * 63 + b"]" * 63 + b', "seed": 18446744073709551615, "x": -9223372036854775808}'
     assert validation.parse_json_body(raw, "application/json")["seed"] == (1 << 64) - 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        (b'{"model": "a\\ud800b"}', "model"),
+        (b'{"messages": [{"role": "user", "content": "x\\udc00"}]}', "messages[0].content"),
+        (b'{"tools": [{"\\ud83d": 1}]}', "tools[0]"),
+    ],
+)
+def test_a_lone_surrogate_is_a_400_naming_where_it_is(raw: bytes, param: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        validation.parse_json_body(raw, "application/json")
+    assert info.value.param == param and "surrogate" in info.value.message
+
+
+def test_a_surrogate_pair_is_one_character_and_fine() -> None:
+    assert validation.parse_json_body(b'{"x": "\\ud83d\\ude00"}', "application/json") == {"x": "\U0001f600"}
+
+
+@pytest.mark.parametrize("raw", [b'{"x": "\xed\xa0\x80"}', b'{"x": "\xff"}', b'{"x": "\xc3\x28"}'])
+def test_bytes_that_are_not_utf_8_are_a_400(raw: bytes) -> None:
+    with pytest.raises(InvalidRequest, match="not valid UTF-8"):
+        validation.parse_json_body(raw, "application/json")
+
+
+def test_a_byte_order_mark_is_tolerated() -> None:
+    assert validation.parse_json_body(b'\xef\xbb\xbf{"a": 1}', "application/json") == {"a": 1}

@@ -318,6 +318,8 @@ def embed_input(body: dict[str, Any]) -> dict[str, Any]:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise wrong_type("input", "a string or an array of strings")
+    if not value:
+        raise invalid("input", "'input' is an empty array: give at least one text to embed.")
     request: dict[str, Any] = {"input": value}
     if is_int(body.get("dimensions")):
         request["dimensions"] = body["dimensions"]

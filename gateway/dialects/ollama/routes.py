@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from starlette.requests import Request
@@ -158,7 +159,9 @@ class OllamaRoutes:
         *,
         chat: bool,
     ) -> Response:
-        headers = {"x-ignored-options": ",".join(translated.ignored)} if translated.ignored else {}
+        # The names come from the client: percent-encoded, so that no name can end the header or add another.
+        ignored = ",".join(quote(name, safe="") for name in translated.ignored)
+        headers = {"x-ignored-options": ignored} if ignored else {}
         if translated.load_only:
             return await self._load(model, keep, chat=chat, name=dialect.model)
         request_body = translated.body
