@@ -1,4 +1,4 @@
-"""The README's picture of the console (not a test): a gateway with the bundled engine on the real model
+"""The picture of the console in docs/operations.md (not a test): a gateway with the bundled engine on the real model
 (SmolLM2-135M) and a tiny embedding model, some traffic, a playground reply, then a screenshot of /ui.
 
 Run: ``.venv/bin/python -m tests.console_screenshot docs/console.png`` (needs Chromium and chromedriver).

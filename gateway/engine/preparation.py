@@ -30,10 +30,13 @@ if TYPE_CHECKING:
     from ..models.download import Downloader
     from ..models.hub import HubFetcher
 
+# Said to users who installed the gateway (`mistral-gateway` on their PATH) and to users of a checkout who ran
+# `make run` (the command is in the checkout's .venv, not on their PATH): both forms are named.
 OFFLINE_HELP = (
-    "To serve it: run `mistral-gateway pull` once this machine is online; or set HF_ENDPOINT to a Hugging Face "
-    "mirror, or HTTPS_PROXY (and NO_PROXY) if the network needs a proxy; or copy the file here and give the model "
-    "a local `path` in a models file (GATEWAY_MODELS_FILE)."
+    "To serve it: once this machine is online, run `mistral-gateway pull` (in a checkout started with `make run`: "
+    "`.venv/bin/mistral-gateway pull`); or set HF_ENDPOINT to a Hugging Face mirror, or HTTPS_PROXY (and NO_PROXY) "
+    "if the network needs a proxy; or copy the file here and give the model a local `path` in a models file "
+    "(GATEWAY_MODELS_FILE)."
 )
 # Weights take about their file's size in memory; the engine's own state (KV cache, runtime) comes on top.
 ESTIMATE_FACTOR = 1.1

@@ -37,7 +37,13 @@ def test_a_failed_download_answers_at_once_says_what_to_do_and_stops_sdk_retries
     assert first.status_code == 503
     error = first.json()["error"]
     assert error["code"] == "model_download_failed" and "hub.example.invalid" in error["message"]
-    for advice in ("mistral-gateway pull", "HF_ENDPOINT", "HTTPS_PROXY", "`path`"):
+    for advice in (
+        "`mistral-gateway pull`",
+        "`.venv/bin/mistral-gateway pull`",
+        "HF_ENDPOINT",
+        "HTTPS_PROXY",
+        "`path`",
+    ):
         assert advice in error["message"], advice
     assert first.headers["x-should-retry"] == "false" and int(first.headers["retry-after"]) >= 1
     assert "after 1 attempt:" in error["message"]  # a name that does not resolve is not retried for seconds
