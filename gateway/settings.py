@@ -85,9 +85,14 @@ class Settings(BaseSettings):
     startup_timeout: float = Field(600, gt=0, description="Seconds the engine may take to become ready.")
     stop_timeout: float = Field(10, ge=0, description="Seconds between SIGTERM and SIGKILL when stopping it.")
     stall_timeout: float = Field(
-        300, gt=0, description="A stream with no byte from the engine for this long ends with an error."
+        300,
+        gt=0,
+        description="A stream whose engine sends no byte, no complete head or no complete event for this long ends"
+        " with an error.",
     )
-    request_timeout: float = Field(1800, gt=0, description="Longest wait for a non-streaming answer from the engine.")
+    request_timeout: float = Field(
+        1800, gt=0, description="The whole time an answer from the engine may take, streamed or not."
+    )
     loading_interval: float = Field(
         5, gt=0, description="Seconds between `: loading` comments sent to streams waiting for a cold engine."
     )

@@ -102,6 +102,7 @@ async def _replay(events: list[Event]) -> AsyncIterator[Event]:
 
 async def open_stream(relay: Relay, base_url: str, plan: Plan, engine_id: str) -> Stream:
     """Open every leg's engine stream; an engine error status raises here, before anything is sent."""
+    started = relay.now()
     calls = (relay.open_stream(base_url, plan.path, _encode(b, engine_id)) for b in plan.bodies)
     opened: list[UpstreamResponse | BaseException] = list(await asyncio.gather(*calls, return_exceptions=True))
     failure = next((r for r in opened if isinstance(r, BaseException)), None)
@@ -112,5 +113,7 @@ async def open_stream(relay: Relay, base_url: str, plan: Plan, engine_id: str) -
         raise failure
     legs = [Leg(shape, chat=plan.chat, index=i) for i, shape in enumerate(plan.shapes())]
     responses = [r for r in opened if not isinstance(r, BaseException)]
-    merged = streams.merge([leg.events(relay.events(r, base_url)) for leg, r in zip(legs, responses, strict=True)])
+    merged = streams.merge(
+        [leg.events(relay.events(r, base_url, started=started)) for leg, r in zip(legs, responses, strict=True)]
+    )
     return Stream(plan, legs, merged, ModelRename.of(engine_id, plan.shape.model))

@@ -7,6 +7,7 @@ pair so that streams are not decoded chunk by chunk.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import time
@@ -120,10 +121,10 @@ class Relay:
         self._request_timeout = request_timeout
         self._on_failure = on_failure
 
-    def _failed(self, exc: UpstreamError, timeout: float, setting: str, base_url: str) -> GatewayError:
+    def _failed(self, exc: UpstreamError, base_url: str) -> GatewayError:
         if self._closed is not None:
             return self._closed  # not the engine's doing: the gateway cut it off
-        error = self._translate(exc, timeout, setting)
+        error = self._translate(exc, stall_timeout=self._stall_timeout, request_timeout=self._request_timeout)
         self._on_failure(base_url, error)
         return error
 
@@ -142,70 +143,91 @@ class Relay:
             response = await self._upstream.post(base_url + path, body, deadline=deadline)
             content = await response.read()
         except UpstreamError as exc:
-            raise self._failed(exc, self._request_timeout, "GATEWAY_REQUEST_TIMEOUT", base_url) from exc
+            raise self._failed(exc, base_url) from exc
         if response.status >= 400:
             raise engine_error(response.status, content)
         return Reply(response.status, content, response.content_type)
 
+    def now(self) -> float:
+        """The relay's clock: a stream's total deadline counts from a time read here before it is opened."""
+        return self._clock()
+
     async def open_stream(self, base_url: str, path: str, body: bytes) -> UpstreamResponse:
-        """Send a streaming call and wait for its headers; an error status raises before any byte is relayed."""
-        deadline = Deadline(gap=self._stall_timeout)
+        """Send a streaming call and wait for its headers; an error status raises before any byte is relayed.
+
+        An engine sends a stream's head at once (mistral.rs before its prefill, then keep-alive comments), so the
+        head must be complete within the stall timeout however the engine sends it: a head dripped a byte at a time
+        keeps every socket read short and would otherwise hold the client for as long as the engine likes.
+        """
+        deadline = Deadline(total=self._request_timeout, gap=self._stall_timeout)
         if self._closed is not None:
             raise self._closed
         try:
-            response = await self._upstream.post(
-                base_url + path, body, deadline=deadline, headers={"accept": "text/event-stream"}
-            )
+            try:
+                async with asyncio.timeout(self._stall_timeout):
+                    response = await self._upstream.post(
+                        base_url + path, body, deadline=deadline, headers={"accept": "text/event-stream"}
+                    )
+            except TimeoutError as exc:
+                raise UpstreamTimeout("The engine has not completed its answer's head.", silence=True) from exc
         except UpstreamError as exc:
-            raise self._failed(exc, self._stall_timeout, "GATEWAY_STALL_TIMEOUT", base_url) from exc
+            raise self._failed(exc, base_url) from exc
         if response.status != 200:  # an error, or something no stream ever is (204, 304)
             try:
-                content = await response.read()
-            except UpstreamError:
+                async with asyncio.timeout(self._stall_timeout):
+                    content = await response.read()
+            except (UpstreamError, TimeoutError):
                 content = b""
             raise engine_error(response.status, content)
         return response
 
-    async def events(self, response: UpstreamResponse, base_url: str) -> AsyncGenerator[bytes, None]:
+    async def events(self, response: UpstreamResponse, base_url: str, *, started: float) -> AsyncGenerator[bytes, None]:
         """The engine's SSE bytes as they arrive, in blocks of whole events; a transport failure raises
         :class:`GatewayError` (what an event says is for the dialect reading them: gateway/openai/streams.py).
 
         The stall timeout bounds the silence between two bytes (the upstream's gap) and also the time an event
         takes to complete: an engine that drips the bytes of an event that never ends is as stalled as a silent one.
+        The request timeout bounds the whole stream from ``started`` (read from :meth:`now` before it was opened):
+        an engine that never ends, even one that keeps sending, cannot hold a client longer.
         """
         buffer = b""
         last_event = self._clock()
         try:
             async for chunk in response.chunks():
+                now = self._clock()
+                if now - started > self._request_timeout:
+                    raise UpstreamTimeout("The engine has not finished its answer.")
                 if not buffer and chunk.endswith(b"\n\n"):
-                    last_event = self._clock()
+                    last_event = now
                     yield chunk  # whole events, the usual case: no copy
                     continue
                 buffer += chunk
                 end = buffer.rfind(b"\n\n")
                 if end >= 0:
                     ready, buffer = buffer[: end + 2], buffer[end + 2 :]
-                    last_event = self._clock()
+                    last_event = now
                     yield ready
                 elif len(buffer) > MAX_EVENT:
                     raise UpstreamBroken(f"The engine sent an event larger than {MAX_EVENT >> 20} MiB.")
-                elif self._clock() - last_event > self._stall_timeout:
-                    raise UpstreamTimeout("The engine has not finished an event within the stall timeout.")
+                elif now - last_event > self._stall_timeout:
+                    raise UpstreamTimeout("The engine has not finished an event.", silence=True)
         except UpstreamError as exc:
-            raise self._failed(exc, self._stall_timeout, "GATEWAY_STALL_TIMEOUT", base_url) from exc
+            raise self._failed(exc, base_url) from exc
         finally:
             await response.close()
         if buffer.strip():
             yield buffer + b"\n\n"
 
     @staticmethod
-    def _translate(exc: UpstreamError, timeout: float, setting: str) -> GatewayError:
+    def _translate(exc: UpstreamError, *, stall_timeout: float, request_timeout: float) -> GatewayError:
         """The one boundary where transport failures become the gateway's errors (and nothing else happens)."""
         if isinstance(exc, UpstreamTimeout):
             return EngineStalled(
-                f"The engine sent nothing for {timeout:g} s ({setting}); the request was abandoned."
-                if setting == "GATEWAY_STALL_TIMEOUT"
-                else f"The engine did not answer within {timeout:g} s ({setting}); the request was abandoned."
+                f"The engine stalled: nothing, or nothing complete, came for {stall_timeout:g} s"
+                " (GATEWAY_STALL_TIMEOUT); the request was abandoned."
+                if exc.silence
+                else f"The engine did not finish its answer within {request_timeout:g} s (GATEWAY_REQUEST_TIMEOUT);"
+                " the request was abandoned."
             )
         if isinstance(exc, UpstreamConnectError):
             return EngineCrashed("The engine could not be reached; it may have crashed. Retry the request.")

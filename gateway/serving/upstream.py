@@ -37,7 +37,12 @@ class UpstreamConnectError(UpstreamError):
 
 
 class UpstreamTimeout(UpstreamError):
-    """The deadline passed: the whole answer took too long, or a stream sent nothing for too long."""
+    """A deadline passed: the whole exchange took too long (``silence`` False), or nothing came for longer than the
+    longest silence allowed (``silence`` True)."""
+
+    def __init__(self, message: str, *, silence: bool = False) -> None:
+        super().__init__(message)
+        self.silence = silence
 
 
 class UpstreamBroken(UpstreamError):
@@ -95,7 +100,9 @@ def _translate(exc: Exception) -> UpstreamError:
     if isinstance(exc, aiohttp.ClientConnectorError):
         reason = exc.os_error.strerror or "no answer"
         return UpstreamConnectError(f"Nothing accepted the connection to the engine ({reason.lower()}).")
-    if isinstance(exc, asyncio.TimeoutError):  # aiohttp's own timeouts derive from it
+    if isinstance(exc, aiohttp.ServerTimeoutError):  # a socket read waited longer than the gap
+        return UpstreamTimeout("The engine sent nothing for too long.", silence=True)
+    if isinstance(exc, asyncio.TimeoutError):  # aiohttp's total deadline
         return UpstreamTimeout("The engine took too long.")
     if isinstance(exc, aiohttp.ClientPayloadError):
         return UpstreamBroken("the engine closed the connection before its answer was complete")

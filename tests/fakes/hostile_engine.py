@@ -15,6 +15,10 @@ written byte for byte on the socket:
     reset-during  the head and part of the body, then a TCP reset
     no-headers    the request read, then nothing at all, the connection held open
     drip          the head, then one byte of the body every HOSTILE_DRIP seconds (default 0.5)
+    slow-head     the head itself one byte every HOSTILE_DRIP seconds (each read short, the head never done)
+    silent        the head (and a stream's first event), then nothing, the connection held open
+    endless       the head, then events (a whole answer: body bytes) every HOSTILE_DRIP seconds, without end
+    keepalive     a stream's head, then SSE comments every HOSTILE_DRIP seconds, without end
     invalid-http  bytes that are not HTTP
     continue      ``100 Continue``, then the correct answer
     204, 304      that status, no body
@@ -120,8 +124,11 @@ async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | N
 def _scenario(body: bytes) -> tuple[str, bool]:
     try:
         request = json.loads(body)
-        return str(request["messages"][-1]["content"]), request.get("stream") is True
-    except (ValueError, KeyError, IndexError, TypeError):
+        content = request["messages"][-1]["content"]
+        if isinstance(content, list):  # content parts, as a translated Anthropic message may carry
+            content = "".join(part.get("text", "") for part in content)
+        return str(content), request.get("stream") is True
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return "ok", False
 
 
@@ -155,6 +162,25 @@ async def _serve_scenario(name: str, stream: bool, writer: asyncio.StreamWriter)
             await writer.drain()
             await asyncio.sleep(DRIP)
             writer.write(bytes([byte]))
+    elif name == "slow-head":
+        for byte in _answer(good, stream=stream):
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(DRIP)
+    elif name == "silent":
+        answer = _answer(good, stream=stream)
+        split = answer.index(b"\r\n\r\n") + 4
+        writer.write(answer[:split] + (_chunk("fine") if stream else b""))
+        await writer.drain()
+        await asyncio.Event().wait()
+    elif name in ("endless", "keepalive"):
+        kind = b"text/event-stream" if stream else b"application/json"
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: " + kind + b"\r\ntransfer-encoding: chunked\r\n\r\n")
+        piece = b": keep-alive\n\n" if name == "keepalive" else _chunk("more") if stream else b" "
+        while True:
+            writer.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(DRIP)
     elif name == "invalid-http":
         writer.write(b"HELLO THERE, THIS IS NOT HTTP\r\n\r\n")
         return False
