@@ -66,6 +66,11 @@ class EngineOptions(BaseModel):
     def _token_source_form(cls, value: str | None) -> str | None:
         if value is not None and value not in ("cache", "none") and not value.startswith(("literal:", "env:", "path:")):
             raise ValueError("use cache, none, env:VAR, path:FILE or literal:TOKEN")
+        if value is not None and value.upper().startswith("ENV:GATEWAY_"):
+            # Engines never see the gateway's settings (gateway/engine/environment.py).
+            raise ValueError(
+                "engines never get GATEWAY_* variables; use env:HF_TOKEN (GATEWAY_HF_TOKEN is passed as it)"
+            )
         return value
 
 

@@ -24,6 +24,7 @@ from ..errors import EngineStartFailed, ModelDownloadFailed
 from ..events import EventSink, NullSink
 from ..models.metadata import NotGGUF, read_gguf
 from ..settings import Settings
+from .environment import engine_downloads
 from .recipes import Machine, Verdict, plan
 
 if TYPE_CHECKING:
@@ -212,7 +213,8 @@ class Preparer:
 
 def engine_catalog(catalog: Catalog, folders: Mapping[str, Path], token_source: str | None) -> Catalog:
     """The catalog an engine is started with: prefetched repo models load from their local folder (clients still
-    see the configured ids), and the token source, unless the models file names one."""
+    see the configured ids), and the token source, unless the models file names one or the engine downloads nothing
+    itself (then it gets no token at all)."""
 
     def local(model: Model) -> Model:
         folder = folders.get(model.id)
@@ -220,11 +222,11 @@ def engine_catalog(catalog: Catalog, folders: Mapping[str, Path], token_source: 
             return model
         return replace(model, source=replace(model.source, model_id=str(folder.resolve()), local=True))
 
-    models = tuple(local(m) for m in catalog.models)
+    prepared = replace(catalog, models=tuple(local(m) for m in catalog.models))
     engine = catalog.engine
-    if token_source is not None and engine.token_source is None:
+    if token_source is not None and engine.token_source is None and engine_downloads(prepared):
         engine = engine.model_copy(update={"token_source": token_source})
-    return replace(catalog, models=models, engine=engine)
+    return replace(prepared, engine=engine)
 
 
 def _check_files(catalog: Catalog) -> None:

@@ -273,15 +273,20 @@ async def test_the_engine_loads_a_prefetched_repo_from_its_folder(
     await sup.aclose()
 
 
-async def test_the_token_goes_to_the_engine_environment_only(tmp_path: Path) -> None:
-    sup, spawner = make_pool_for(tmp_path, REPO_MODEL, MemoryHub(), hf_token="hf_secret_123")
+async def test_the_token_goes_to_the_environment_of_an_engine_that_downloads_only(tmp_path: Path) -> None:
+    sup, spawner = make_pool_for(tmp_path, REPO_MODEL + "prefetch = false\n", MemoryHub(), hf_token="hf_secret_123")
     await sup.ensure_ready("chat")
     argv = spawner.argvs[0]
     assert argv[argv.index("--token-source") + 1] == "env:HF_TOKEN"
     assert spawner.envs[0]["HF_TOKEN"] == "hf_secret_123" and "hf_secret_123" not in " ".join(argv)
     await sup.aclose()
+    # A prefetched repo loads from its folder: the gateway used the token, the engine gets none.
+    sup, spawner = make_pool_for(tmp_path / "1", REPO_MODEL, MemoryHub(), hf_token="hf_secret_123")
+    await sup.ensure_ready("chat")
+    assert "--token-source" not in spawner.argvs[0] and "HF_TOKEN" not in spawner.envs[0]
+    await sup.aclose()
     # The models file's own token_source wins.
-    own = REPO_MODEL + '[engine]\ntoken_source = "cache"\n'
+    own = REPO_MODEL + 'prefetch = false\n[engine]\ntoken_source = "cache"\n'
     sup, spawner = make_pool_for(tmp_path / "2", own, MemoryHub(), hf_token="hf_secret_123")
     await sup.ensure_ready("chat")
     argv = spawner.argvs[0]
