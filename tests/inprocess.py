@@ -35,6 +35,7 @@ from gateway.app import create_app
 from gateway.engine.discovery import EngineProgram
 from gateway.http.server import http_protocol
 from gateway.http.shutdown import GracefulServer
+from gateway.masking import MaskingFilter
 from gateway.settings import Settings
 from tests.fakes import fake_engine
 from tests.helpers import Gateway, engine_env, wait_for
@@ -233,6 +234,8 @@ class InProcessGateway(Gateway):
             self.app = create_app(
                 settings, spawner=self.spawner, find_program=lambda: PROGRAMS[engine], environ=environ
             )
+        if self.app.masker is not None:  # as `mistral-gateway` masks its log handlers (cli.serve)
+            self._logs.addFilter(MaskingFilter(self.app.masker))
         config = uvicorn.Config(
             self.app,
             log_config=None,  # uvicorn's would close every log handler of the test process

@@ -1,4 +1,5 @@
-"""No secret leaves the gateway: real engine processes get none in their environment.
+"""No secret leaves the gateway: real engine processes get none in their environment, and a secret an engine prints
+is masked in everything the gateway writes and serves (its log, /logs/stream, /events, error bodies).
 
 Processes, because what is tested is what the kernel hands a process (/proc/<pid>/environ) and what a gateway
 process writes to its log.
@@ -115,3 +116,48 @@ def test_the_gateways_own_hf_token_goes_only_to_an_engine_that_downloads(
     local, fetched = spawn_of(gw, str(tmp_path / "local")), spawn_of(gw, "org/fetched")
     assert local["hf_token_set"] is False and "HF_TOKEN" not in environ_of(local["pid"])
     assert fetched["hf_token_set"] is True and environ_of(fetched["pid"])["HF_TOKEN"] == HF_TOKEN
+
+
+def read_stream(gw: Gateway, path: str, until: str, timeout: float = 20) -> str:
+    """An SSE stream of the gateway (its history comes first) up to the first line holding ``until``."""
+    seen: list[str] = []
+    with httpx.stream("GET", gw.url + path, headers=ADMIN, timeout=timeout) as reply:
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            seen.append(line)
+            if until in line:
+                break
+    return "\n".join(seen)
+
+
+def test_a_secret_an_engine_prints_is_masked_in_the_log_the_console_events_and_errors(
+    gateway_processes: Start, tmp_path: Path
+) -> None:
+    said = f"leaked: {ADMIN_KEY} {API_KEY} {REDIS_PASSWORD} {HF_TOKEN}"
+    toml = models(tmp_path / "local") + f'\n[[models]]\nid = "broken"\nkind = "plain"\npath = "{tmp_path / "broken"}"\n'
+    (tmp_path / "broken").mkdir()
+    gw = gateway_processes(toml, env=SECRETS, fake_env={"FAKE_ENGINE_SAY": said, "FAKE_ENGINE_BROKEN": "broken"})
+    assert chat(gw, "local").status_code == 200
+    failed = chat(gw, "broken")  # its engine prints the line, then fails to load: its output is in the error
+    assert failed.status_code == 503 and "leaked: *** *** *** ***" in failed.text
+
+    # A line the gateway writes itself (the access log of a path holding a key) goes through the log filter.
+    httpx.get(f"{gw.v1}/models/{API_KEY}", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5)
+    console = read_stream(gw, "/logs/stream", until="leaked")
+    events = read_stream(gw, "/events", until="leaked")
+    status = httpx.get(gw.url + "/status", headers=ADMIN, timeout=5).text
+    log = gw.log()
+    for where, text in {"error": failed.text, "console": console, "events": events, "log": log}.items():
+        assert "leaked: *** *** *** ***" in text, where
+    assert "/v1/models/*** " in log
+    for text in (failed.text, console, events, status, log):
+        for secret in (ADMIN_KEY, API_KEY, REDIS_PASSWORD, HF_TOKEN):
+            assert secret not in text
+
+
+def test_an_engine_dumping_its_environment_shows_the_token_masked(gateway_processes: Start, tmp_path: Path) -> None:
+    gw = gateway_processes(models(tmp_path / "local"), env=SECRETS, fake_env={"FAKE_ENGINE_PRINT_ENV": "1"})
+    assert chat(gw, "fetched").status_code == 200  # an engine that downloads: it has the token
+    assert environ_of(spawn_of(gw, "org/fetched")["pid"])["HF_TOKEN"] == HF_TOKEN
+    assert "HF_TOKEN=***" in gw.log() and HF_TOKEN not in gw.log()
+    assert "HF_TOKEN=***" in read_stream(gw, "/logs/stream", until="HF_TOKEN=")
