@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from ..catalog import Catalog, Model
 from ..errors import EngineStartFailed, ModelDownloadFailed
 from ..events import EventSink, NullSink
+from ..models.files import outside
 from ..models.metadata import NotGGUF, read_gguf
 from ..settings import Settings
 from .environment import engine_downloads
@@ -119,6 +120,12 @@ class Preparer:
 
         folder = self._settings.model_dir / "converted"
         path = folder / converted_name(source, target)
+        escaped = outside(self._settings.model_dir, path)
+        if escaped is not None:
+            raise EngineStartFailed(
+                f"Model {model_id!r}: its converted copy {path} would be written to {escaped}, outside the model dir, "
+                "through a symbolic link. Remove the link."
+            )
         if path.is_file() and path.stat().st_mtime >= source.stat().st_mtime:
             return path
         running = self._converting.get(path)
