@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench clean
+.PHONY: run test lock lock-check bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,38 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/mistral-gateway
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test lock-check
 	$(BIN)/ruff check gateway tests
 	$(BIN)/ruff format --check gateway tests
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+
+# requirements.lock: every runtime dependency, with the engine extra, pinned by hash for Python 3.11 on Linux x86_64
+# (the container image's). `make lock` adds what pyproject.toml now needs and keeps the other pins;
+# `make lock LOCK_ARGS=--upgrade` moves every pin to the newest release. pip-tools runs in a throwaway venv, from PyPI
+# alone (no pip configuration of this machine), so the lock names the files everyone downloads.
+LOCK       := requirements.lock
+LOCK_VENV  ?= .venv-lock
+LOCK_ARGS  ?=
+
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -c 'import platform, sys; \
+		assert sys.version_info[:2] == (3, 11) and sys.platform == "linux" and platform.machine() == "x86_64", \
+		"make lock resolves for the image: run it with Python 3.11 on Linux x86_64 (PYTHON=python3.11)"'
+	env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+		$(LOCK_VENV)/bin/pip install --quiet pip-tools
+	env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+		CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe \
+		--all-build-deps --extra engine --strip-extras --no-emit-index-url $(LOCK_ARGS) \
+		--output-file $(LOCK) pyproject.toml
+	rm -rf $(LOCK_VENV)
+
+# Seconds: pip resolves the lock as the image installs it (every dependency pinned, every file's hash known) without
+# installing anything; tests/unit/test_lock.py checks that it covers what pyproject.toml names.
+lock-check: $(VENV)/.installed-test
+	$(BIN)/python -m pip install --quiet --dry-run --ignore-installed --require-hashes -r $(LOCK)
 
 # Benchmarks print numbers; they are not tests. LiteLLM gets a venv of its own (it pins many packages),
 # installed on first use; set BENCH_LITELLM=0 to leave it out.
@@ -37,4 +64,4 @@ bench: $(VENV)/.installed-test
 	LITELLM_BIN=$(if $(filter 1,$(BENCH_LITELLM)),$(LITELLM_VENV)/bin/litellm,) $(BIN)/python -m tests.bench.overhead $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(LITELLM_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LITELLM_VENV) $(LOCK_VENV) .pytest_cache .mypy_cache .ruff_cache

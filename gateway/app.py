@@ -45,6 +45,7 @@ from .http.health import Health
 from .http.observer import RequestObserver, loggable
 from .http.openapi import openapi_route
 from .http.proxies import PublicOrigin, TrustedProxies
+from .masking import Masker, build_masker, gateway_secrets
 from .metrics import Metrics, cache_metrics, download_metrics, engine_metrics
 from .serving.intake import Intake
 from .serving.limits import PromptLimits
@@ -68,27 +69,34 @@ def create_app(
     spawner: ProcessSpawner | None = None,
     find_program: ProgramFinder | None = None,
     environ: Mapping[str, str] | None = None,
+    masker: Masker | None = None,
 ) -> GatewayApp:
     """The ASGI app. Parts not passed in are built from ``settings``: engines are spawned as processes
     (``spawner``), of the program found on this machine (``find_program``), with an environment made from this
-    process's own (``environ``)."""
+    process's own (``environ``); the secrets to mask (``masker``) are those of the settings, ``environ`` and the
+    catalog."""
     if catalog is None:
         catalog = load_catalog(
             settings.resolved_models_file(),
             model_dir=settings.model_dir,
             default_model=settings.default_model,
         )
+    api_keys = load_keys(settings.api_keys)
+    process_environ = os.environ if environ is None else environ
+    if masker is None:
+        secrets = gateway_secrets(settings, api_keys=api_keys, environ=process_environ, catalog=catalog)
+        masker = build_masker(secrets, _log)
     owns_run_dir = settings.run_dir is None
     run_dir = settings.run_dir or Path(tempfile.mkdtemp(prefix="mistral-gateway-"))
-    events = EventBus()
-    logs = LogHub()
+    events = EventBus(masker=masker)
+    logs = LogHub(masker=masker)
     metrics = Metrics()
     tracker = Tracker(on_tokens=metrics.count_tokens)
     if pool is None:
         logger = logging.getLogger("gateway.engine")
         launcher = Launcher(
             settings,
-            spawner=spawner or SubprocessSpawner(logger),
+            spawner=spawner or SubprocessSpawner(logger, masker=masker),
             probe=AiohttpUpstream(),
             clock=time.monotonic,
             find_program=find_program,
@@ -96,7 +104,7 @@ def create_app(
             logger=logger,
             output=logs.append,
         )
-        hf_endpoint = (os.environ if environ is None else environ).get("HF_ENDPOINT")
+        hf_endpoint = process_environ.get("HF_ENDPOINT")
         on_cpu = engine_on_cpu(engine=settings.engine, binary=settings.engine_binary, cpu_flag=catalog.engine.cpu)
         preparer = Preparer(
             settings,
@@ -187,7 +195,6 @@ def create_app(
     # The layers every request crosses, outermost first: trusted proxies -> observer -> browsers (hosts, origins, CORS)
     # -> key guard -> Starlette.
     stack: ASGIApp = routed
-    api_keys = load_keys(settings.api_keys)
     if api_keys or settings.admin_key:  # a layer costs CPU on every request: none when nothing is guarded
         stack = KeyGuard(stack, api_keys=api_keys, admin_key=settings.admin_key)
     stack = BrowserGuard(
@@ -198,7 +205,9 @@ def create_app(
     )
     stack = RequestObserver(stack, metrics=metrics, log_format=settings.log_format, tracker=tracker)
     stack = TrustedProxies(stack, allow_ips=settings.forwarded_allow_ips)  # instead of uvicorn's (cli.serve)
-    return GatewayApp(stack, pool=pool, catalog=catalog, serving=serving, relay=relay, events=events, logs=logs)
+    return GatewayApp(
+        stack, pool=pool, catalog=catalog, serving=serving, relay=relay, events=events, logs=logs, masker=masker
+    )
 
 
 class GatewayApp:
@@ -214,11 +223,13 @@ class GatewayApp:
         relay: Relay,
         events: EventBus,
         logs: LogHub,
+        masker: Masker | None = None,
     ) -> None:
         self.app = app
         self.pool = pool
         self.catalog = catalog
         self.serving = serving
+        self.masker = masker  # for the log handlers (cli.serve); None when no secret is configured
         self._relay = relay
         self._events = events
         self._logs = logs

@@ -66,6 +66,11 @@ class EngineOptions(BaseModel):
     def _token_source_form(cls, value: str | None) -> str | None:
         if value is not None and value not in ("cache", "none") and not value.startswith(("literal:", "env:", "path:")):
             raise ValueError("use cache, none, env:VAR, path:FILE or literal:TOKEN")
+        if value is not None and value.upper().startswith("ENV:GATEWAY_"):
+            # Engines never see the gateway's settings (gateway/engine/environment.py).
+            raise ValueError(
+                "engines never get GATEWAY_* variables; use env:HF_TOKEN (GATEWAY_HF_TOKEN is passed as it)"
+            )
         return value
 
 
@@ -427,8 +432,45 @@ def _describe_validation_error(origin: str, raw: dict[str, Any], exc: Validation
     return f"{origin}: " + "; ".join(problems)
 
 
+def relative_name(name: str) -> bool:
+    """Whether ``name`` (a models file's ``file``, a repo's file) names something inside a folder: not empty, not
+    absolute, no ``..`` part, no backslash (a Windows path, which means something else here)."""
+    path = Path(name)
+    return bool(name.strip()) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
+
+
+# A Hugging Face repo id: a name, or owner/name, of letters, digits, '-', '_' and '.' (the hub refuses '..').
+_REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", re.ASCII)
+
+
+def _check_names(where: str, entry: ModelEntry) -> None:
+    """The names a download writes under (``file``, ``files``, the repo's folder) stay inside the model dir: they are
+    refused here, at start, rather than when a download would use them."""
+    if entry.file is not None and not relative_name(entry.file):
+        inside = "the model dir (GATEWAY_MODEL_DIR)" if entry.url else "its folder or repository"
+        raise ConfigError(
+            f"{where}: file = {entry.file!r} must name a file inside {inside}: a relative name, without '..', "
+            "a leading '/' or a backslash."
+        )
+    for pattern in entry.files:
+        if not relative_name(pattern):
+            raise ConfigError(
+                f"{where}: files entry {pattern!r} must select files inside the repository: a relative pattern, "
+                "without '..', a leading '/' or a backslash."
+            )
+    if not (entry.path or entry.url):
+        repo = entry.repo or entry.id
+        if not _REPO_ID.fullmatch(repo) or ".." in repo:
+            key = "repo" if entry.repo else "id (the Hugging Face repo, as the model has no path, url or repo)"
+            raise ConfigError(
+                f"{where}: {key} {repo!r} is not a Hugging Face repository id such as 'owner/name' (letters, digits, "
+                "'-', '_' and '.'). Fix it, or give the model a local `path`."
+            )
+
+
 def _resolve_source(origin: str, entry: ModelEntry, model_dir: Path) -> ModelSource:
     where = f"{origin}: [[models]] id = {entry.id!r}"
+    _check_names(where, entry)
     sources = [name for name in ("path", "url", "repo") if getattr(entry, name)]
     if len(sources) > 1:
         raise ConfigError(f"{where}: give only one of path, url or repo (found {', '.join(sources)}).")

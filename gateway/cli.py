@@ -400,14 +400,24 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
+    from .http.auth import load_keys
     from .http.server import http_protocol
     from .http.shutdown import GracefulServer
+    from .masking import build_masker, gateway_secrets, mask_handlers
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per upstream call is noise next to uvicorn's access log.
     for noisy in ("httpx", "httpx2", "huggingface_hub"):  # one INFO line per HTTP request each
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    app = create_app(settings)
+    # The secrets are masked in every line from the first one the gateway writes (gateway/masking.py).
+    catalog = load_catalog(
+        settings.resolved_models_file(), model_dir=settings.model_dir, default_model=settings.default_model
+    )
+    secrets = gateway_secrets(settings, api_keys=load_keys(settings.api_keys), environ=os.environ, catalog=catalog)
+    masker = build_masker(secrets, logging.getLogger("gateway"))
+    if masker is not None:
+        mask_handlers(masker, [logging.getLogger()])
+    app = create_app(settings, catalog=catalog, masker=masker)
     pool = app.pool
     config = uvicorn.Config(
         app,
@@ -424,6 +434,8 @@ def serve(settings: Settings) -> int:
         # The app reads forwarded headers itself, from GATEWAY_FORWARDED_ALLOW_IPS only (gateway/origin.py).
         proxy_headers=False,
     )
+    if masker is not None:  # uvicorn's own handlers, which uvicorn.Config has just installed
+        mask_handlers(masker, [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.access")])
     server = GracefulServer(config, gateway=app, drain_timeout=settings.shutdown_timeout)
     try:
         server.run()

@@ -22,6 +22,9 @@ Event types and their details:
 - ``convert.failed``    file, error
 - ``engine.starting``, ``engine.ready``, ``engine.stopped``, ``engine.crashed``: whatever the engine lifecycle adds
 - ``events.dropped``    dropped: events this follower lost (sent to that follower only)
+
+An event's details have the gateway's secrets masked as it is published (gateway/masking.py), so neither /events, nor
+/status, nor the events' log lines ever carry one.
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .masking import Masker
 
 WallClock = Callable[[], float]
 
@@ -133,6 +139,7 @@ class EventBus:
         clock: WallClock = time.time,
         logger: logging.Logger = _logger,
         debug_types: Collection[str] = ("download.progress", "convert.progress"),
+        masker: Masker | None = None,
     ) -> None:
         if history < 0 or queue_size < 2:
             raise ValueError("history must be >= 0 and queue_size >= 2")
@@ -141,6 +148,7 @@ class EventBus:
         self._clock = clock
         self._log = logger
         self._debug_types = frozenset(debug_types)
+        self._masker = masker
         self._followers: list[_Follower] = []
         self._downloads: dict[str, dict[str, Any]] = {}
         self._conversions: dict[str, dict[str, Any]] = {}
@@ -154,6 +162,8 @@ class EventBus:
 
     def publish(self, type: str, /, **details: Any) -> Event:
         """Record an event and hand it to every follower; never blocks, never raises for a follower."""
+        if self._masker is not None:
+            details = self._masker.value(details)
         with self._lock:
             self._seq += 1
             event = Event(self._seq, type, _iso(self._clock()), details)

@@ -67,7 +67,9 @@ class Settings(BaseSettings):
     )
     engine_args: str = Field("", description="Extra arguments put before the engine's subcommand (shell-quoted).")
     engine_env: dict[str, str] = Field(
-        default_factory=dict, description="Extra environment for the engine process (JSON object)."
+        default_factory=dict,
+        description="Extra environment for the engine processes (JSON object), set over the few variables they get "
+        "from the gateway's own environment (gateway/engine/environment.py).",
     )
 
     models_file: Path | None = Field(
@@ -170,6 +172,15 @@ class Settings(BaseSettings):
                     f"must be the engine's plain http:// address, such as http://127.0.0.1:1234 (got {value!r})"
                 )
             return value.strip().rstrip("/")
+        return value
+
+    @field_validator("engine_env", mode="after")
+    @classmethod
+    def _no_gateway_variables(cls, value: dict[str, str]) -> dict[str, str]:
+        # The gateway's own settings (its keys among them) never reach an engine, not even when asked for.
+        refused = sorted(name for name in value if name.upper().startswith("GATEWAY_"))
+        if refused:
+            raise ValueError(f"engines never get GATEWAY_* variables; remove {', '.join(refused)}")
         return value
 
     @field_validator("public_url", mode="after")

@@ -171,6 +171,13 @@ class Gateway:
         return self.proc.wait(timeout=timeout)
 
 
+def engine_env(env: dict[str, str]) -> dict[str, str]:
+    """GATEWAY_ENGINE_ENV for a test gateway with the environment ``env``: the one ``env`` sets, and the fake engine's
+    knobs (FAKE_ENGINE_*) over it."""
+    explicit: dict[str, str] = json.loads(env.get("GATEWAY_ENGINE_ENV") or "{}")
+    return {**explicit, **{name: value for name, value in env.items() if name.startswith("FAKE_ENGINE_")}}
+
+
 def start_gateway(
     tmp_path: Path,
     models_toml: str | None,
@@ -202,6 +209,9 @@ def start_gateway(
         **(fake_env or {}),
         **(env or {}),
     }
+    # The fake engine's knobs reach it as an operator's variables would: through GATEWAY_ENGINE_ENV (an engine gets
+    # only an allowlist of the gateway's environment). They stay in the gateway's too, where tests look them up.
+    full_env["GATEWAY_ENGINE_ENV"] = json.dumps(engine_env(full_env))
     if models_toml is not None:
         models_file = work / "models.toml"
         models_file.write_text(models_toml)

@@ -35,9 +35,10 @@ from gateway.app import create_app
 from gateway.engine.discovery import EngineProgram
 from gateway.http.server import http_protocol
 from gateway.http.shutdown import GracefulServer
+from gateway.masking import MaskingFilter
 from gateway.settings import Settings
 from tests.fakes import fake_engine
-from tests.helpers import Gateway, wait_for
+from tests.helpers import Gateway, engine_env, wait_for
 
 PROGRAMS = {
     "mistralrs-server": EngineProgram(("mistralrs-server",), "legacy", "mistralrs-server", (0, 8, 4)),
@@ -101,6 +102,8 @@ class FakeEngineProcess:
     async def _run(self) -> None:
         program, args = self._argv[0], self._argv[1:]
         fake_engine.record_spawn(self._knobs, program, args, str(self._cwd), self._env, self.pid)
+        for line in self._knobs.first_lines(self._env):
+            self._print(line)
         try:
             spec = fake_engine.parse_command_line(program, args, strict_serde=self._knobs.strict_serde)
             ids = ", ".join(model.model_id for model in spec.models)
@@ -218,18 +221,21 @@ class InProcessGateway(Gateway):
         fields.update(
             {key.removeprefix("GATEWAY_").lower(): value for key, value in env.items() if key.startswith("GATEWAY_")}
         )
+        fields["engine_env"] = engine_env(dict(env))  # the fake engine's knobs, as tests/helpers.py passes them
         settings = Settings(_env_file=None, **fields)
         # As `mistral-gateway` sets it up (cli.serve): the access log and the engines' output at INFO.
         logging.getLogger("gateway").setLevel(settings.log_level.upper())
-        engine_env = {key: value for key, value in env.items() if not key.startswith("GATEWAY_")}
+        environ = {key: value for key, value in env.items() if not key.startswith("GATEWAY_")}
         if "GATEWAY_ENGINE" in env:
             # A test that chose its engine (the bundled one, or none installed) gets real engine processes, found
             # the way `mistral-gateway` finds them; only the gateway is in this process.
-            self.app = create_app(settings, environ={**os.environ, **engine_env})
+            self.app = create_app(settings, environ={**os.environ, **environ})
         else:
             self.app = create_app(
-                settings, spawner=self.spawner, find_program=lambda: PROGRAMS[engine], environ=engine_env
+                settings, spawner=self.spawner, find_program=lambda: PROGRAMS[engine], environ=environ
             )
+        if self.app.masker is not None:  # as `mistral-gateway` masks its log handlers (cli.serve)
+            self._logs.addFilter(MaskingFilter(self.app.masker))
         config = uvicorn.Config(
             self.app,
             log_config=None,  # uvicorn's would close every log handler of the test process

@@ -16,6 +16,12 @@ from .fields import boolean, integer, invalid, is_int, is_number, number, requir
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _PART_TYPES = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
+# mistral.rs fetches an image URL, or reads an image path, itself: a client could make it fetch from the gateway's
+# network or read the gateway's files. Only images sent inline reach an engine.
+INLINE_IMAGES_ONLY = (
+    "images are taken inline, as data URLs (data:image/png;base64,...): the gateway fetches no URL and reads no "
+    "file a client names, and lets no engine do it."
+)
 
 
 def _object(value: Any, param: str) -> dict[str, Any]:
@@ -118,6 +124,8 @@ def _text_parts(parts: list[Any], param: str, *, only_text: bool) -> None:
             image = part.get("image_url")
             if not isinstance(image, dict) or not isinstance(image.get("url"), str):
                 raise wrong_type(f"{where}.image_url.url", "a string")
+            if not image["url"].startswith("data:"):
+                raise unsupported(f"{where}.image_url.url", INLINE_IMAGES_ONLY)
         if kind in ("input_audio", "file"):
             raise unsupported(where, f"the mistral.rs engine takes no {kind.replace('_', ' ')} parts in chat messages.")
 

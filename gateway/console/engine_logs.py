@@ -3,7 +3,8 @@
 The engine processes' output is read by their spawner (gateway/engine/process.py) and logged; the launcher also
 hands each line here, labelled with the engine's name. A follower gets the recent history first, then the lines
 as they come; one that cannot keep up loses lines rather than slowing the engines' output down, and is told how
-many it lost.
+many it lost. A line's secrets are masked as it comes in (gateway/masking.py): what the console shows of an engine is
+never what it printed of a key.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..masking import Masker
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +37,15 @@ class _Follower:
 
 
 class LogHub:
-    def __init__(self, *, per_engine: int = 500, queue_size: int = 1000, wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        per_engine: int = 500,
+        queue_size: int = 1000,
+        wall: Callable[[], float] = time.time,
+        masker: Masker | None = None,
+    ) -> None:
+        self._masker = masker
         self._per_engine = per_engine
         self._queue_size = queue_size
         self._wall = wall
@@ -43,6 +56,8 @@ class LogHub:
 
     def append(self, engine: str, line: str) -> None:
         """One line of an engine's output; never blocks."""
+        if self._masker is not None:
+            line = self._masker.text(line)
         self._seq += 1
         entry = LogLine(self._seq, engine, self._wall(), line)
         self._lines.setdefault(engine, deque(maxlen=self._per_engine)).append(entry)

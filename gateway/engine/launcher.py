@@ -28,6 +28,7 @@ from ..serving.upstream import Upstream, UpstreamError
 from ..settings import Settings
 from .command import CommandError, build_command
 from .discovery import EngineProgram, find_engine
+from .environment import engine_environment
 from .process import EngineProcess, ProcessSpawner
 
 Clock = Callable[[], float]
@@ -77,10 +78,12 @@ def plan_launch(
     settings: Settings,
     environ: Mapping[str, str],
 ) -> LaunchPlan:
-    """The command line, environment and files that start ``catalog``'s models in one engine process (pure)."""
-    env = {**environ, **settings.engine_env}
-    if settings.hf_token is not None:
-        env["HF_TOKEN"] = settings.hf_token.get_secret_value()  # in its environment, never on its command line
+    """The command line, environment and files that start ``catalog``'s models in one engine process (pure).
+
+    The environment is an allowlist of ``environ`` (gateway/engine/environment.py): never the gateway's secrets, and
+    the Hugging Face token (in the environment, never on the command line) only where the engine downloads."""
+    token = settings.hf_token.get_secret_value() if settings.hf_token is not None else None
+    env = engine_environment(environ, catalog, hf_token=token, explicit=settings.engine_env)
     try:
         command = build_command(
             program, catalog, port=port, run_dir=str(run_dir), extra_args=shlex.split(settings.engine_args)
@@ -98,7 +101,8 @@ def plan_launch(
 
 
 def token_source(settings: Settings, environ: Mapping[str, str]) -> str | None:
-    """How the engine reads a Hugging Face token: from HF_TOKEN in its environment, when there is one."""
+    """How the engine reads a Hugging Face token: from HF_TOKEN in its environment, when there is one (an engine
+    that downloads nothing is given neither: gateway/engine/preparation.py's engine_catalog)."""
     has_token = settings.hf_token is not None or bool({**environ, **settings.engine_env}.get("HF_TOKEN"))
     return "env:HF_TOKEN" if has_token else None
 

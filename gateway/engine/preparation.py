@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING
 from ..catalog import Catalog, Model
 from ..errors import EngineStartFailed, ModelDownloadFailed
 from ..events import EventSink, NullSink
+from ..models.files import outside
 from ..models.metadata import NotGGUF, read_gguf
 from ..settings import Settings
+from .environment import engine_downloads
 from .recipes import Machine, Verdict, plan
 
 if TYPE_CHECKING:
@@ -118,6 +120,12 @@ class Preparer:
 
         folder = self._settings.model_dir / "converted"
         path = folder / converted_name(source, target)
+        escaped = outside(self._settings.model_dir, path)
+        if escaped is not None:
+            raise EngineStartFailed(
+                f"Model {model_id!r}: its converted copy {path} would be written to {escaped}, outside the model dir, "
+                "through a symbolic link. Remove the link."
+            )
         if path.is_file() and path.stat().st_mtime >= source.stat().st_mtime:
             return path
         running = self._converting.get(path)
@@ -212,7 +220,8 @@ class Preparer:
 
 def engine_catalog(catalog: Catalog, folders: Mapping[str, Path], token_source: str | None) -> Catalog:
     """The catalog an engine is started with: prefetched repo models load from their local folder (clients still
-    see the configured ids), and the token source, unless the models file names one."""
+    see the configured ids), and the token source, unless the models file names one or the engine downloads nothing
+    itself (then it gets no token at all)."""
 
     def local(model: Model) -> Model:
         folder = folders.get(model.id)
@@ -220,11 +229,11 @@ def engine_catalog(catalog: Catalog, folders: Mapping[str, Path], token_source: 
             return model
         return replace(model, source=replace(model.source, model_id=str(folder.resolve()), local=True))
 
-    models = tuple(local(m) for m in catalog.models)
+    prepared = replace(catalog, models=tuple(local(m) for m in catalog.models))
     engine = catalog.engine
-    if token_source is not None and engine.token_source is None:
+    if token_source is not None and engine.token_source is None and engine_downloads(prepared):
         engine = engine.model_copy(update={"token_source": token_source})
-    return replace(catalog, models=models, engine=engine)
+    return replace(prepared, engine=engine)
 
 
 def _check_files(catalog: Catalog) -> None:

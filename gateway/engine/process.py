@@ -2,7 +2,9 @@
 
 The spawner is an injected dependency of the launcher so that unit tests can hand it a fake; the
 real one starts the program in its own process group (so a stop reaches anything it forks) with the
-parent-death signal set (so even a SIGKILLed gateway takes the engine down with it).
+parent-death signal set (so even a SIGKILLed gateway takes the engine down with it). Each line the engine prints
+has the gateway's secrets masked as it is read (gateway/masking.py), before it goes to the log, the tail that
+error messages quote, or the console.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import sys
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..masking import Masker
 
 _PR_SET_PDEATHSIG = 1
 
@@ -74,10 +79,12 @@ class _ChildProcess:
         logger: logging.Logger,
         tail_lines: int,
         output: Callable[[str], None] | None = None,
+        masker: Masker | None = None,
     ) -> None:
         self._proc = proc
         self._logger = logger
         self._output = output
+        self._masker = masker
         self._tail: deque[str] = deque(maxlen=tail_lines)
         self._reader = asyncio.create_task(self._pump_output(), name=f"engine-output-{proc.pid}")
 
@@ -111,6 +118,8 @@ class _ChildProcess:
                 return
             # Colour codes (mistral.rs colours its log on any output) mean nothing in a log file or the console.
             line = _ANSI.sub("", raw.decode("utf-8", "replace")).rstrip()
+            if line and self._masker is not None:
+                line = self._masker.text(line)
             if line:
                 self._tail.append(line)
                 self._logger.info("engine[%d]: %s", self._proc.pid, line)
@@ -142,9 +151,12 @@ class _ChildProcess:
 class SubprocessSpawner:
     """Starts real processes with asyncio."""
 
-    def __init__(self, logger: logging.Logger | None = None, tail_lines: int = 30) -> None:
+    def __init__(
+        self, logger: logging.Logger | None = None, tail_lines: int = 30, *, masker: Masker | None = None
+    ) -> None:
         self._logger = logger or logging.getLogger("gateway.engine")
         self._tail_lines = tail_lines
+        self._masker = masker
 
     async def spawn(
         self, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, output: Callable[[str], None] | None = None
@@ -161,4 +173,4 @@ class SubprocessSpawner:
             preexec_fn=lambda: _die_with_parent(parent),
             limit=1 << 20,
         )
-        return _ChildProcess(proc, self._logger, self._tail_lines, output)
+        return _ChildProcess(proc, self._logger, self._tail_lines, output, self._masker)

@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 
-from ..catalog import ModelEntry
+from ..catalog import ModelEntry, relative_name
 from ..events import EventSink, NullSink
 from .checksums import (
     Hasher,
@@ -50,7 +50,7 @@ from .checksums import (
     write_sha256_cache,
 )
 from .errors import DownloadError
-from .files import free_bytes, fsync_dir, fsync_file, sidecar, size_of, write_all, write_atomic
+from .files import free_bytes, fsync_dir, fsync_file, outside, sidecar, size_of, write_all, write_atomic
 from .locking import exclusive
 from .progress import ProgressMeter, human_size
 from .retry import retry_while_progressing
@@ -171,15 +171,24 @@ class Downloader:
     # ------------------------------------------------------------------------------------- public
 
     def target(self, file: str) -> Path:
-        """Where ``file`` lives: inside the model dir, whatever the models file says."""
-        relative = Path(file)
-        if not file or relative.is_absolute() or ".." in relative.parts:
+        """Where ``file`` lives: inside the model dir, whatever the models file says, and whatever symlinks the
+        model dir holds (the folder, the ``.part`` and ``.lock`` files are written to where they lead)."""
+        if not relative_name(file):
             raise DownloadError(
                 f"Model file {file!r}: `file` must be a name inside the model dir ({self._model_dir}), "
                 "without '..' or a leading '/'.",
                 file=file,
             )
-        return self._model_dir / relative
+        path = self._model_dir / file
+        escaped = outside(self._model_dir, path.parent, sidecar(path, ".part"), sidecar(path, ".lock"))
+        if escaped is not None:
+            raise DownloadError(
+                f"Model file {file!r}: {path} would be written to {escaped}, outside the model dir "
+                f"({self._model_dir}), through a symbolic link. Remove the link, or set GATEWAY_MODEL_DIR to "
+                "the disk it leads to.",
+                file=file,
+            )
+        return path
 
     async def ensure_model(self, entry: ModelEntry) -> Path | None:
         """The local file of a ``url`` model, downloaded if missing; None for models of other sources."""

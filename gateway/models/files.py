@@ -2,7 +2,9 @@
 
 A model file, its ``.part.json`` and its ``.sha256`` record are all written the same way: next to the final name,
 then renamed over it, then synced. The downloader and the checksum cache share these few helpers, which know
-nothing about HTTP or hashes.
+nothing about HTTP or hashes. Nothing is written outside the model dir: the models file's names are relative (checked
+at start, gateway/catalog.py), and a place to write to is checked once symlinks are followed (:func:`outside`),
+since a link in the model dir could otherwise send a download anywhere the gateway may write.
 """
 
 from __future__ import annotations
@@ -12,6 +14,17 @@ import io
 import os
 import shutil
 from pathlib import Path
+
+
+def outside(root: Path, *paths: Path) -> Path | None:
+    """The first of ``paths`` that is not inside ``root`` once symlinks are followed (where a write to it would
+    land, for a path that does not exist yet), as resolved; None when all are inside."""
+    base = root.resolve()
+    for path in paths:
+        real = path.resolve()
+        if real != base and not real.is_relative_to(base):
+            return real
+    return None
 
 
 def sidecar(path: Path, suffix: str) -> Path:

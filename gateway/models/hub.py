@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from ..catalog import Model
+from ..catalog import Model, relative_name
 from ..events import EventSink, NullSink
 from .errors import DownloadError, name_not_resolved
+from .files import outside
 from .progress import ProgressMeter, human_size
 from .retry import retry_while_progressing
 
@@ -120,9 +121,9 @@ def _unreachable(exc: BaseException, error: DownloadError) -> bool:
 def snapshot_of(model: Model, model_dir: Path) -> Snapshot:
     """The snapshot of a repo model: ``<model_dir>/<repo>``, and the patterns that select its files."""
     repo = model.source.model_id
-    relative = Path(repo)
-    if not repo or relative.is_absolute() or ".." in relative.parts:
+    if not relative_name(repo):  # the models file's ids are checked at start; a catalog made by hand is not
         raise DownloadError(f"Hugging Face repo {repo!r}: not a repository id (use 'owner/name').", file=repo)
+    relative = Path(repo)
     patterns = list(model.entry.files)
     if model.source.filename and model.source.filename not in patterns:
         patterns.append(model.source.filename)  # a GGUF model needs its file, whatever `files` says
@@ -384,6 +385,14 @@ class HubFetcher:
         """``snapshot.folder``, complete; fetched from the hub first when it is not. Raises :class:`DownloadError`."""
         repo = snapshot.repo
         try:
+            escaped = outside(self._model_dir, snapshot.folder)
+            if escaped is not None:
+                raise DownloadError(
+                    f"Hugging Face repo {repo!r}: its folder {snapshot.folder} leads to {escaped}, outside the model "
+                    f"dir ({self._model_dir}), through a symbolic link. Remove the link, or set GATEWAY_MODEL_DIR to "
+                    "the disk it leads to.",
+                    file=repo,
+                )
             present = recorded_files(snapshot)
             if present is not None:
                 self._events.publish(
@@ -507,6 +516,15 @@ class HubFetcher:
     async def _download(self, job: _Job, listing: Listing, url: str) -> None:
         snapshot = job.snapshot
         sizes = listing.files
+        # The hub (or a mirror named by HF_ENDPOINT) names the files: none may land outside the repo's folder.
+        for name in sizes:
+            if not relative_name(name) or outside(snapshot.folder, snapshot.folder / name) is not None:
+                raise DownloadError(
+                    f"Hugging Face repo {snapshot.repo!r}: the hub lists a file {name!r} that would be written "
+                    f"outside its folder {snapshot.folder}; nothing was fetched.",
+                    file=snapshot.repo,
+                    url=url,
+                )
         job.files = {}  # of this listing only: the revision may have moved since the last attempt
         total = sum(s for s in sizes.values() if s is not None) if None not in sizes.values() else None
         stale = set(_partial_files(snapshot.folder))

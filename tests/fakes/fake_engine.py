@@ -18,6 +18,10 @@ Behaviour knobs (environment variables, since the real command line has nothing 
     FAKE_ENGINE_SPAWN_LOG=PATH       at start, append {"pid", "argv", "prog", "cwd", "hf_token_set"} as one
                                      JSON line; argv excludes the program name; hf_token_set: HF_TOKEN is
                                      set in its environment (the token itself is never written)
+    FAKE_ENGINE_SAY=TEXT             print TEXT as one line of its output at start, before loading (an engine
+                                     that prints a secret it was handed)
+    FAKE_ENGINE_PRINT_ENV=1          print its whole environment at start, one NAME=VALUE line each, sorted (an
+                                     engine, or something it starts, that dumps what it can read)
     FAKE_ENGINE_BROKEN=TEXT          fail to load (exit 1 with an error, after the load delay) when the id or
                                      path of a model to load contains TEXT: one broken model among good ones
     FAKE_ENGINE_EXIT_AT_START=CODE   print a few lines to stdout and stderr, then exit with CODE after
@@ -855,6 +859,8 @@ class Knobs:
     embed_delay: float = 0.0
     strict_serde: bool = False
     broken: str | None = None
+    say: str | None = None
+    print_env: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Knobs:
@@ -871,7 +877,16 @@ class Knobs:
             embed_delay=float(env.get("FAKE_ENGINE_EMBED_DELAY") or 0),
             strict_serde=_truthy(env.get("FAKE_ENGINE_STRICT_SERDE")),
             broken=env.get("FAKE_ENGINE_BROKEN") or None,
+            say=env.get("FAKE_ENGINE_SAY") or None,
+            print_env=_truthy(env.get("FAKE_ENGINE_PRINT_ENV")),
         )
+
+    def first_lines(self, env: Mapping[str, str]) -> list[str]:
+        """What FAKE_ENGINE_SAY and FAKE_ENGINE_PRINT_ENV make it print at start."""
+        lines = [self.say] if self.say else []
+        if self.print_env:
+            lines += [f"{name}={value}" for name, value in sorted(env.items())]
+        return lines
 
 
 def _append_line(fd: int, record: Mapping[str, Any]) -> None:
@@ -1960,6 +1975,8 @@ def _main(argv: Sequence[str] | None, prog: str | None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN if knobs.ignore_sigterm else signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+    for line in knobs.first_lines(os.environ):
+        print(line, flush=True)
     spec = parse_command_line(prog, args, strict_serde=knobs.strict_serde)
     ids = ", ".join(model.model_id for model in spec.models)
     print(f"mistralrs fake engine: loading {ids}", flush=True)

@@ -235,7 +235,7 @@ def test_prefetch_false_leaves_the_repo_to_the_engine(gateway_processes: Start, 
 
 
 @pytest.mark.parametrize("engine", ["mistralrs-server", "mistralrs"])
-def test_the_token_reaches_hub_and_engine_but_no_command_line_or_log(
+def test_the_token_reaches_the_hub_but_no_command_line_or_log(
     gateway_processes: Start, hub: FakeHub, tmp_path: Path, engine: str
 ) -> None:
     hub.gated.add(REPO)
@@ -244,6 +244,20 @@ def test_the_token_reaches_hub_and_engine_but_no_command_line_or_log(
     gw = gateway_processes(models_toml(), env=env, engine=engine)
     assert chat(gw).status_code == 200
     assert {r.authorization for r in repo_requests(hub)} == {f"Bearer {TOKEN}"}
+    spawn = gw.spawns()[0]
+    argv = spawn["argv"]
+    # The engine loads the prefetched folder: it downloads nothing, so it gets no token (gateway/engine/environment.py).
+    assert "--token-source" not in argv and spawn["hf_token_set"] is False
+    assert TOKEN not in " ".join(argv) and TOKEN not in gw.log()
+
+
+@pytest.mark.parametrize("engine", ["mistralrs-server", "mistralrs"])
+def test_an_engine_that_fetches_its_repo_gets_the_token_in_its_environment_only(
+    gateway_processes: Start, hub: FakeHub, tmp_path: Path, engine: str
+) -> None:
+    env = hub_env(hub, tmp_path, GATEWAY_HF_TOKEN=TOKEN, GATEWAY_LOG_LEVEL="debug")
+    gw = gateway_processes(models_toml("prefetch = false"), env=env, engine=engine)
+    assert chat(gw).status_code == 200
     spawn = gw.spawns()[0]
     argv = spawn["argv"]
     assert argv[argv.index("--token-source") + 1] == "env:HF_TOKEN" and spawn["hf_token_set"] is True

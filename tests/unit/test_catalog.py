@@ -71,6 +71,14 @@ kind = "plain"
         ('[engine]\npaged_attn = true\ncpu = true\n[[models]]\nid = "a"\nkind = "plain"\n', ["cannot be used"]),
         ('[engine]\nmcp_config = "/no/mcp.json"\n[[models]]\nid = "a"\nkind = "plain"\n', ["mcp_config"]),
         ('[[models]]\nid = "a"\nkind = "diffusion"\n', ['arch = "flux"']),
+        # Names a download writes under stay inside the model dir, and say so at start.
+        ('[[models]]\nid = "a"\nkind = "gguf"\nurl = "http://x/y"\nfile = "../../x"\n', ["'../../x'", "model dir"]),
+        ('[[models]]\nid = "a"\nkind = "gguf"\nurl = "http://x/y"\nfile = "/etc/x.gguf"\n', ["'/etc/x.gguf'"]),
+        ('[[models]]\nid = "a"\nkind = "gguf"\nrepo = "o/r"\nfile = "a/../../x.gguf"\n', ["inside its folder"]),
+        ('[[models]]\nid = "a"\nkind = "plain"\nrepo = "o/r"\nfiles = ["../*"]\n', ["files entry '../*'"]),
+        ('[[models]]\nid = "a"\nkind = "plain"\nrepo = "o/../../r"\n', ["repo 'o/../../r' is not a Hugging Face"]),
+        ('[[models]]\nid = "../../etc"\nkind = "plain"\n', ["id (the Hugging Face repo", "'../../etc'"]),
+        ('[[models]]\nid = "/abs/x"\nkind = "plain"\n', ["'/abs/x' is not a Hugging Face"]),
     ],
 )
 def test_broken_files_name_file_entry_and_fix(text: str, needles: list[str], tmp_path: Path) -> None:

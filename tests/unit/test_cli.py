@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gateway.cli import _parser, _settings, main
@@ -60,3 +62,16 @@ def test_an_engine_url_is_kept_without_its_trailing_slash(monkeypatch: pytest.Mo
     monkeypatch.chdir("/")
     monkeypatch.setenv("GATEWAY_ENGINE_URL", " http://127.0.0.1:1234/ ")
     assert _settings(_parser().parse_args(["serve"])).engine_url == "http://127.0.0.1:1234"
+
+
+def test_a_models_file_naming_a_file_outside_the_model_dir_stops_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text('[[models]]\nid = "a"\nkind = "gguf"\nurl = "http://127.0.0.1:9/x.gguf"\nfile = "../../x"\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GATEWAY_MODEL_DIR", str(tmp_path / "dir"))
+    assert main(["check", "--models-file", str(models)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mistral-gateway: configuration error: ") and "file = '../../x' must name a file" in err
+    assert not (tmp_path / "dir").exists() and not (tmp_path.parent / "x").exists()

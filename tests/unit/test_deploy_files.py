@@ -226,8 +226,14 @@ def test_dockerfile_builds_what_the_package_provides() -> None:
             for source in sources:
                 assert (ROOT / source).exists(), f"COPY {source}: no such path in the repository"
     installs = [args for instruction, args in steps if instruction == "RUN" and "pip install" in args]
-    extras = {extra for args in installs for extra in re.findall(r"\.\[([a-z,]+)\]", args)}
-    assert extras == {"engine"} and "engine" in pyproject()["project"]["optional-dependencies"]
+    # The dependencies (the engine extra's too) from the hash-pinned lock, then the package alone: nothing unpinned.
+    assert installs == [
+        "pip install --require-hashes -r requirements.lock",
+        "pip install --no-deps --no-build-isolation .",
+    ]
+    assert "engine" in pyproject()["project"]["optional-dependencies"]  # what the lock covers (tests/unit/test_lock.py)
+    copied = [args.split()[:-1] for instruction, args in steps if instruction == "COPY"]
+    assert copied[0] == ["requirements.lock"]  # first: a change to the code does not redo the dependencies' layer
     assert (ROOT / "gateway" / "__init__.py").is_file()
 
     cmd = json.loads(next(args for instruction, args in steps if instruction == "CMD"))

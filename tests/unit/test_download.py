@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,3 +341,24 @@ async def test_disk_errors_become_download_errors(tmp_path: Path) -> None:
         await downloader.ensure(URL, "tiny.gguf")
     assert "'tiny.gguf'" in caught.value.message and str(not_a_folder) in caught.value.message
     assert events.types() == ["download.failed"]
+
+
+async def test_nothing_is_written_through_a_symlink_out_of_the_model_dir(tmp_path: Path) -> None:
+    model_dir, elsewhere = tmp_path / "models", tmp_path / "elsewhere"
+    model_dir.mkdir()
+    elsewhere.mkdir()
+    (model_dir / "linked").symlink_to(elsewhere, target_is_directory=True)
+    server = MockServer()
+    downloader, events, _ = make(model_dir, server)
+    with pytest.raises(DownloadError, match="outside the model dir") as folder:
+        await downloader.ensure(URL, "linked/tiny.gguf", sha256=SHA)
+    assert str(elsewhere) in folder.value.message
+    # A .part file that is a link out of the model dir is not appended to either.
+    (model_dir / "tiny.gguf.part").symlink_to(elsewhere / "victim")
+    with pytest.raises(DownloadError, match="outside the model dir"):
+        await downloader.ensure(URL, "tiny.gguf", sha256=SHA)
+    with pytest.raises(DownloadError, match=re.escape("without '..'")):
+        await downloader.ensure(URL, "../escape.gguf", sha256=SHA)
+    assert list(elsewhere.iterdir()) == [] and server.requests == []
+    assert [d["error"] for d in events.of("download.failed")] and not (tmp_path / "escape.gguf").exists()
+    await downloader.aclose()

@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, Callable
 import pytest
 
 from gateway.events import DROPPED, Event, EventBus
+from gateway.masking import MASK, Masker
 
 
 class FakeWallClock:
@@ -205,3 +206,12 @@ def test_summary_tracks_each_file_and_the_last_engine_event() -> None:
 def test_queue_size_must_leave_room_for_the_notice() -> None:
     with pytest.raises(ValueError):
         EventBus(queue_size=1)
+
+
+def test_secrets_in_an_events_details_are_masked_in_history_json_and_log(caplog: pytest.LogCaptureFixture) -> None:
+    bus = EventBus(clock=FakeWallClock(), masker=Masker(["redisPassw0rd77"]))
+    with caplog.at_level(logging.INFO, logger="gateway.events"):
+        event = bus.publish("engine.crashed", error="output: redis://:redisPassw0rd77@h", lines=["redisPassw0rd77"])
+    assert event.details == {"error": f"output: redis://:{MASK}@h", "lines": [MASK]}
+    assert "redisPassw0rd77" not in event.to_json() + json.dumps(bus.summary()) + caplog.text
+    assert bus.history()[0].details == event.details

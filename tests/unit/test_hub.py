@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -52,8 +53,8 @@ def test_snapshot_goes_to_model_dir_slash_repo_with_the_right_patterns(tmp_path:
     assert gguf.patterns == ("x-Q4_K_M.gguf",)
     both = model('kind = "gguf"\nrepo = "org/x-GGUF"\nfile = "x.gguf"\nfiles = ["*.json"]', tmp_path)
     assert snapshot_of(both, tmp_path).patterns == ("*.json", "x.gguf")
-    with pytest.raises(DownloadError, match="not a repository id"):
-        snapshot_of(model('kind = "plain"\nrepo = "../etc"', tmp_path), tmp_path)
+    with pytest.raises(ConfigError, match="is not a Hugging Face repository id"):  # refused at start
+        model('kind = "plain"\nrepo = "../etc"', tmp_path)
 
 
 def test_a_record_stands_only_while_every_file_is_there_at_its_size(tmp_path: Path) -> None:
@@ -134,6 +135,14 @@ class MemoryHub:
             if snapshot.patterns is None or any(fnmatch.fnmatch(name, p) for p in snapshot.patterns):
                 (snapshot.folder / name).parent.mkdir(parents=True, exist_ok=True)
                 (snapshot.folder / name).write_bytes(content)
+
+
+class EscapingHub(MemoryHub):
+    """A hub (or a mirror) that lists a file outside the repo's folder, and would write it if asked."""
+
+    def listing(self, snapshot: Snapshot) -> Listing:
+        self.calls.append("listing")
+        return Listing("c" * 40, {"config.json": 2, "../../escaped.txt": 3})
 
 
 def fetcher(tmp_path: Path, hub: MemoryHub, **kwargs: Any) -> tuple[HubFetcher, Recorder, FakeSleep]:
@@ -273,15 +282,20 @@ async def test_the_engine_loads_a_prefetched_repo_from_its_folder(
     await sup.aclose()
 
 
-async def test_the_token_goes_to_the_engine_environment_only(tmp_path: Path) -> None:
-    sup, spawner = make_pool_for(tmp_path, REPO_MODEL, MemoryHub(), hf_token="hf_secret_123")
+async def test_the_token_goes_to_the_environment_of_an_engine_that_downloads_only(tmp_path: Path) -> None:
+    sup, spawner = make_pool_for(tmp_path, REPO_MODEL + "prefetch = false\n", MemoryHub(), hf_token="hf_secret_123")
     await sup.ensure_ready("chat")
     argv = spawner.argvs[0]
     assert argv[argv.index("--token-source") + 1] == "env:HF_TOKEN"
     assert spawner.envs[0]["HF_TOKEN"] == "hf_secret_123" and "hf_secret_123" not in " ".join(argv)
     await sup.aclose()
+    # A prefetched repo loads from its folder: the gateway used the token, the engine gets none.
+    sup, spawner = make_pool_for(tmp_path / "1", REPO_MODEL, MemoryHub(), hf_token="hf_secret_123")
+    await sup.ensure_ready("chat")
+    assert "--token-source" not in spawner.argvs[0] and "HF_TOKEN" not in spawner.envs[0]
+    await sup.aclose()
     # The models file's own token_source wins.
-    own = REPO_MODEL + '[engine]\ntoken_source = "cache"\n'
+    own = REPO_MODEL + 'prefetch = false\n[engine]\ntoken_source = "cache"\n'
     sup, spawner = make_pool_for(tmp_path / "2", own, MemoryHub(), hf_token="hf_secret_123")
     await sup.ensure_ready("chat")
     argv = spawner.argvs[0]
@@ -317,3 +331,23 @@ async def test_a_hub_refusal_fails_the_start_naming_the_model(tmp_path: Path) ->
         await sup.ensure_ready("chat")
     assert spawner.argvs == []
     await sup.aclose()
+
+
+async def test_no_file_is_written_outside_the_repos_folder(tmp_path: Path) -> None:
+    hub = EscapingHub()
+    fetch, events, _ = fetcher(tmp_path / "models", hub)
+    snap = Snapshot("org/x", None, None, tmp_path / "models" / "org" / "x")
+    with pytest.raises(DownloadError, match=re.escape("'../../escaped.txt' that would be written outside")):
+        await fetch.ensure(snap)
+    assert hub.calls == ["listing"] and events.types()[-1] == "download.failed"
+    # A repo folder that is a link out of the model dir is refused before the hub is asked.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "models" / "org").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "models" / "org" / "y").symlink_to(elsewhere, target_is_directory=True)
+    plain = MemoryHub()
+    fetch, _, _ = fetcher(tmp_path / "models", plain)
+    with pytest.raises(DownloadError, match="outside the model dir"):
+        await fetch.ensure(Snapshot("org/y", None, None, tmp_path / "models" / "org" / "y"))
+    assert plain.calls == [] and list(elsewhere.iterdir()) == []
+    assert not list(tmp_path.glob("**/escaped.txt"))

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from pathlib import Path
+
+import pytest
 
 from gateway.console.engine_logs import LogHub, LogLine
 from gateway.console.tracker import Tracker
 from gateway.engine.process import SubprocessSpawner
+from gateway.masking import MASK, Masker
 
 
 class Clock:
@@ -103,3 +107,30 @@ def test_engine_output_reaches_the_hub_as_plain_lines(tmp_path: Path) -> None:
         return lines
 
     assert asyncio.run(scenario()) == ["INFO loading", "ready"]
+
+
+def test_the_hub_masks_secrets_in_the_lines_it_keeps() -> None:
+    hub = LogHub(masker=Masker(["admin-key-123456"]))
+    hub.append("a", "printing admin-key-123456 for all to see")
+    assert [entry.line for entry in hub.history()] == [f"printing {MASK} for all to see"]
+
+
+def test_an_engine_printing_a_secret_shows_it_masked_in_its_output_its_tail_and_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> tuple[list[str], list[str]]:
+        lines: list[str] = []
+        spawner = SubprocessSpawner(logging.getLogger("tests.spawner"), masker=Masker(["hf_secretToken12345"]))
+        proc = await spawner.spawn(
+            ["sh", "-c", "echo token=hf_secretToken12345"],
+            env={"PATH": "/usr/bin:/bin"},
+            cwd=tmp_path,
+            output=lines.append,
+        )
+        await proc.wait()
+        return lines, proc.output_tail()
+
+    with caplog.at_level(logging.INFO, logger="tests.spawner"):
+        output, tail = asyncio.run(scenario())
+    assert output == tail == [f"token={MASK}"]
+    assert f"token={MASK}" in caplog.text and "hf_secretToken12345" not in caplog.text

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from ...chat.checks import INLINE_IMAGES_ONLY
 from ...chat.fields import boolean, integer, invalid, number, require, unsupported, wrong_type
 from ...chat.streams import ToolCallPieces
 from ...errors import ContextLengthExceeded, GatewayError
@@ -97,11 +98,9 @@ def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
             raise wrong_type(f"{where}.source.data", "a base64 string")
         url = f"data:{media};base64,{data}"
     elif kind == "url":
-        if not isinstance(source.get("url"), str):
-            raise wrong_type(f"{where}.source.url", "a string")
-        url = source["url"]
+        raise unsupported(f"{where}.source.type", "images are taken as base64 data: " + INLINE_IMAGES_ONLY)
     else:
-        raise unsupported(f"{where}.source.type", "images are taken as base64 data or by URL, not by file id.")
+        raise unsupported(f"{where}.source.type", "images are taken as base64 data, not by URL or file id.")
     return {"type": "image_url", "image_url": {"url": url}}
 
 
