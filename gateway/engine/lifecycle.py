@@ -1,5 +1,10 @@
 """The life of one engine: its state table, the requests that hold it, its idle stop, its crashes and backoff.
 
+Crashes are judged as users expect (and as Kubernetes' CrashLoopBackOff does): the request that hit a crash gets an
+error, and an engine that had been answering is started again at once by the next request. Only an engine that dies
+before it answered any request (a model that cannot serve), or dies again right after such a restart (a crash loop),
+backs off, with delays that grow like a failed start's.
+
 A request goes ``lease()`` -> the pool's ``ensure_ready`` -> relay -> ``lease.release()``. The lease is what keeps
 the idle stopper away: the engine stops only when no lease is held and nothing has been sent to a client for its
 ``ttl`` (or longer, or shorter, when a request asked with ``keep_alive``).
@@ -39,8 +44,8 @@ EXIT_GRACE = 5.0
 # a restart is assumed to cost (seconds) before one has been measured.
 DEFAULT_PREFILL_RATE = 500.0
 DEFAULT_RESTART_SECONDS = 2.0
-# An engine that dies sooner than this after it became ready counts as one that failed to start: it backs off,
-# instead of being started again at once by every request (a model that crashes the engine at its first request).
+# An engine restarted after a crash that dies again sooner than this after it became ready is in a crash loop: it
+# backs off. One that ran this long has recovered, and its next crash counts as a first one again.
 STABLE_AFTER = 60.0
 
 
@@ -70,12 +75,19 @@ class Lease:
     (a request still waiting for its engine, e.g. behind a swap, must not hold that swap off).
     """
 
-    __slots__ = ("_engaged", "_lifecycle", "_released")
+    __slots__ = ("_answered", "_engaged", "_lifecycle", "_released")
 
     def __init__(self, lifecycle: EngineLifecycle) -> None:
         self._lifecycle = lifecycle
         self._released = False
         self._engaged = False
+        self._answered = False
+
+    def answered(self) -> None:
+        """The engine answered this request (its whole answer, or a stream's first event): it can serve."""
+        if self._engaged and not self._answered and not self._released:
+            self._answered = True
+            self._lifecycle._served = True
 
     def engage(self) -> None:
         if not self._engaged and not self._released:
@@ -139,6 +151,8 @@ class EngineLifecycle:
         self.last_activity = clock()
         self._expiry: float | None = None  # a keep_alive's stop time (inf: until further notice); None: the ttl
         self._ready_since: float | None = None
+        self._served = False  # the running engine has answered a request since it became ready
+        self._after_crash = False  # the running engine was started again after a crash, not yet for long
         self._failures = 0
         self._retry_at = 0.0
         self._last_error: str | None = None
@@ -488,6 +502,7 @@ class EngineLifecycle:
         self._retry_at = 0.0
         self._last_error = None
         self._ready_since = self.last_activity = self._clock()
+        self._served = False
         if running.proc is not None:
             self._watch_task = asyncio.create_task(self._watch(running.proc), name=f"engine-watch-{running.proc.pid}")
         self._sm.transition(EngineState.STARTING, EngineState.READY)
@@ -534,11 +549,17 @@ class EngineLifecycle:
         self._log.error("engine %s: %s", self.name, message)
         uptime = self._clock() - (self._ready_since or self._clock())
         self._running, self._ready_since = None, None
-        if uptime < STABLE_AFTER:
-            early = f"The engine exited with code {code} {uptime:.1f} s after it became ready. Its last output:\n{tail}"
+        if not self._served or (self._after_crash and uptime < STABLE_AFTER):
+            when = "before it answered any request" if not self._served else "again right after a restart"
+            early = (
+                f"The engine exited with code {code} {uptime:.1f} s after it became ready, {when}. "
+                f"Its last output:\n{tail}"
+            )
             self._fail_start(EngineStartFailed(early))
             return
-        self._failures, self._retry_at = 0, 0.0  # it had been serving: restart at the next request
+        # It had been serving: the next request starts it again at once. If it dies again soon, that is a loop.
+        self._failures, self._retry_at = 0, 0.0
+        self._after_crash = True
         self._last_error = message
         self._sm.transition(EngineState.READY, EngineState.FAILED)
 
@@ -557,4 +578,5 @@ class EngineLifecycle:
             self._watch_task = None
         self._expiry = None
         self._failures = 0
+        self._after_crash = False
         self._sm.transition(EngineState.STOPPING, EngineState.STOPPED)

@@ -141,15 +141,19 @@ class Serving:
             content, cache = await self._embeddings.handle(
                 work.body, model, lambda: self.pool.ensure_ready(model.id, lease), cache_control=work.cache_control
             )
+            lease.answered()  # a no-op when the cache answered alone (no engine engaged)
             return work.write(content, cache)
         endpoint = await self.pool.ensure_ready(model.id, lease)
         if isinstance(work, LoadWork):
             return work.answer()
         if isinstance(work, RelayWork):
-            return await self._relayed(work, model, endpoint)
+            answer = await self._relayed(work, model, endpoint)
+            lease.answered()
+            return answer
         progress.sent = time.monotonic()
         result = await chat.answer(self.relay, endpoint.base_url, work.plan, endpoint.engine_id(model.id))
         progress.first = time.monotonic()
+        lease.answered()
         if record is not None:
             self.tracker.usage(record, result.get("usage"))
         return Response(work.writer.answer(result), media_type=work.answer_media_type, headers=dict(call.headers))
@@ -195,12 +199,13 @@ class Serving:
             if work.plan.whole:
                 result = await chat.answer(self.relay, endpoint.base_url, work.plan, engine_id)
                 progress.first = time.monotonic()
+                lease.answered()
                 if record is not None:
                     self.tracker.usage(record, result.get("usage"))
                 stream = chat.AnswerStream(work.plan, result)
             else:
                 stream = await chat.open_stream(self.relay, endpoint.base_url, work.plan, engine_id)
-                stream.events = self._observed(stream.events, stream, call.model, record, progress)
+                stream.events = self._observed(stream.events, stream, call.model, lease, record, progress)
             async with contextlib.aclosing(writer.stream(stream)) as chunks:  # type: ignore[type-var]
                 async for chunk in chunks:
                     await out.body(chunk)
@@ -215,6 +220,7 @@ class Serving:
         events: AsyncIterator[Event],
         stream: chat.Stream,
         model: Model,
+        lease: Lease,
         record: Record | None,
         progress: _Progress,
     ) -> AsyncIterator[Event]:
@@ -223,6 +229,7 @@ class Serving:
         async for event in events:
             if progress.first is None and event.comment is None:
                 progress.first = time.monotonic()
+                lease.answered()
                 if progress.prompt_tokens is not None and progress.sent is not None:
                     self.pool.prefilled(model.id, progress.prompt_tokens, progress.first - progress.sent)
                 if record is not None:

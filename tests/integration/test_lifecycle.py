@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -190,27 +191,50 @@ def test_keep_alive_sets_the_idle_deadline_as_in_ollama(gateways: Start) -> None
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "keep_alive"
 
 
-def test_crash_mid_stream_ends_with_an_error_event_then_restarts(gateway_processes: Start) -> None:
+def test_a_crash_fails_only_the_request_that_hit_it(gateway_processes: Start) -> None:
     gw = gateway_processes()
+    assert httpx.post(gw.v1 + "/chat/completions", json=say("hello"), timeout=30).status_code == 200
     body = {"model": "tiny-chat", "stream": True, **say("crash")}
     with httpx.stream("POST", gw.v1 + "/chat/completions", json=body, timeout=30) as response:
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert len(events) == 4  # three chunks, then the error
     error = json.loads(events[-1][6:])["error"]
     assert error["code"] == "engine_crashed" and set(error) == {"message", "type", "param", "code"}
-    wait_for(lambda: gw.engine()["crashes"] == 1, 5, "the crash to be noticed")
-    # It died moments after it became ready: a 503 saying when it comes back (the backoff of a failed start).
-    early = httpx.post(gw.v1 + "/chat/completions", json={"model": "tiny-chat", **say("after")}, timeout=30)
-    assert early.status_code == 503 and "after it became ready" in early.json()["error"]["message"]
-    wait_for(
-        lambda: (
-            httpx.post(gw.v1 + "/chat/completions", json={"model": "tiny-chat", **say("after")}, timeout=30).status_code
-            == 200
-        ),
-        30,
-        "the engine to be started again",
-    )
-    assert len(gw.spawns()) == 2
+    # The next requests, sent at once by a client that does not retry: the engine is started again and answers.
+    for text in ("after", "again"):
+        after = httpx.post(gw.v1 + "/chat/completions", json=say(text), timeout=30)
+        assert after.status_code == 200, after.text
+    assert len(gw.spawns()) == 2 and gw.engine()["crashes"] == 1
+
+
+def test_a_crash_loop_backs_off_with_growing_delays_then_recovers(gateway_processes: Start) -> None:
+    """A request that crashes the engine every time, sent again and again by a client that waits as told: the first
+    crash restarts the engine at once; the engine that dies again right after, each time, is started after 1, 2, 2 s
+    (GATEWAY_BACKOFF_MAX=2), announced by 503s with Retry-After and ``x-should-retry: false``; nothing is started
+    while the backoff runs; a request the engine can answer is served once it ends."""
+    gw = gateway_processes(env={"GATEWAY_BACKOFF_MAX": "2"})
+    assert httpx.post(gw.v1 + "/chat/completions", json=say("hello"), timeout=30).status_code == 200
+    timeline: list[tuple[float, int, str]] = []
+    began = time.monotonic()
+    while len([t for t in timeline if t[1] == 502]) < 5:
+        assert time.monotonic() - began < 60, timeline
+        response = httpx.post(gw.v1 + "/chat/completions", json=say("crash"), timeout=30)
+        assert response.status_code in (502, 503), response.text
+        retry_after = response.headers.get("retry-after", "")
+        timeline.append((round(time.monotonic() - began, 2), response.status_code, retry_after))
+        if response.status_code == 503:
+            assert response.headers["x-should-retry"] == "false"
+            assert "after it became ready" in response.json()["error"]["message"]
+            time.sleep(float(retry_after))
+    print(f"\ncrash loop (time, status, Retry-After): {timeline}")
+    statuses = [status for _, status, _ in timeline]
+    assert statuses[:2] == [502, 502]  # the first crash: restarted at once for the next request
+    waits = [int(after) for _, status, after in timeline if status == 503]
+    assert waits[:3] == [1, 2, 2], timeline  # then the loop backs off, growing to GATEWAY_BACKOFF_MAX
+    assert len(gw.spawns()) == statuses.count(502)  # the first engine, then one start per crash; none for a 503
+    wait_for(lambda: gw.engine()["retry_in"] is None, 10, "the backoff to end")
+    answered = httpx.post(gw.v1 + "/chat/completions", json=say("fine"), timeout=30)
+    assert answered.status_code == 200, answered.text
 
 
 def test_engine_error_event_mid_stream_becomes_an_openai_error(gateways: Start) -> None:

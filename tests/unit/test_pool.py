@@ -140,31 +140,68 @@ async def test_the_idle_stopper_stops_the_engine(tmp_path: Path) -> None:
     await pool.aclose()
 
 
+async def _serve_one(pool: EnginePool) -> None:
+    """One request the engine answers."""
+    lease = pool.lease("chat")
+    await pool.ensure_ready("chat", lease)
+    lease.answered()
+    lease.release()
+
+
 async def test_a_crash_after_serving_restarts_at_the_next_request(tmp_path: Path) -> None:
     pool, spawner, clock = pool_of(tmp_path)
-    await pool.ensure_ready("chat")
-    clock.now += STABLE_AFTER  # it had been serving for a while
+    await _serve_one(pool)
+    clock.now += 1  # however soon after it became ready: it had answered
     spawner.procs[0].exit(137)
     await until(lambda: pool.lifecycle("chat").state is EngineState.FAILED)
     assert pool.lifecycle("chat").crashes == 1 and "code 137" in (pool.lifecycle("chat").status()["last_error"] or "")
-    await pool.ensure_ready("chat")
+    assert pool.lifecycle("chat").status()["retry_in"] is None
+    await _serve_one(pool)  # the next request: started again at once, and answered
     assert len(spawner.procs) == 2 and pool.lifecycle("chat").ready
     await pool.aclose()
 
 
-async def test_an_engine_that_dies_right_after_it_is_ready_backs_off_like_a_failed_start(tmp_path: Path) -> None:
+async def test_an_engine_that_dies_before_answering_backs_off_like_a_failed_start(tmp_path: Path) -> None:
     pool, spawner, clock = pool_of(tmp_path)
     waits = []
     for attempt in range(3):
         await pool.ensure_ready("chat")
+        clock.now += STABLE_AFTER + 1  # however long it was up: it never answered
         spawner.procs[-1].exit(139)  # e.g. a model that crashes the engine at its first request
         await until(lambda: pool.lifecycle("chat").state is EngineState.FAILED)
         with pytest.raises(EngineStartFailed) as info:  # no new spawn within the backoff
             await pool.ensure_ready("chat")
-        assert "after it became ready" in info.value.message and len(spawner.procs) == attempt + 1
+        assert "before it answered any request" in info.value.message and len(spawner.procs) == attempt + 1
         waits.append(float(info.value.headers["Retry-After"]))
         clock.now += waits[-1] + 0.1
     assert waits[0] < waits[1] < waits[2]  # and it grows, as for a start that fails
+    await pool.aclose()
+
+
+async def test_a_crash_loop_backs_off_with_growing_delays_until_the_engine_runs_for_long(tmp_path: Path) -> None:
+    pool, spawner, clock = pool_of(tmp_path)
+    await _serve_one(pool)
+    spawner.procs[-1].exit(139)  # the first crash: restarted at once
+    await until(lambda: pool.lifecycle("chat").state is EngineState.FAILED)
+    waits = []
+    for _ in range(3):
+        await _serve_one(pool)  # started again, answers one request ...
+        clock.now += 5
+        spawner.procs[-1].exit(139)  # ... and dies again right after the restart: a loop
+        await until(lambda: pool.lifecycle("chat").state is EngineState.FAILED)
+        with pytest.raises(EngineStartFailed) as info:
+            await pool.ensure_ready("chat")
+        assert "again right after a restart" in info.value.message
+        waits.append(float(info.value.headers["Retry-After"]))
+        clock.now += waits[-1] + 0.1
+    assert waits[0] < waits[1] < waits[2]
+    starts = len(spawner.procs)
+    await _serve_one(pool)
+    clock.now += STABLE_AFTER  # this time it runs for long: recovered
+    spawner.procs[-1].exit(139)
+    await until(lambda: pool.lifecycle("chat").state is EngineState.FAILED)
+    await _serve_one(pool)  # a first crash again: restarted at once
+    assert len(spawner.procs) == starts + 2
     await pool.aclose()
 
 
