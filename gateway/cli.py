@@ -400,7 +400,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from .app import create_app
-    from .http.auth import load_keys
+    from .http.auth import exposure_warning, load_keys
     from .http.server import http_protocol
     from .http.shutdown import GracefulServer
     from .masking import build_masker, gateway_secrets, mask_handlers
@@ -413,8 +413,12 @@ def serve(settings: Settings) -> int:
     catalog = load_catalog(
         settings.resolved_models_file(), model_dir=settings.model_dir, default_model=settings.default_model
     )
-    secrets = gateway_secrets(settings, api_keys=load_keys(settings.api_keys), environ=os.environ, catalog=catalog)
+    api_keys = load_keys(settings.api_keys)
+    secrets = gateway_secrets(settings, api_keys=api_keys, environ=os.environ, catalog=catalog)
     masker = build_masker(secrets, logging.getLogger("gateway"))
+    exposed = exposure_warning(settings.host, settings.port, api_keys=api_keys, admin_key=settings.admin_key)
+    if exposed is not None:
+        logging.getLogger("gateway").warning(exposed)
     if masker is not None:
         mask_handlers(masker, [logging.getLogger()])
     app = create_app(settings, catalog=catalog, masker=masker)

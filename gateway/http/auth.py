@@ -9,6 +9,7 @@ browsers that cannot send a header) and the console's page (``/ui``: it holds no
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -36,6 +37,33 @@ def load_keys(value: str | None) -> frozenset[str]:
     if not keys:
         raise ConfigError("GATEWAY_API_KEYS is set but holds no key.")
     return keys
+
+
+def exposure_warning(host: str, port: int, *, api_keys: frozenset[str], admin_key: str | None) -> str | None:
+    """What to tell the operator at start when the gateway listens beyond this machine with nothing guarding it.
+
+    On loopback, the browser guard (gateway/http/browsers.py) keeps web pages out and nothing else can connect; on
+    an address others can reach, anyone can run prompts and, without an admin key either, stop engines and read
+    their logs.
+    """
+    if api_keys or _loopback(host):
+        return None
+    admin = (
+        "" if admin_key else " and the operator's routes (stopping engines, cancelling requests, reading engine logs)"
+    )
+    return (
+        f"listening on {host}:{port} with no API key: anyone who can reach this port can run prompts{admin}. "
+        "Set GATEWAY_API_KEYS (see SECURITY.md), or listen on 127.0.0.1 behind a proxy that checks keys."
+    )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 def _matches(presented: str, keys: frozenset[str]) -> bool:

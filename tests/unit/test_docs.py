@@ -20,7 +20,7 @@ from gateway.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
-PAGES = [ROOT / "README.md", *DOCS]
+PAGES = [ROOT / "README.md", ROOT / "SECURITY.md", *DOCS]
 PAGE_IDS = [str(page.relative_to(ROOT)) for page in PAGES]
 
 FENCE = re.compile(r"^```.*?^```", flags=re.M | re.S)
