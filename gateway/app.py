@@ -115,6 +115,9 @@ def create_app(
         for model, verdict in preparer.verdicts(catalog):
             if not verdict.fast or verdict.serve_as is not None:
                 logger.warning("model %s: %s", model.id, preparer.advice(model, verdict))
+        for model, _, warning in preparer.isq_plans(catalog):
+            if warning is not None:
+                logger.warning("model %s: %s", model.id, warning)
         pool = EnginePool(
             settings,
             catalog,

@@ -141,6 +141,12 @@ def check(settings: Settings) -> int:
     for model, verdict in preparer.verdicts(catalog):
         fast = "fast" if verdict.fast and verdict.serve_as is None else "SLOW"
         print(f"weights of {model.id}: {verdict.current or 'unknown type'}, {fast}: {preparer.advice(model, verdict)}")
+    for model, chosen, warning in preparer.isq_plans(catalog):
+        asked = model.entry.options.isq
+        print(f"in-situ quantization of {model.id}: {chosen}" + (f' (isq = "{asked}")' if asked != chosen else ""))
+        if warning is not None:
+            print(f"  SLOW: {warning}")
+    catalog = preparer.with_isq(catalog)  # the command lines below as the engine gets them
     if settings.engine_url:
         print(f"engine: the one running at {settings.engine_url}")
         return 0

@@ -12,6 +12,7 @@ estimates what a model will take in memory from its files, for the pool's budget
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -26,7 +27,7 @@ from ..models.files import outside
 from ..models.metadata import NotGGUF, read_gguf
 from ..settings import Settings
 from .environment import engine_downloads
-from .recipes import Machine, Verdict, plan
+from .recipes import Machine, Verdict, isq_choice, plan
 
 if TYPE_CHECKING:
     from ..models.download import Downloader
@@ -72,7 +73,11 @@ class Preparer:
         folders = await self._download(catalog)
         prepared = engine_catalog(catalog, folders, token_source)
         _check_files(prepared)
-        return await self._fast(prepared)
+        fast = await self._fast(prepared)
+        for model, _, warning in self.isq_plans(fast):
+            if warning is not None:
+                _log.warning("model %s: %s", model.id, warning)
+        return self.with_isq(fast)
 
     def verdicts(self, catalog: Catalog) -> list[tuple[Model, Verdict]]:
         """For each GGUF model whose file is here: its weight type and what is served (start-up log, `check`)."""
@@ -87,6 +92,29 @@ class Preparer:
                 continue
             out.append((model, plan(weight_type, self._machine, wanted=model.entry.options.quant)))
         return out
+
+    def isq_plans(self, catalog: Catalog) -> list[tuple[Model, str, str | None]]:
+        """For each model quantized in situ: the type the engine is asked for (``isq = "auto"`` resolved for this
+        machine) and a warning when the engine would not quantize every layer to it (start-up log, `check`)."""
+        out = []
+        for model in catalog.models:
+            requested = model.entry.options.isq
+            if requested is None:
+                continue
+            chosen, warning = isq_choice(requested, _linear_widths(model, self._settings.model_dir), self._machine)
+            out.append((model, chosen, warning))
+        return out
+
+    def with_isq(self, catalog: Catalog) -> Catalog:
+        """The catalog with each model's ``isq`` as the engine is to be asked for it (see :meth:`isq_plans`)."""
+        resolved = {}
+        for model, chosen, _ in self.isq_plans(catalog):
+            if chosen != model.entry.options.isq:
+                options = model.entry.options.model_copy(update={"isq": chosen})
+                resolved[model.id] = replace(model, entry=model.entry.model_copy(update={"options": options}))
+        if not resolved:
+            return catalog
+        return replace(catalog, models=tuple(resolved.get(model.id, model) for model in catalog.models))
 
     def advice(self, model: Model, verdict: Verdict) -> str:
         """What the log and `mistral-gateway check` say about a model whose file is slow here."""
@@ -259,6 +287,24 @@ def _local_path(model: Model, model_dir: Path) -> Path | None:
         path = model_dir / source.model_id  # where a repo snapshot goes (gateway/models/hub.py)
         return path / source.filename if source.filename else path
     return None
+
+
+def _linear_widths(model: Model, model_dir: Path) -> list[int]:
+    """The input widths of a model's linear layers, from its config.json when its folder is here (empty when not):
+    the hidden size (attention and MLP inputs), the attention output's, and the MLP's intermediate size."""
+    path = _local_path(model, model_dir)
+    if path is None or not path.is_dir():
+        return []
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    widths = [config.get(key) for key in ("hidden_size", "intermediate_size", "moe_intermediate_size")]
+    heads, head_dim = config.get("num_attention_heads"), config.get("head_dim")
+    if isinstance(heads, int) and isinstance(head_dim, int):
+        widths.append(heads * head_dim)
+    return [w for w in widths if isinstance(w, int) and w > 0]
 
 
 def _local_size(model: Model, model_dir: Path) -> int | None:

@@ -75,3 +75,19 @@ def test_a_models_file_naming_a_file_outside_the_model_dir_stops_the_start(
     err = capsys.readouterr().err
     assert err.startswith("mistral-gateway: configuration error: ") and "file = '../../x' must name a file" in err
     assert not (tmp_path / "dir").exists() and not (tmp_path.parent / "x").exists()
+
+
+def test_check_prints_the_isq_type_the_engine_is_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden_size": 576, "intermediate_size": 1536}')
+    models = tmp_path / "models.toml"
+    models.write_text(f'[[models]]\nid = "m"\nkind = "plain"\npath = "{folder}"\n[models.options]\nisq = "auto"\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GATEWAY_MODEL_DIR", str(tmp_path / "dir"))
+    monkeypatch.setenv("GATEWAY_ENGINE", "bundled")  # a CPU build: Q8_0 is its fast type
+    assert main(["check", "--models-file", str(models)]) == 0
+    out = capsys.readouterr().out
+    assert 'in-situ quantization of m: Q8_0 (isq = "auto")' in out and "--isq Q8_0" in out and "--isq auto" not in out

@@ -98,3 +98,37 @@ def test_a_q4_1_file_converted_to_q8_0_keeps_its_weights_and_metadata(tmp_path: 
         b = gguf.quants.dequantize(new.data, new.tensor_type)
         assert np.allclose(a, b, atol=2e-2 * max(1e-6, float(np.abs(a).max()))), old.name  # 8-bit rounding only
     assert not (tmp_path / (name + ".partial")).exists()
+
+
+def test_the_preparer_asks_the_engine_for_the_fast_isq_type_and_says_when_layers_would_fall_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import json
+    import logging
+
+    from gateway.catalog import load_catalog
+    from gateway.engine.preparation import Preparer
+    from gateway.settings import Settings
+
+    for name, hidden in (("odd", 576), ("even", 1024)):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = {"hidden_size": hidden, "intermediate_size": 4 * hidden, "num_attention_heads": 8, "head_dim": 64}
+        (folder / "config.json").write_text(json.dumps(config))
+    models = "".join(
+        f'[[models]]\nid = "{name}"\nkind = "plain"\npath = "{tmp_path / folder}"\n[models.options]\nisq = "{isq}"\n'
+        for name, folder, isq in (("auto", "odd", "auto"), ("odd", "odd", "Q4K"), ("even", "even", "Q4K"))
+    )
+    (tmp_path / "models.toml").write_text(models)
+    catalog = load_catalog(tmp_path / "models.toml", model_dir=tmp_path / "models")
+    preparer = Preparer(Settings(_env_file=None, model_dir=tmp_path / "models"), machine=AVX512)
+    plans = {model.id: (chosen, warning) for model, chosen, warning in preparer.isq_plans(catalog)}
+    assert plans["auto"] == ("Q8_0", None)  # the type the engine is fast with on this CPU
+    assert plans["even"] == ("Q4K", None)
+    chosen, warning = plans["odd"]
+    assert chosen == "Q4K" and warning is not None and "576" in warning and "Q4_1" in warning
+    with caplog.at_level(logging.WARNING, logger="gateway.engine"):
+        prepared = asyncio.run(preparer.prepare(catalog, None))
+    assert {m.id: m.entry.options.isq for m in prepared.models} == {"auto": "Q8_0", "odd": "Q4K", "even": "Q4K"}
+    assert [r.getMessage() for r in caplog.records if "576" in r.getMessage()] == [f"model odd: {warning}"]
