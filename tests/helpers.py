@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -81,6 +82,32 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+HOSTILE_ENGINE = ROOT / "tests" / "fakes" / "hostile_engine.py"
+HOSTILE_MODELS = '[[models]]\nid = "hostile"\nkind = "plain"\nrepo = "org/hostile"\nprefetch = false\n'
+
+
+@contextlib.contextmanager
+def hostile_engine(folder: Path, *, drip: float) -> Iterator[str]:
+    """The hostile engine (tests/fakes/hostile_engine.py) in a process of its own: its URL, for GATEWAY_ENGINE_URL
+    with the models file HOSTILE_MODELS."""
+    port = free_port()
+    log = folder / "hostile-engine.log"
+    with log.open("wb") as out:
+        engine = subprocess.Popen(
+            [sys.executable, str(HOSTILE_ENGINE), str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={"HOSTILE_DRIP": str(drip), "PATH": "/usr/bin:/bin"},
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_serving(engine, url + "/health", log.read_text, 20, "the hostile engine")
+        yield url
+    finally:
+        engine.kill()
+        engine.wait()
 
 
 def pid_alive(pid: int) -> bool:

@@ -2,10 +2,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+if TYPE_CHECKING:
+    from selenium.webdriver.remote.webdriver import WebDriver
+
+from tests import browser as browsers
 from tests.helpers import Gateway, start_gateway
 from tests.inprocess import InProcessGateway, gateway_env
 
@@ -93,3 +97,16 @@ def gateway_processes(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     yield start
     for gateway in started:
         gateway.stop()
+
+
+@pytest.fixture
+def browser() -> Iterator[WebDriver]:
+    """Headless Chromium (tests/browser.py), or the test is skipped saying what is missing."""
+    missing = browsers.available()
+    if missing:
+        pytest.skip(missing)
+    driver = browsers.chromium()
+    try:
+        yield driver
+    finally:
+        driver.quit()

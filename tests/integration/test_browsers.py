@@ -7,7 +7,7 @@ from __future__ import annotations
 import http.server
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import anthropic
@@ -16,7 +16,6 @@ import openai
 import pytest
 from selenium.webdriver.chrome.webdriver import WebDriver
 
-from tests import browser as browsers
 from tests.helpers import Gateway, free_port, wait_for
 
 Start = Callable[..., Gateway]
@@ -149,18 +148,6 @@ ATTACK = """<!doctype html><html><body>
 </script>
 <iframe name="chatframe"></iframe>
 </body></html>"""
-
-
-@pytest.fixture
-def browser() -> Iterator[WebDriver]:
-    missing = browsers.available()
-    if missing:
-        pytest.skip(missing)
-    driver = browsers.chromium()
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def serve_page(folder: Path, html: str) -> tuple[str, http.server.ThreadingHTTPServer]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +28,6 @@ from tests.tinymodels import make_qwen3_gguf
 
 Start = Callable[..., Gateway]
 TWO_SECONDS = 2.0  # the console's promise: an engine's new state shows within this long
-
-
-@pytest.fixture
-def browser() -> Iterator[WebDriver]:
-    missing = browsers.available()
-    if missing:
-        pytest.skip(missing)
-    driver = browsers.chromium()
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def text_of(driver: WebDriver, css: str) -> str:

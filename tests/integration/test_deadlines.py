@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,10 +25,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import ROOT, free_port, wait_serving
+from tests.helpers import HOSTILE_MODELS, hostile_engine
 from tests.inprocess import InProcessGateway, in_process
 
-HOSTILE = ROOT / "tests" / "fakes" / "hostile_engine.py"
 STALL = 0.4  # GATEWAY_STALL_TIMEOUT
 TOTAL = 1.2  # GATEWAY_REQUEST_TIMEOUT
 DRIP = 0.1  # the engine's pace when it drips: several drips fit in a stall, so only a deadline can end a cell
@@ -67,30 +64,15 @@ ROUTES = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages", "ollama
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessGateway]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("hostile") / "engine.log"
-    with log.open("wb") as out:
-        engine = subprocess.Popen(
-            [sys.executable, str(HOSTILE), str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={"HOSTILE_DRIP": str(DRIP), "PATH": "/usr/bin:/bin"},
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_serving(engine, url + "/health", log.read_text, 20, "the hostile engine")
-        toml = '[[models]]\nid = "hostile"\nkind = "plain"\nrepo = "org/hostile"\nprefetch = false\n'
+    with hostile_engine(tmp_path_factory.mktemp("hostile"), drip=DRIP) as url:
         env = {
             "GATEWAY_ENGINE_URL": url,
             "GATEWAY_STALL_TIMEOUT": str(STALL),
             "GATEWAY_REQUEST_TIMEOUT": str(TOTAL),
             "GATEWAY_LOG_LEVEL": "warning",
         }
-        with in_process(tmp_path_factory.mktemp("gateway"), toml, env=env) as gw:
+        with in_process(tmp_path_factory.mktemp("gateway"), HOSTILE_MODELS, env=env) as gw:
             yield gw
-    finally:
-        engine.kill()
-        engine.wait()
 
 
 def _body(dialect: str, behaviour: str, stream: bool) -> dict[str, Any]:

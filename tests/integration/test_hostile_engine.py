@@ -9,8 +9,6 @@ the test's process (test_deadlines.py).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,10 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import ROOT, Gateway, free_port, start_gateway, wait_serving
+from tests.helpers import HOSTILE_MODELS, Gateway, hostile_engine, start_gateway
 from tests.oracle import check_body, check_stream
 
-HOSTILE = ROOT / "tests" / "fakes" / "hostile_engine.py"
 CLIENT_TIMEOUT = 60.0  # far beyond the gateway's own deadlines below: only a gateway that hangs reaches it
 # What each fault gives the client: "ok" (the correct answer) or the HTTP status of an error in OpenAI's shape
 # (for a stream that had begun: a 200 whose last event is that error).
@@ -67,28 +64,11 @@ STREAM: dict[str, str | int] = {
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("hostile") / "engine.log"
-    with log.open("wb") as out:
-        engine = subprocess.Popen(
-            [sys.executable, str(HOSTILE), str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={"HOSTILE_DRIP": "0.5", "PATH": "/usr/bin:/bin"},
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_serving(engine, url + "/health", log.read_text, 20, "the hostile engine")
-        work = tmp_path_factory.mktemp("gateway")
-        toml = '[[models]]\nid = "hostile"\nkind = "plain"\nrepo = "org/hostile"\nprefetch = false\n'
-        gw = start_gateway(
-            work, toml, env={"GATEWAY_ENGINE_URL": url, "GATEWAY_REQUEST_TIMEOUT": "2", "GATEWAY_STALL_TIMEOUT": "2"}
-        )
+    with hostile_engine(tmp_path_factory.mktemp("hostile"), drip=0.5) as url:
+        env = {"GATEWAY_ENGINE_URL": url, "GATEWAY_REQUEST_TIMEOUT": "2", "GATEWAY_STALL_TIMEOUT": "2"}
+        gw = start_gateway(tmp_path_factory.mktemp("gateway"), HOSTILE_MODELS, env=env)
         yield gw
         gw.stop()
-    finally:
-        engine.kill()
-        engine.wait()
 
 
 def ask(gw: Gateway, scenario: str, stream: bool) -> httpx.Response:

@@ -3,7 +3,7 @@
 Each test runs a small TCP server whose answers are scripted byte for byte, so that the cases a general
 server would never produce on demand (a stall after the headers, a connection cut mid-body, an unframed
 body, a malformed status line, bytes after the answer) can be checked. The same faults from a whole engine
-program, through a whole gateway, are in tests/integration/test_hostile_engine.py.
+program, through a whole gateway, are in tests/integration/test_deadlines.py.
 """
 
 from __future__ import annotations
