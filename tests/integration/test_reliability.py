@@ -25,9 +25,9 @@ def chat(text: str, **kw: object) -> dict[str, object]:
 def test_a_stalled_request_is_cut_off_but_an_engine_that_answers_its_health_check_keeps_running(
     gateways: Start,
 ) -> None:
-    gw = gateways(env={"GATEWAY_STALL_TIMEOUT": "3", "GATEWAY_REQUEST_TIMEOUT": "1"})
-    # A chunk a second: well within the stall timeout, and still running while the other requests time out.
-    with httpx.stream("POST", gw.v1 + "/chat/completions", json=chat("slow:10", stream=True), timeout=60) as slow:
+    gw = gateways(env={"GATEWAY_STALL_TIMEOUT": "1", "GATEWAY_REQUEST_TIMEOUT": "5"})
+    # A chunk every 0.3 s: well within the stall timeout, and the whole stream within the request timeout.
+    with httpx.stream("POST", gw.v1 + "/chat/completions", json=chat("slow:3", stream=True), timeout=60) as slow:
         lines = slow.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))  # another stream, running
         with httpx.stream("POST", gw.v1 + "/chat/completions", json=chat("hang", stream=True), timeout=30) as hung:
