@@ -206,7 +206,9 @@ def create_app(
         cors_origins=settings.cors_origins.split(","),
         public_origin=settings.public_url,
     )
-    stack = RequestObserver(stack, metrics=metrics, log_format=settings.log_format, tracker=tracker)
+    stack = RequestObserver(
+        stack, metrics=metrics, log_format=settings.log_format, tracker=tracker, node=settings.node_name
+    )
     stack = TrustedProxies(stack, allow_ips=settings.forwarded_allow_ips)  # instead of uvicorn's (cli.serve)
     return GatewayApp(
         stack, pool=pool, catalog=catalog, serving=serving, relay=relay, events=events, logs=logs, masker=masker

@@ -440,7 +440,11 @@ def serve(settings: Settings) -> int:
         # connection at the moment a proxy or client reuses it (which fails that request).
         timeout_keep_alive=75,
         # A deadline for request heads and a cap on connections (gateway/server.py), on uvicorn's httptools protocol.
-        http=http_protocol(header_timeout=settings.header_timeout, max_connections=settings.max_connections),
+        http=http_protocol(
+            header_timeout=settings.header_timeout,
+            max_connections=settings.max_connections,
+            node=settings.node_name,
+        ),
         # The app reads forwarded headers itself, from GATEWAY_FORWARDED_ALLOW_IPS only (gateway/origin.py).
         proxy_headers=False,
     )

@@ -243,7 +243,11 @@ class InProcessGateway(Gateway):
             log_level="warning",
             access_log=False,
             timeout_keep_alive=75,
-            http=http_protocol(header_timeout=settings.header_timeout, max_connections=settings.max_connections),
+            http=http_protocol(
+                header_timeout=settings.header_timeout,
+                max_connections=settings.max_connections,
+                node=settings.node_name,
+            ),
             proxy_headers=False,
         )
         # Stopped as `mistral-gateway` stops on SIGTERM: draining, ending /events and /logs/stream followers.
