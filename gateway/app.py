@@ -41,7 +41,8 @@ from .errors import EngineUnavailable, GatewayError, MethodNotAllowed, RouteNotF
 from .events import EventBus
 from .http.auth import KeyGuard, load_keys
 from .http.browsers import BrowserGuard, default_hosts
-from .http.health import Health
+from .http.health import Health, Readiness
+from .http.node import ModelScope, Node
 from .http.observer import RequestObserver, loggable
 from .http.openapi import openapi_route
 from .http.proxies import PublicOrigin, TrustedProxies
@@ -173,11 +174,13 @@ def create_app(
     async def serve_metrics(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    readiness = Readiness(pool, draining=lambda: serving.draining)
     routes = [
         *OpenAIRoutes(catalog, intake, serving, images, origin).routes(),
         *AnthropicRoutes(intake, serving).routes(),
         *OllamaRoutes(catalog, intake, serving).routes(),
-        *Health(serving, pool).routes(),
+        *Health(readiness, pool).routes(),
+        *Node(settings.node_name, catalog, pool, readiness).routes(),
         *Operations(catalog, pool, embeddings, events).routes(),
         *Console(tracker, logs).routes(),
         openapi_route(catalog),
@@ -196,10 +199,11 @@ def create_app(
     # API client is better served by a 404 in OpenAI's shape that names the path.
     routed.router.redirect_slashes = False
     # The layers every request crosses, outermost first: trusted proxies -> observer -> browsers (hosts, origins, CORS)
-    # -> key guard -> Starlette.
+    # -> /m/<model>/ -> key guard -> Starlette.
     stack: ASGIApp = routed
     if api_keys or settings.admin_key:  # a layer costs CPU on every request: none when nothing is guarded
         stack = KeyGuard(stack, api_keys=api_keys, admin_key=settings.admin_key)
+    stack = ModelScope(stack, catalog)  # before the guard: a prefixed path is guarded as the path it stands for
     stack = BrowserGuard(
         stack,
         hosts=[*default_hosts(settings.public_url, settings.host), *settings.allowed_hosts.split(",")],
@@ -211,7 +215,15 @@ def create_app(
     )
     stack = TrustedProxies(stack, allow_ips=settings.forwarded_allow_ips)  # instead of uvicorn's (cli.serve)
     return GatewayApp(
-        stack, pool=pool, catalog=catalog, serving=serving, relay=relay, events=events, logs=logs, masker=masker
+        stack,
+        pool=pool,
+        catalog=catalog,
+        serving=serving,
+        relay=relay,
+        events=events,
+        logs=logs,
+        readiness=readiness,
+        masker=masker,
     )
 
 
@@ -228,9 +240,11 @@ class GatewayApp:
         relay: Relay,
         events: EventBus,
         logs: LogHub,
+        readiness: Readiness,
         masker: Masker | None = None,
     ) -> None:
         self.app = app
+        self._readiness = readiness
         self.pool = pool
         self.catalog = catalog
         self.serving = serving
@@ -241,6 +255,11 @@ class GatewayApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
+
+    def announce_shutdown(self) -> None:
+        """SIGTERM, with GATEWAY_SHUTDOWN_NOTICE: say "not ready" (/health, /readyz) while still serving everything,
+        so that routers and load balancers polling them have time to send elsewhere (gateway/http/shutdown.py)."""
+        self._readiness.leave()
 
     def begin_shutdown(self) -> None:
         """SIGTERM: refuse new requests, answer the ones waiting for an engine to start at once, end /events

@@ -450,7 +450,9 @@ def serve(settings: Settings) -> int:
     )
     if masker is not None:  # uvicorn's own handlers, which uvicorn.Config has just installed
         mask_handlers(masker, [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.access")])
-    server = GracefulServer(config, gateway=app, drain_timeout=settings.shutdown_timeout)
+    server = GracefulServer(
+        config, gateway=app, drain_timeout=settings.shutdown_timeout, notice=settings.shutdown_notice
+    )
     try:
         server.run()
     finally:

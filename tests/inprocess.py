@@ -251,7 +251,9 @@ class InProcessGateway(Gateway):
             proxy_headers=False,
         )
         # Stopped as `mistral-gateway` stops on SIGTERM: draining, ending /events and /logs/stream followers.
-        self._server = GracefulServer(config, gateway=self.app, drain_timeout=settings.shutdown_timeout)
+        self._server = GracefulServer(
+            config, gateway=self.app, drain_timeout=settings.shutdown_timeout, notice=settings.shutdown_notice
+        )
         self._thread = threading.Thread(target=self._serve, args=(listener,), name=f"gateway-{port}", daemon=True)
         super().__init__(
             url=f"http://127.0.0.1:{port}",

@@ -218,6 +218,15 @@ class EngineLifecycle:
         return self._in_flight
 
     @property
+    def backing_off(self) -> bool:
+        """Its last start failed and the next may not begin yet: a request for it is answered with the failure."""
+        return self._sm.state is EngineState.FAILED and self._retry_at > self._clock()
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    @property
     def busy(self) -> bool:
         """Requests are talking to the engine (not only waiting for it): it must not be stopped to make room."""
         return self._engaged > 0

@@ -124,6 +124,13 @@ class EnginePool:
     def lifecycle(self, model_id: str) -> EngineLifecycle:
         return self._lifecycles[self._by_model[model_id]]
 
+    def engine_of(self, model_id: str) -> str:
+        return self._by_model[model_id]
+
+    @property
+    def engine_count(self) -> int:
+        return len(self._lifecycles)
+
     def lease(self, model_id: str) -> Lease:
         return self.lifecycle(model_id).lease(model_id)
 
@@ -450,6 +457,11 @@ class EnginePool:
             for name, lifecycle in self._lifecycles.items()
             for model in lifecycle.models
         ]
+
+    def failing(self) -> dict[str, str | None]:
+        """The engines whose last start failed, within their backoff (a request for them fails at once): their
+        errors, by engine."""
+        return {name: lc.last_error for name, lc in self._lifecycles.items() if lc.backing_off}
 
     def capacity(self) -> int:
         """How many models can be warm at once here: those of every engine, an exclusive group's largest member
