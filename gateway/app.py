@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -37,6 +37,7 @@ from .engine.pool import EnginePool
 from .engine.preparation import Preparer
 from .engine.process import ProcessSpawner, SubprocessSpawner
 from .engine.recipes import Machine, engine_on_cpu
+from .engine.telemetry import KvCache
 from .errors import EngineUnavailable, GatewayError, MethodNotAllowed, RouteNotFound
 from .events import EventBus
 from .http.auth import KeyGuard, load_keys
@@ -47,7 +48,7 @@ from .http.observer import RequestObserver, loggable
 from .http.openapi import openapi_route
 from .http.proxies import PublicOrigin, TrustedProxies
 from .masking import Masker, build_masker, gateway_secrets
-from .metrics import Metrics, cache_metrics, download_metrics, engine_metrics
+from .metrics import Metrics, cache_metrics, download_metrics, engine_metrics, model_server_metrics
 from .serving.intake import Intake
 from .serving.limits import PromptLimits
 from .serving.relay import Relay
@@ -129,6 +130,7 @@ def create_app(
             logger=logger,
         )
     upstream = upstream or AiohttpUpstream()
+    kv_cache = KvCache(pool.ready_engines, upstream)
     relay = Relay(
         upstream,
         stall_timeout=settings.stall_timeout,
@@ -150,12 +152,16 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         import asyncio
 
-        background = asyncio.create_task(pool.run(), name="engine-pool")  # idle stoppers, preload
+        background = [
+            asyncio.create_task(pool.run(), name="engine-pool"),  # idle stoppers, preload
+            asyncio.create_task(kv_cache.run(), name="engine-kv-cache"),  # the engines' KV use, while scraped
+        ]
         try:
             yield
         finally:
             serving.start_draining()
-            background.cancel()
+            for task in background:
+                task.cancel()
             await pool.aclose()
             await upstream.aclose()
             if shared is not None:
@@ -170,9 +176,12 @@ def create_app(
             *download_metrics(events.summary()["downloads"]),
         ]
     )
+    metrics.watch(
+        lambda: model_server_metrics(pool.loads(), kv_cache.usage(), pool.capacity(), time.time()), protocol=True
+    )
 
     async def serve_metrics(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     readiness = Readiness(pool, draining=lambda: serving.draining)
     routes = [

@@ -10,8 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -257,6 +258,42 @@ def start_gateway(
         proc.wait()
         raise
     return gateway
+
+
+@contextlib.contextmanager
+def held_streams(
+    gw: Gateway, bodies: Sequence[dict[str, Any]], path: str = "/v1/chat/completions"
+) -> Iterator[list[list[str]]]:
+    """One request per body, each on a socket of its own read by a thread, held open while the block runs: each
+    list fills with the data lines of its answer (Server-Sent Events' ``data:``). Leaving the block closes the
+    sockets still open, as clients that go away (the gateway cancels what they asked)."""
+    lines: list[list[str]] = [[] for _ in bodies]
+    sockets: list[socket.socket] = []
+    host, port = gw.url.removeprefix("http://").split(":")
+
+    def run(body: dict[str, Any], into: list[str]) -> None:
+        payload = json.dumps(body).encode()
+        sock = socket.create_connection((host, int(port)))
+        sockets.append(sock)
+        head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+        sock.sendall(f"{head}content-length: {len(payload)}\r\n\r\n".encode() + payload)
+        with contextlib.suppress(OSError), sock.makefile("rb") as reader:
+            for raw in reader:
+                line = raw.decode().strip()
+                if line.startswith("data: "):  # chunked framing lines never start so
+                    into.append(line[6:])
+
+    threads = [threading.Thread(target=run, args=pair, daemon=True) for pair in zip(bodies, lines, strict=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield lines
+    finally:
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(30)
 
 
 def is_json_prefix(text: str) -> bool:

@@ -458,6 +458,14 @@ class EnginePool:
             for model in lifecycle.models
         ]
 
+    def ready_engines(self) -> dict[str, str]:
+        """The base URL of every engine that is ready, by engine name."""
+        return {
+            name: endpoint.base_url
+            for name, lc in self._lifecycles.items()
+            if lc.ready and (endpoint := lc.endpoint) is not None
+        }
+
     def failing(self) -> dict[str, str | None]:
         """The engines whose last start failed, within their backoff (a request for them fails at once): their
         errors, by engine."""

@@ -3,56 +3,19 @@ the /m/<model>/ prefix, the node's name on every answer, and the shutdown notice
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
-import socket
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import httpx
 
-from tests.helpers import Gateway, wait_for
+from tests.helpers import Gateway, held_streams, wait_for
 
 Start = Callable[..., Gateway]
 
 
 def chat(text: str, model: str = "tiny-chat", **kw: object) -> dict[str, object]:
     return {"model": model, "messages": [{"role": "user", "content": text}], **kw}
-
-
-@contextmanager
-def streams(gw: Gateway, count: int, text: str, model: str = "tiny-chat") -> Iterator[list[list[str]]]:
-    """``count`` streams held open in threads while the block runs (each list fills with its data lines); leaving
-    the block closes those still open, as a client that goes away."""
-    lines: list[list[str]] = [[] for _ in range(count)]
-    sockets: list[socket.socket] = []
-
-    def run(into: list[str]) -> None:
-        body = json.dumps(chat(text, model, stream=True)).encode()
-        host, port = gw.url.removeprefix("http://").split(":")
-        sock = socket.create_connection((host, int(port)))
-        sockets.append(sock)
-        head = f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
-        sock.sendall(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
-        with contextlib.suppress(OSError), sock.makefile("rb") as reader:
-            for raw in reader:
-                line = raw.decode().strip()
-                if line.startswith("data: "):
-                    into.append(line[6:])  # chunked framing lines are skipped: no event starts with "data: "
-
-    threads = [threading.Thread(target=run, args=(into,), daemon=True) for into in lines]
-    for thread in threads:
-        thread.start()
-    try:
-        yield lines
-    finally:
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        for thread in threads:
-            thread.join(30)
 
 
 def test_every_answer_names_the_node_and_the_health_routers_poll_never_starts_an_engine(gateways: Start) -> None:
@@ -71,7 +34,7 @@ def test_every_answer_names_the_node_and_the_health_routers_poll_never_starts_an
 
 def test_get_load_counts_each_models_requests_running_and_waiting_for_a_cold_engine(gateways: Start) -> None:
     gw = gateways(env={"GATEWAY_NODE_NAME": "gw-a"})
-    with streams(gw, 3, "hang"):
+    with held_streams(gw, [chat("hang", stream=True)] * 3):
         wait_for(lambda: httpx.get(gw.url + "/get_load").json()["running"] == 3, 20, "3 streams running")
         load = httpx.get(gw.url + "/get_load").json()
         assert load["load"] == 3 and load["waiting"] == 0 and load["node"] == "gw-a"
@@ -82,7 +45,7 @@ def test_get_load_counts_each_models_requests_running_and_waiting_for_a_cold_eng
         assert httpx.get(gw.url + "/m/tiny-gguf/get_load").json()["load"] == 0
 
     cold = gateways(env={"GATEWAY_STARTUP_TIMEOUT": "600"}, fake_env={"FAKE_ENGINE_NEVER_READY": "1"})
-    with streams(cold, 2, "hi", "tiny-gguf"):
+    with held_streams(cold, [chat("hi", "tiny-gguf", stream=True)] * 2):
         wait_for(lambda: httpx.get(cold.url + "/get_load").json()["waiting"] == 2, 20, "2 requests waiting")
         load = httpx.get(cold.url + "/get_load").json()["models"]["tiny-gguf"]
         assert load == {"engine": "tiny-gguf", "state": "starting", "running": 0, "waiting": 2}
@@ -126,7 +89,7 @@ def test_the_model_prefix_serves_as_the_root_does_and_refuses_a_model_the_node_l
 def test_a_node_given_notice_says_so_serves_on_then_drains_and_exits(gateway_processes: Start) -> None:
     gw = gateway_processes(env={"GATEWAY_SHUTDOWN_NOTICE": "2"})
     assert httpx.post(gw.v1 + "/chat/completions", json=chat("warm"), timeout=30).status_code == 200
-    with streams(gw, 1, "slow:4") as lines:
+    with held_streams(gw, [chat("slow:4", stream=True)]) as lines:
         wait_for(lambda: lines[0], 20, "the stream's first event")
         gw.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: httpx.get(gw.url + "/health").status_code == 503, 10, "/health to say 503")
