@@ -17,6 +17,11 @@ server, under vLLM's names so that their default mapping reads them unconfigured
   starts with no plugin or configuration: running = models whose engine is ready, waiting = models with requests
   waiting for their engine, max_lora = how many models can be warm here at once. Its value is the time of the
   reading, as vLLM writes it (the picker keeps the newest series).
+- ``gateway_requests_waiting``, ``gateway_requests_running`` (every model's, summed) and
+  ``gateway_kv_cache_usage_ratio`` (the highest among the engines that report one): the node as one server, for
+  a picker in front of a pool of gateways that all serve the same models. Its metric specs name one series per
+  server, and a node has one per model; deploy/kubernetes/inference-extension maps its queue, running and KV specs
+  to these, and its LoRA spec to the warm models above.
 
 An endpoint picker scrapes every server 20 times a second, so /metrics must stay cheap: :meth:`Metrics.render`
 writes the model-server gauges at every scrape (a few lines a model), and the ``gateway_*`` families (histograms
@@ -207,5 +212,15 @@ def model_server_metrics(
         labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
     )
     lora.add_metric([str(capacity), warm, queued], now)
-    reported = [kv, gpu] if kv.samples else []  # no engine reports its KV cache: no family, not an empty one
-    return [waiting, running, *reported, lora]
+    node_waiting = GaugeMetricFamily("gateway_requests_waiting", "Requests waiting for their engine, every model's.")
+    node_waiting.add_metric([], sum(load.waiting for load in loads))
+    node_running = GaugeMetricFamily("gateway_requests_running", "Requests being answered, every model's.")
+    node_running.add_metric([], sum(load.running for load in loads))
+    node_kv = GaugeMetricFamily(
+        "gateway_kv_cache_usage_ratio", "The highest KV-cache use, 0 to 1, among the engines that report one."
+    )
+    if kv_usage:
+        node_kv.add_metric([], max(kv_usage.values()))
+    # No engine reports its KV cache: no family, not an empty one (nor a 0).
+    reported = [kv, gpu, node_kv] if kv.samples else []
+    return [waiting, running, *reported, lora, node_waiting, node_running]

@@ -134,6 +134,7 @@ class Node:
         info: dict[str, Any] = {"node": self._name, "version": __version__, "dp_size": 1}
         if scoped is None:
             info["models"] = [model.id for model in self._catalog.models]
+            info["aliases"] = {alias: model.id for model in self._catalog.models for alias in model.entry.aliases}
             info["default_model"] = self._catalog.default_model
             if len(self._catalog.models) != 1:
                 return JSONResponse(info)

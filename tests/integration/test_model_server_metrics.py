@@ -60,6 +60,8 @@ def scrape(gw: Gateway) -> dict[str, dict[str, Any]]:
             families[family.name] = {**labels, "value": value}
         elif family.name.startswith("vllm:"):
             families[family.name] = {s.labels["model_name"]: s.value for s in family.samples}
+        elif family.name in ("gateway_requests_waiting", "gateway_requests_running", "gateway_kv_cache_usage_ratio"):
+            families[family.name] = {"node": family.samples[0].value}
     return families
 
 
@@ -95,6 +97,10 @@ def test_every_gauge_agrees_with_the_gateways_counts_and_the_engines_reports_und
             lora = families["vllm:lora_requests_info"]
             assert (lora["running_lora_adapters"], lora["waiting_lora_adapters"]) == ("alpha,gamma", "beta")
             assert lora["max_lora"] == "2"  # alpha or beta, and gamma
+            # The node as one server: every model's requests, its busiest engine's KV cache.
+            assert families["gateway_requests_running"] == {"node": 3}
+            assert families["gateway_requests_waiting"] == {"node": 2}
+            assert families["gateway_kv_cache_usage_ratio"] == {"node": used}
         # alpha's clients gone: beta is swapped in and its requests answered.
         wait_for(lambda: all(lines and lines[-1] == "[DONE]" for lines in waiting), 20, "beta's answers")
     wait_for(lambda: httpx.get(gw.url + "/get_load").json()["load"] == 0, 20, "every request to be released")
@@ -118,5 +124,7 @@ def test_without_a_kv_cache_report_there_is_no_kv_gauge_not_a_zero(gateways: Sta
         for _ in range(3):  # a reading is asked for, made, and still says nothing
             families = scrape(gw)
         assert families["vllm:num_requests_running"]["tiny-chat"] == 1
-        assert "vllm:kv_cache_usage_perc" not in families and "vllm:gpu_cache_usage_perc" not in families
+        assert not {"vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "gateway_kv_cache_usage_ratio"} & set(
+            families
+        )
         assert families["vllm:lora_requests_info"]["running_lora_adapters"] == "tiny-chat"

@@ -59,6 +59,7 @@ def test_server_and_model_info_in_sglangs_shapes_for_the_node_and_for_each_model
     assert node["node"] == "gw-a" and node["dp_size"] == 1 and node["default_model"] == "tiny-chat"
     assert node["models"] == ["tiny-chat", "tiny-gguf", "tiny-embed", "tiny-flux", "tiny-speech"]
     assert "served_model_name" not in node  # a node of several models names none of them as if it were the only one
+    assert node["aliases"] == {"gpt-4o-mini": "tiny-chat"}
     assert httpx.get(gw.url + "/get_server_info").json() == node
 
     alias = httpx.get(gw.url + "/m/gpt-4o-mini/server_info").json()

@@ -53,6 +53,13 @@ def test_requests_by_model_and_the_kv_cache_only_where_an_engine_reports_it() ->
     }
 
 
+def test_the_node_as_one_server_every_models_requests_and_its_busiest_kv_cache() -> None:
+    families = scraped({"alpha": 0.25, "pair": 0.5})
+    assert families["gateway_requests_running"] == {(): 3} and families["gateway_requests_waiting"] == {(): 2}
+    assert families["gateway_kv_cache_usage_ratio"] == {(): 0.5}
+    assert "gateway_kv_cache_usage_ratio" not in scraped({})
+
+
 def test_warm_models_are_the_running_adapters_the_picker_scores() -> None:
     ((labels, value),) = scraped({})["vllm:lora_requests_info"].items()
     assert dict(labels) == {"max_lora": "3", "running_lora_adapters": "alpha", "waiting_lora_adapters": "beta"}
