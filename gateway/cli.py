@@ -48,6 +48,26 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("action", choices=["ps", "load", "unload"])
     models.add_argument("model", nargs="?", metavar="ID", help="the model to load or unload")
     models.add_argument("--url", help="the gateway's URL (default: from GATEWAY_HOST and GATEWAY_PORT)")
+    routers = sub.add_parser(
+        "routers", help="write the configuration of a router in front of several gateways (docs/scale-out.md)"
+    )
+    routers.add_argument("router", choices=["vllm-router", "litellm"])
+    routers.add_argument(
+        "--node",
+        action="append",
+        required=True,
+        metavar="URL[=MODELS_FILE]",
+        help="a gateway, asked what it serves (URL/server_info), or read from its models file; once per node",
+    )
+    routers.add_argument(
+        "--api-key", action="store_true", help="the nodes want an API key: the router sends $GATEWAY_API_KEY"
+    )
+    routers.add_argument(
+        "--router-url", default="http://127.0.0.1:30000", help="vllm-router: where it runs (default %(default)s)"
+    )
+    routers.add_argument(
+        "--register", action="store_true", help="vllm-router: register the nodes with the router now, not print them"
+    )
     # The same flags before or after the subcommand. A subcommand's defaults are SUPPRESS, so that
     # `mistral-gateway --port 9000 serve` keeps 9000 instead of the subparser resetting it to None.
     for p in (parser, serve, check, pull, convert):
@@ -93,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return engine_command(settings, args.action, args.url)
         if args.command == "models":
             return models_command(settings, args.action, args.model, args.url)
+        if args.command == "routers":
+            return routers_command(settings, args)
         return serve(settings)
     except ConfigError as exc:
         print(f"mistral-gateway: configuration error: {exc}", file=sys.stderr)
@@ -371,6 +393,28 @@ def models_command(settings: Settings, action: str, model: str | None, url: str 
     if body is None:
         return 1
     print(json.dumps(body, indent=2))
+    return 0
+
+
+def routers_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`mistral-gateway routers vllm-router|litellm --node ...`: a router's configuration for these gateways."""
+    import httpx
+
+    from .fleet import litellm, nodes, vllm_router
+
+    with httpx.Client(timeout=10) as client:
+        fleet = [nodes.parse(spec, model_dir=settings.model_dir, client=client) for spec in args.node]
+        if args.router == "litellm":
+            print(litellm.config(fleet, api_key=args.api_key), end="")
+        elif args.register:
+            failed = vllm_router.register(fleet, args.router_url, client=client)
+            for line in failed:
+                print(f"mistral-gateway: could not register {line}", file=sys.stderr)
+            registered = len(vllm_router.workers(fleet)) - len(failed)
+            print(f"registered {registered} (node, model) pairs with {args.router_url}")
+            return 1 if failed else 0
+        else:
+            print(vllm_router.script(fleet, router=args.router_url, api_key=args.api_key), end="")
     return 0
 
 
