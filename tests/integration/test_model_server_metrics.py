@@ -77,9 +77,9 @@ def test_every_gauge_agrees_with_the_gateways_counts_and_the_engines_reports_und
     gw = gateways(TOML)
     assert httpx.post(gw.v1 + "/chat/completions", json={**chat("warm", "gamma"), "stream": False}).status_code == 200
     with contextlib.ExitStack() as answered_later:
-        with held_streams(gw, [chat("hang", "alpha")] * 3):
+        with held_streams(gw.url, [chat("hang", "alpha")] * 3):
             wait_for(lambda: own_counts(gw)["vllm:num_requests_running"]["alpha"] == 3, 20, "alpha's streams to run")
-            waiting = answered_later.enter_context(held_streams(gw, [chat("hi", "beta")] * 2))
+            waiting = answered_later.enter_context(held_streams(gw.url, [chat("hi", "beta")] * 2))
             wait_for(lambda: own_counts(gw)["vllm:num_requests_waiting"]["beta"] == 2, 20, "beta's requests to wait")
             # The engines' KV-cache reports arrive in the background, at most a second after a scrape asks.
             used = 3 * KV_BLOCKS_PER_SEQUENCE / KV_BLOCKS_TOTAL
@@ -102,7 +102,8 @@ def test_every_gauge_agrees_with_the_gateways_counts_and_the_engines_reports_und
             assert families["gateway_requests_waiting"] == {"node": 2}
             assert families["gateway_kv_cache_usage_ratio"] == {"node": used}
         # alpha's clients gone: beta is swapped in and its requests answered.
-        wait_for(lambda: all(lines and lines[-1] == "[DONE]" for lines in waiting), 20, "beta's answers")
+        wait_for(lambda: all(stream.complete for stream in waiting), 20, "beta's answers")
+        assert all(stream.lines[-1] == "[DONE]" for stream in waiting)
     wait_for(lambda: httpx.get(gw.url + "/get_load").json()["load"] == 0, 20, "every request to be released")
     families = scrape(gw)
     assert (
@@ -119,7 +120,7 @@ def test_every_gauge_agrees_with_the_gateways_counts_and_the_engines_reports_und
 
 def test_without_a_kv_cache_report_there_is_no_kv_gauge_not_a_zero(gateways: Start) -> None:
     gw = gateways()  # engines without PagedAttention report no KV cache, as mistral.rs on a CPU
-    with held_streams(gw, [chat("hang", "tiny-chat")]):
+    with held_streams(gw.url, [chat("hang", "tiny-chat")]):
         wait_for(lambda: own_counts(gw)["vllm:num_requests_running"]["tiny-chat"] == 1, 20, "the stream to run")
         for _ in range(3):  # a reading is asked for, made, and still says nothing
             families = scrape(gw)

@@ -34,7 +34,7 @@ def test_every_answer_names_the_node_and_the_health_routers_poll_never_starts_an
 
 def test_get_load_counts_each_models_requests_running_and_waiting_for_a_cold_engine(gateways: Start) -> None:
     gw = gateways(env={"GATEWAY_NODE_NAME": "gw-a"})
-    with held_streams(gw, [chat("hang", stream=True)] * 3):
+    with held_streams(gw.url, [chat("hang", stream=True)] * 3):
         wait_for(lambda: httpx.get(gw.url + "/get_load").json()["running"] == 3, 20, "3 streams running")
         load = httpx.get(gw.url + "/get_load").json()
         assert load["load"] == 3 and load["waiting"] == 0 and load["node"] == "gw-a"
@@ -45,7 +45,7 @@ def test_get_load_counts_each_models_requests_running_and_waiting_for_a_cold_eng
         assert httpx.get(gw.url + "/m/tiny-gguf/get_load").json()["load"] == 0
 
     cold = gateways(env={"GATEWAY_STARTUP_TIMEOUT": "600"}, fake_env={"FAKE_ENGINE_NEVER_READY": "1"})
-    with held_streams(cold, [chat("hi", "tiny-gguf", stream=True)] * 2):
+    with held_streams(cold.url, [chat("hi", "tiny-gguf", stream=True)] * 2):
         wait_for(lambda: httpx.get(cold.url + "/get_load").json()["waiting"] == 2, 20, "2 requests waiting")
         load = httpx.get(cold.url + "/get_load").json()["models"]["tiny-gguf"]
         assert load == {"engine": "tiny-gguf", "state": "starting", "running": 0, "waiting": 2}
@@ -90,15 +90,16 @@ def test_the_model_prefix_serves_as_the_root_does_and_refuses_a_model_the_node_l
 def test_a_node_given_notice_says_so_serves_on_then_drains_and_exits(gateway_processes: Start) -> None:
     gw = gateway_processes(env={"GATEWAY_SHUTDOWN_NOTICE": "2"})
     assert httpx.post(gw.v1 + "/chat/completions", json=chat("warm"), timeout=30).status_code == 200
-    with held_streams(gw, [chat("slow:4", stream=True)]) as lines:
-        wait_for(lambda: lines[0], 20, "the stream's first event")
+    with held_streams(gw.url, [chat("slow:4", stream=True)]) as (stream,):
+        wait_for(lambda: stream.lines, 20, "the stream's first event")
         gw.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: httpx.get(gw.url + "/health").status_code == 503, 10, "/health to say 503")
         assert httpx.get(gw.url + "/readyz").json() == {"status": "draining"}
         late = httpx.post(gw.v1 + "/chat/completions", json=chat("still here"), timeout=30)
         assert late.status_code == 200  # a router that has not looked yet still gets its answer
-        wait_for(lambda: lines[0][-1] == "[DONE]", 30, "the stream in flight to finish")
+        wait_for(lambda: stream.complete, 30, "the stream in flight to finish")
     assert gw.proc.wait(30) == -signal.SIGTERM  # uvicorn ends as the signal asked, once it has shut down
     assert "Finished server process" in gw.log()
-    text = "".join(json.loads(line)["choices"][0]["delta"].get("content") or "" for line in lines[0][:-1])
+    assert stream.lines[-1] == "[DONE]"
+    text = "".join(json.loads(line)["choices"][0]["delta"].get("content") or "" for line in stream.lines[:-1])
     assert text == " ".join(f"w{i}" for i in range(10))
