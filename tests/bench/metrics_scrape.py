@@ -73,9 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         for model in ("tiny-chat", "tiny-gguf"):
             body = {"model": model, "messages": [{"role": "user", "content": "warm"}]}
             assert client.post(gw.v1 + "/chat/completions", json=body).status_code == 200
-        text = client.get(gw.url + "/metrics").text
-        kinds = sorted({line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("vllm:")})
-        print(f"/metrics: {len(text)} bytes, {len(text.splitlines())} lines; model-server gauges: {', '.join(kinds)}")
         pid = gw.proc.pid
 
         def phase(name: str, scrape_every: float | None) -> tuple[float, float, int]:
@@ -103,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
         idle, idle_engines, _ = phase("idle", None)
         rate, rate_engines, scrapes = phase(f"{args.rate:g}/s", 1 / args.rate)
+        text = client.get(gw.url + "/metrics").text
+        kinds = sorted({line.split("{")[0].split(" ")[0] for line in text.splitlines() if line.startswith("vllm:")})
+        print(f"/metrics: {len(text)} bytes, {len(text.splitlines())} lines; model-server gauges: {', '.join(kinds)}")
         _, _, fast = phase("back-to-back", 0.0)
         print(
             f"scraping {args.rate:g} times a second costs the gateway {100 * (rate - idle):.2f} % of a core over idle "
