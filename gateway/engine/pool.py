@@ -91,6 +91,7 @@ class EnginePool:
         self._draining: set[str] = set()  # engines of exclusive groups about to be swapped out
         self._shutdown: list[asyncio.Task[None]] = []
         self._growth: dict[str, asyncio.Future[None]] = {}  # a memory check of an engine that just went idle
+        self._capacity: tuple[float, int] | None = None  # when it was counted, and how many models
         if settings.engine_url:  # one engine, not ours, serving every model
             self._units: dict[str, Unit] = {ADOPTED: Unit(ADOPTED, catalog.models)}
         else:
@@ -474,7 +475,15 @@ class EnginePool:
     def capacity(self) -> int:
         """How many models can be warm at once here: those of every engine, an exclusive group's largest member
         only, and under a memory budget only as many engines as fit in it side by side (smallest first; one whose
-        size is not known yet counts as fitting)."""
+        size is not known yet counts as fitting). Under a budget, sizes may come from the model files on disk:
+        the answer is reused for a second (a scraper asks 20 times a second)."""
+        now = self._clock()
+        if self._capacity is not None and now - self._capacity[0] < 1.0:
+            return self._capacity[1]
+        self._capacity = now, self._count_capacity()
+        return self._capacity[1]
+
+    def _count_capacity(self) -> int:
         largest: dict[str, Unit] = {}
         for unit in self._units.values():
             key = unit.exclusive or f"\0{unit.name}"  # a unit alone is a group of one

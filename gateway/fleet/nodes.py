@@ -43,7 +43,10 @@ def parse(spec: str, *, model_dir: Path, client: httpx.Client | None = None) -> 
         catalog = load_catalog(Path(models_file).expanduser(), model_dir=model_dir)
         names = {name: model.id for model in catalog.models for name in (model.id, *model.entry.aliases)}
         return Node(url, default_name, names)
-    return _ask(url, default_name, client or httpx.Client(timeout=10))
+    if client is not None:
+        return _ask(url, default_name, client)
+    with httpx.Client(timeout=10) as own:
+        return _ask(url, default_name, own)
 
 
 def _ask(url: str, default_name: str, client: httpx.Client) -> Node:

@@ -28,6 +28,7 @@ Every answer of the node carries its name (``x-gateway-node``: gateway/http/obse
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -70,15 +71,15 @@ class ModelScope:
         while cut > 0 and not (rest[:cut] in self._names and (cut == len(rest) or rest[cut] == "/")):
             cut = rest.rfind("/", 0, cut)
         if cut <= 0:
-            name = rest.split("/", 1)[0]
+            name, _, after = rest.partition("/")
             error = ModelNotFound(f"This node does not serve the model '{name}'.", param="model")
-            await error_response(error, "/v1/models")(scope, receive, send)
+            await error_response(error, "/" + after)(scope, receive, send)  # in the dialect of the route asked for
             return
         name, tail = rest[:cut], rest[cut:] or "/"
         scope.setdefault("state", {})[_SCOPED] = name
         # A new scope for what follows; the state dict stays shared, so what the app notes (the model, the
         # request's record) still reaches the request log, which shows the path as it was sent.
-        inner = {**scope, "path": tail, "raw_path": tail.encode(), "root_path": scope.get("root_path", "")}
+        inner = {**scope, "path": tail, "raw_path": quote(tail).encode()}
         await self.app(inner, receive, send)
 
 

@@ -84,6 +84,8 @@ def test_the_model_prefix_serves_as_the_root_does_and_refuses_a_model_the_node_l
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "echo: prefixed"
     missing = httpx.get(gw.url + "/m/gamma/health")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    ollama = httpx.post(gw.url + "/m/gamma/api/chat", json={}, headers=key)
+    assert ollama.status_code == 404 and isinstance(ollama.json()["error"], str)  # in the dialect asked for
     listed = httpx.get(gw.url + "/m/gpt-4o-mini/v1/models", headers=key).json()["data"]
     assert [card["id"] for card in listed] == ["gpt-4o-mini"]  # what a router asks a server of one model
 
