@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a gateway, asked what it serves (URL/server_info), or read from its models file; once per node",
     )
     routers.add_argument(
-        "--api-key", action="store_true", help="the nodes want an API key: the router sends $GATEWAY_API_KEY"
+        "--api-key", action="store_true", help="the nodes want an API key: the router sends $NODE_API_KEY"
     )
     routers.add_argument(
         "--router-url", default="http://127.0.0.1:30000", help="vllm-router: where it runs (default %(default)s)"

@@ -22,9 +22,9 @@ from .nodes import Node
 
 
 def config(nodes: Sequence[Node], *, api_key: bool = False) -> str:
-    """The proxy's config.yaml. ``api_key``: the nodes want one, taken from $GATEWAY_API_KEY; otherwise a
+    """The proxy's config.yaml. ``api_key``: the nodes want one, taken from $NODE_API_KEY; otherwise a
     placeholder, since LiteLLM's OpenAI client insists on some key."""
-    key = "os.environ/GATEWAY_API_KEY" if api_key else "unused"
+    key = "os.environ/NODE_API_KEY" if api_key else "unused"
     lines = [
         "# LiteLLM proxy in front of mistral-gateway nodes (docs/scale-out.md); written by `mistral-gateway routers "
         "litellm`.",

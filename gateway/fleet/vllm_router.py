@@ -41,11 +41,11 @@ def workers(nodes: Sequence[Node]) -> list[dict[str, str]]:
 
 def command(*, host: str = "0.0.0.0", port: int = 30000, api_key: bool = False) -> list[str]:
     """The router's command line (its servers are registered once it runs). ``api_key``: the nodes want one, taken
-    from $GATEWAY_API_KEY."""
+    from $NODE_API_KEY."""
     argv = ["vllm-router", "--enable-igw", "--host", host, "--port", str(port), "--policy", POLICY]
     argv += ["--health-check-interval-secs", str(HEALTH_INTERVAL)]
     if api_key:
-        argv += ["--api-key", "$GATEWAY_API_KEY"]
+        argv += ["--api-key", "$NODE_API_KEY"]
     return argv
 
 

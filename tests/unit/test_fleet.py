@@ -64,7 +64,7 @@ def test_vllm_router_registers_each_node_once_per_model_under_its_prefix() -> No
     posts = [line for line in script.splitlines() if line.startswith("curl ")]
     assert [json.loads(shlex.split(line)[-1]) for line in posts] == vllm_router.workers([ONE, TWO])
     assert "ROUTER=${ROUTER:-http://router:31000}" in script
-    assert "--api-key $GATEWAY_API_KEY" in vllm_router.script([ONE], api_key=True)
+    assert "--api-key $NODE_API_KEY" in vllm_router.script([ONE], api_key=True)
 
 
 def test_vllm_router_registration_reports_what_the_router_refused() -> None:
@@ -99,7 +99,7 @@ def test_litellm_gets_one_deployment_per_node_and_model_name() -> None:
     assert config["router_settings"]["routing_strategy"] == "simple-shuffle"
     assert config["general_settings"] == {"background_health_checks": False}
     keys = {d["litellm_params"]["api_key"] for d in yaml.safe_load(litellm.config([ONE], api_key=True))["model_list"]}
-    assert keys == {"os.environ/GATEWAY_API_KEY"}
+    assert keys == {"os.environ/NODE_API_KEY"}
 
 
 def test_the_command_writes_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
