@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -37,16 +37,18 @@ from .engine.pool import EnginePool
 from .engine.preparation import Preparer
 from .engine.process import ProcessSpawner, SubprocessSpawner
 from .engine.recipes import Machine, engine_on_cpu
+from .engine.telemetry import KvCache
 from .errors import EngineUnavailable, GatewayError, MethodNotAllowed, RouteNotFound
 from .events import EventBus
 from .http.auth import KeyGuard, load_keys
 from .http.browsers import BrowserGuard, default_hosts
-from .http.health import Health
+from .http.health import Health, Readiness
+from .http.node import ModelScope, Node
 from .http.observer import RequestObserver, loggable
 from .http.openapi import openapi_route
 from .http.proxies import PublicOrigin, TrustedProxies
 from .masking import Masker, build_masker, gateway_secrets
-from .metrics import Metrics, cache_metrics, download_metrics, engine_metrics
+from .metrics import Metrics, cache_metrics, download_metrics, engine_metrics, model_server_metrics
 from .serving.intake import Intake
 from .serving.limits import PromptLimits
 from .serving.relay import Relay
@@ -128,6 +130,7 @@ def create_app(
             logger=logger,
         )
     upstream = upstream or AiohttpUpstream()
+    kv_cache = KvCache(pool.ready_engines, upstream)
     relay = Relay(
         upstream,
         stall_timeout=settings.stall_timeout,
@@ -149,12 +152,16 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         import asyncio
 
-        background = asyncio.create_task(pool.run(), name="engine-pool")  # idle stoppers, preload
+        background = [
+            asyncio.create_task(pool.run(), name="engine-pool"),  # idle stoppers, preload
+            asyncio.create_task(kv_cache.run(), name="engine-kv-cache"),  # the engines' KV use, while scraped
+        ]
         try:
             yield
         finally:
             serving.start_draining()
-            background.cancel()
+            for task in background:
+                task.cancel()
             await pool.aclose()
             await upstream.aclose()
             if shared is not None:
@@ -169,15 +176,20 @@ def create_app(
             *download_metrics(events.summary()["downloads"]),
         ]
     )
+    metrics.watch(
+        lambda: model_server_metrics(pool.loads(), kv_cache.usage(), pool.capacity(), time.time()), protocol=True
+    )
 
     async def serve_metrics(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    readiness = Readiness(pool, draining=lambda: serving.draining)
     routes = [
         *OpenAIRoutes(catalog, intake, serving, images, origin).routes(),
         *AnthropicRoutes(intake, serving).routes(),
         *OllamaRoutes(catalog, intake, serving).routes(),
-        *Health(serving, pool).routes(),
+        *Health(readiness, pool).routes(),
+        *Node(settings.node_name, catalog, pool, readiness).routes(),
         *Operations(catalog, pool, embeddings, events).routes(),
         *Console(tracker, logs).routes(),
         openapi_route(catalog),
@@ -196,20 +208,31 @@ def create_app(
     # API client is better served by a 404 in OpenAI's shape that names the path.
     routed.router.redirect_slashes = False
     # The layers every request crosses, outermost first: trusted proxies -> observer -> browsers (hosts, origins, CORS)
-    # -> key guard -> Starlette.
+    # -> /m/<model>/ -> key guard -> Starlette.
     stack: ASGIApp = routed
     if api_keys or settings.admin_key:  # a layer costs CPU on every request: none when nothing is guarded
         stack = KeyGuard(stack, api_keys=api_keys, admin_key=settings.admin_key)
+    stack = ModelScope(stack, catalog)  # before the guard: a prefixed path is guarded as the path it stands for
     stack = BrowserGuard(
         stack,
         hosts=[*default_hosts(settings.public_url, settings.host), *settings.allowed_hosts.split(",")],
         cors_origins=settings.cors_origins.split(","),
         public_origin=settings.public_url,
     )
-    stack = RequestObserver(stack, metrics=metrics, log_format=settings.log_format, tracker=tracker)
+    stack = RequestObserver(
+        stack, metrics=metrics, log_format=settings.log_format, tracker=tracker, node=settings.node_name
+    )
     stack = TrustedProxies(stack, allow_ips=settings.forwarded_allow_ips)  # instead of uvicorn's (cli.serve)
     return GatewayApp(
-        stack, pool=pool, catalog=catalog, serving=serving, relay=relay, events=events, logs=logs, masker=masker
+        stack,
+        pool=pool,
+        catalog=catalog,
+        serving=serving,
+        relay=relay,
+        events=events,
+        logs=logs,
+        readiness=readiness,
+        masker=masker,
     )
 
 
@@ -226,9 +249,11 @@ class GatewayApp:
         relay: Relay,
         events: EventBus,
         logs: LogHub,
+        readiness: Readiness,
         masker: Masker | None = None,
     ) -> None:
         self.app = app
+        self._readiness = readiness
         self.pool = pool
         self.catalog = catalog
         self.serving = serving
@@ -239,6 +264,11 @@ class GatewayApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
+
+    def announce_shutdown(self) -> None:
+        """SIGTERM, with GATEWAY_SHUTDOWN_NOTICE: say "not ready" (/health, /readyz) while still serving everything,
+        so that routers and load balancers polling them have time to send elsewhere (gateway/http/shutdown.py)."""
+        self._readiness.leave()
 
     def begin_shutdown(self) -> None:
         """SIGTERM: refuse new requests, answer the ones waiting for an engine to start at once, end /events

@@ -48,6 +48,26 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("action", choices=["ps", "load", "unload"])
     models.add_argument("model", nargs="?", metavar="ID", help="the model to load or unload")
     models.add_argument("--url", help="the gateway's URL (default: from GATEWAY_HOST and GATEWAY_PORT)")
+    routers = sub.add_parser(
+        "routers", help="write the configuration of a router in front of several gateways (docs/scale-out.md)"
+    )
+    routers.add_argument("router", choices=["vllm-router", "litellm"])
+    routers.add_argument(
+        "--node",
+        action="append",
+        required=True,
+        metavar="URL[=MODELS_FILE]",
+        help="a gateway, asked what it serves (URL/server_info), or read from its models file; once per node",
+    )
+    routers.add_argument(
+        "--api-key", action="store_true", help="the nodes want an API key: the router sends $NODE_API_KEY"
+    )
+    routers.add_argument(
+        "--router-url", default="http://127.0.0.1:30000", help="vllm-router: where it runs (default %(default)s)"
+    )
+    routers.add_argument(
+        "--register", action="store_true", help="vllm-router: register the nodes with the router now, not print them"
+    )
     # The same flags before or after the subcommand. A subcommand's defaults are SUPPRESS, so that
     # `mistral-gateway --port 9000 serve` keeps 9000 instead of the subparser resetting it to None.
     for p in (parser, serve, check, pull, convert):
@@ -93,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return engine_command(settings, args.action, args.url)
         if args.command == "models":
             return models_command(settings, args.action, args.model, args.url)
+        if args.command == "routers":
+            return routers_command(settings, args)
         return serve(settings)
     except ConfigError as exc:
         print(f"mistral-gateway: configuration error: {exc}", file=sys.stderr)
@@ -374,6 +396,28 @@ def models_command(settings: Settings, action: str, model: str | None, url: str 
     return 0
 
 
+def routers_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`mistral-gateway routers vllm-router|litellm --node ...`: a router's configuration for these gateways."""
+    import httpx
+
+    from .fleet import litellm, nodes, vllm_router
+
+    with httpx.Client(timeout=10) as client:
+        fleet = [nodes.parse(spec, model_dir=settings.model_dir, client=client) for spec in args.node]
+        if args.router == "litellm":
+            print(litellm.config(fleet, api_key=args.api_key), end="")
+        elif args.register:
+            failed = vllm_router.register(fleet, args.router_url, client=client)
+            for line in failed:
+                print(f"mistral-gateway: could not register {line}", file=sys.stderr)
+            registered = len(vllm_router.workers(fleet)) - len(failed)
+            print(f"registered {registered} (node, model) pairs with {args.router_url}")
+            return 1 if failed else 0
+        else:
+            print(vllm_router.script(fleet, router=args.router_url, api_key=args.api_key), end="")
+    return 0
+
+
 def models_table(status: dict[str, Any]) -> str:
     """`models ps`: one line per model, as `ollama ps` shows them, and the memory budget."""
     rows = [("MODEL", "ENGINE", "STATE", "PID", "MEMORY", "IN FLIGHT", "IDLE STOP IN")]
@@ -440,13 +484,19 @@ def serve(settings: Settings) -> int:
         # connection at the moment a proxy or client reuses it (which fails that request).
         timeout_keep_alive=75,
         # A deadline for request heads and a cap on connections (gateway/server.py), on uvicorn's httptools protocol.
-        http=http_protocol(header_timeout=settings.header_timeout, max_connections=settings.max_connections),
+        http=http_protocol(
+            header_timeout=settings.header_timeout,
+            max_connections=settings.max_connections,
+            node=settings.node_name,
+        ),
         # The app reads forwarded headers itself, from GATEWAY_FORWARDED_ALLOW_IPS only (gateway/origin.py).
         proxy_headers=False,
     )
     if masker is not None:  # uvicorn's own handlers, which uvicorn.Config has just installed
         mask_handlers(masker, [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.access")])
-    server = GracefulServer(config, gateway=app, drain_timeout=settings.shutdown_timeout)
+    server = GracefulServer(
+        config, gateway=app, drain_timeout=settings.shutdown_timeout, notice=settings.shutdown_notice
+    )
     try:
         server.run()
     finally:

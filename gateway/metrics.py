@@ -1,23 +1,62 @@
 """The gateway's Prometheus metrics: a registry of its own, the request metrics the HTTP observer counts, and what
-the engine pool, the embedding cache and the downloads report at scrape time."""
+the engine pool, the embedding cache and the downloads report at scrape time.
+
+Besides its own ``gateway_*`` metrics, the gateway speaks the model-server metrics protocol that the Kubernetes
+Gateway API Inference Extension's endpoint picker (and llm-d's, and vLLM's production stack) scrape from every
+server, under vLLM's names so that their default mapping reads them unconfigured (:func:`model_server_metrics`):
+
+- ``vllm:num_requests_waiting{model_name}``: requests waiting for their model's engine (to start, for room,
+  behind a swap); ``vllm:num_requests_running{model_name}``: the others being answered. Both come from the leases
+  of the engine pool (gateway/engine/lifecycle.py), the same counts as /get_load's, one series per model.
+- ``vllm:kv_cache_usage_perc{model_name}`` and its older name ``vllm:gpu_cache_usage_perc`` (production-stack,
+  GAIE <= 1.0): 0 to 1, only for the models whose engine reports its KV cache (gateway/engine/telemetry.py); for the
+  others the series is absent, not 0.
+- ``vllm:lora_requests_info{running_lora_adapters, waiting_lora_adapters, max_lora}``: which models are warm here.
+  The picker already scores it (its LoRA-affinity scorer prefers the servers where the requested "adapter" runs,
+  then those with room for one more), so warm models as its "running adapters" steer requests away from cold
+  starts with no plugin or configuration: running = models whose engine is ready, waiting = models with requests
+  waiting for their engine, max_lora = how many models can be warm here at once. Its value is the time of the
+  reading, as vLLM writes it (the picker keeps the newest series).
+- ``gateway_requests_waiting``, ``gateway_requests_running`` (every model's, summed) and
+  ``gateway_kv_cache_usage_ratio`` (the highest among the engines that report one): the node as one server, for
+  a picker in front of a pool of gateways that all serve the same models. Its metric specs name one series per
+  server, and a node has one per model; deploy/kubernetes/inference-extension maps its queue, running and KV specs
+  to these, and its LoRA spec to the warm models above.
+
+An endpoint picker scrapes every server 20 times a second, so /metrics must stay cheap: :meth:`Metrics.render`
+writes the model-server gauges at every scrape (a few lines a model), and the ``gateway_*`` families (histograms
+by route: hundreds of lines, the bulk of the cost) at most once per ``SETTLE`` seconds, reusing their text in
+between. Scraped once a second or less, as Prometheus does, every scrape is current; scraped faster, the
+``gateway_*`` families may be up to ``SETTLE`` old, while what a picker reads never is.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+if TYPE_CHECKING:
+    from .engine.pool import ModelLoad
+
 _ENGINE_STATES = ("stopped", "starting", "ready", "stopping", "failed")
+SETTLE = 1.0  # seconds the text of the gateway_* families is reused for, by scrapes that come faster
 
 
 class Metrics:
-    """The gateway's metrics, in a registry of their own (never the process-global one)."""
+    """The gateway's metrics, in registries of their own (never the process-global one): ``registry`` for the
+    gateway's own, ``protocol`` for the model-server protocol's (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, settle: float = SETTLE) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.protocol = CollectorRegistry(auto_describe=True)
+        self._clock = clock
+        self._settle = settle
+        self._rendered: tuple[float, bytes] | None = None  # when, and the text of the gateway_* families
         self.requests = Counter(
             "gateway_requests",
             "Requests by route, model and status.",
@@ -52,14 +91,23 @@ class Metrics:
         self.tokens.labels(model, "prompt").inc(prompt)
         self.tokens.labels(model, "completion").inc(completion)
 
-    def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
-        """Add metrics read from the gateway's parts at scrape time (engine, cache, downloads)."""
+    def watch(self, collect: Callable[[], Iterable[Metric]], *, protocol: bool = False) -> None:
+        """Add metrics read from the gateway's parts at scrape time (engine, cache, downloads); ``protocol``: the
+        model-server protocol's, written at every scrape."""
 
         class _Reader(Collector):
             def collect(self) -> Iterable[Metric]:
                 return collect()
 
-        self.registry.register(_Reader())
+        (self.protocol if protocol else self.registry).register(_Reader())
+
+    def render(self) -> bytes:
+        """The Prometheus text of every metric: the gateway's own as of at most ``settle`` ago, the model-server
+        protocol's as of now."""
+        now = self._clock()
+        if self._rendered is None or now - self._rendered[0] >= self._settle:
+            self._rendered = now, generate_latest(self.registry)
+        return self._rendered[1] + generate_latest(self.protocol)
 
 
 def engine_metrics(status: dict[str, Any]) -> list[Metric]:
@@ -130,3 +178,49 @@ def download_metrics(downloads: dict[str, dict[str, Any]]) -> list[Metric]:
         if state.get("state") != "present":
             fetched.add_metric([file], float(state.get("bytes") or 0))
     return [fetched]
+
+
+def model_server_metrics(
+    loads: Sequence[ModelLoad], kv_usage: Mapping[str, float], capacity: int, now: float
+) -> list[Metric]:
+    """The model-server protocol's gauges (see the module docstring), from the pool's loads, the KV-cache use of
+    the engines that report it (by engine) and how many models can be warm at once; ``now``: the wall clock."""
+    waiting = GaugeMetricFamily(
+        "vllm:num_requests_waiting", "Requests waiting for their model's engine.", labels=["model_name"]
+    )
+    running = GaugeMetricFamily("vllm:num_requests_running", "Requests being answered.", labels=["model_name"])
+    kv = GaugeMetricFamily(
+        "vllm:kv_cache_usage_perc",
+        "KV-cache use of the model's engine, 0 to 1, as it reports it.",
+        labels=["model_name"],
+    )
+    gpu = GaugeMetricFamily(
+        "vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc under its older name.", labels=["model_name"]
+    )
+    for load in loads:
+        waiting.add_metric([load.model], load.waiting)
+        running.add_metric([load.model], load.running)
+        usage = kv_usage.get(load.engine)
+        if usage is not None:
+            kv.add_metric([load.model], usage)
+            gpu.add_metric([load.model], usage)
+    warm = ",".join(load.model for load in loads if load.warm)
+    queued = ",".join(load.model for load in loads if load.waiting and not load.warm)
+    lora = GaugeMetricFamily(
+        "vllm:lora_requests_info",
+        "The models warm here (running), waited for (waiting), and how many can be warm at once (max_lora).",
+        labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+    )
+    lora.add_metric([str(capacity), warm, queued], now)
+    node_waiting = GaugeMetricFamily("gateway_requests_waiting", "Requests waiting for their engine, every model's.")
+    node_waiting.add_metric([], sum(load.waiting for load in loads))
+    node_running = GaugeMetricFamily("gateway_requests_running", "Requests being answered, every model's.")
+    node_running.add_metric([], sum(load.running for load in loads))
+    node_kv = GaugeMetricFamily(
+        "gateway_kv_cache_usage_ratio", "The highest KV-cache use, 0 to 1, among the engines that report one."
+    )
+    if kv_usage:
+        node_kv.add_metric([], max(kv_usage.values()))
+    # No engine reports its KV cache: no family, not an empty one (nor a 0).
+    reported = [kv, gpu, node_kv] if kv.samples else []
+    return [waiting, running, *reported, lora, node_waiting, node_running]

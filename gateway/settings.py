@@ -7,6 +7,8 @@ down; nothing reads the environment after that.
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -51,6 +53,17 @@ class Settings(BaseSettings):
     )
     max_connections: int = Field(
         1000, ge=0, description="Open client connections; more are refused with a 503. 0 = no limit."
+    )
+    node_name: str = Field(
+        default_factory=socket.gethostname,
+        description="This gateway's name among the nodes behind a router: the x-gateway-node header of every "
+        "response, and what /server_info and /get_load say. Default: the host name.",
+    )
+    shutdown_notice: float = Field(
+        0,
+        ge=0,
+        description="On SIGTERM, seconds during which /health and /readyz answer 503 while the gateway still serves "
+        "everything, so that routers polling them send elsewhere before it stops listening.",
     )
 
     engine: EngineChoice = Field(
@@ -196,6 +209,22 @@ class Settings(BaseSettings):
         # .port raises ValueError (reported as this setting's error) for a port beyond 65535.
         if not printable or extras or parts.scheme not in ("http", "https") or not parts.hostname or parts.port == 0:
             raise ValueError(f"must be an http:// or https:// base URL such as https://llm.example.com (got {value!r})")
+        return value
+
+    @field_validator("node_name", mode="before")
+    @classmethod
+    def _blank_is_the_host_name(cls, value: object) -> object:
+        return socket.gethostname() if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("node_name", mode="after")
+    @classmethod
+    def _header_value(cls, value: str) -> str:
+        # Sent in a header of every response: printable ASCII without spaces, as a host name is.
+        value = value.strip()
+        if not re.fullmatch(r"[!-~]{1,253}", value):
+            raise ValueError(
+                f"must be 1 to 253 printable ASCII characters without spaces, as a host name (got {value!r})"
+            )
         return value
 
     @field_validator("forwarded_allow_ips", mode="after")

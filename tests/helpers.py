@@ -10,8 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -257,6 +258,69 @@ def start_gateway(
         proc.wait()
         raise
     return gateway
+
+
+@dataclass
+class HeldStream:
+    """One answer read off its socket as it comes: the status and headers, the data lines of its events (Server-Sent
+    Events' ``data:``), and whether it ended as a whole chunked body ends (its last, empty chunk came)."""
+
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+    complete: bool = False
+    ended: bool = False  # nothing more will come: its last chunk, or its connection closed
+
+
+@contextlib.contextmanager
+def held_streams(
+    url: str, bodies: Sequence[dict[str, Any]], path: str = "/v1/chat/completions"
+) -> Iterator[list[HeldStream]]:
+    """One request per body to the server at ``url``, each on a socket of its own read by a thread, held open while
+    the block runs. Leaving the block closes the sockets still open, as clients that go away (the gateway cancels
+    what they asked)."""
+    streams = [HeldStream() for _ in bodies]
+    sockets: list[socket.socket] = []
+    host, port = url.removeprefix("http://").split(":")
+
+    def run(body: dict[str, Any], into: HeldStream) -> None:
+        payload = json.dumps(body).encode()
+        sock = socket.create_connection((host, int(port)))
+        sockets.append(sock)
+        head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+        sock.sendall(f"{head}content-length: {len(payload)}\r\n\r\n".encode() + payload)
+        with contextlib.suppress(OSError), sock.makefile("rb") as reader:
+            _read_answer(reader, into)
+        into.ended = True
+
+    threads = [threading.Thread(target=run, args=pair, daemon=True) for pair in zip(bodies, streams, strict=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield streams
+    finally:
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(30)
+
+
+def _read_answer(reader: Any, into: HeldStream) -> None:
+    status = reader.readline().split()
+    into.status = int(status[1]) if len(status) > 1 else None
+    for raw in reader:
+        if raw in (b"\r\n", b"\n"):
+            break
+        name, _, value = raw.decode("latin-1").partition(":")
+        into.headers[name.strip().lower()] = value.strip()
+    for raw in reader:
+        line = raw.decode().strip()
+        if line.startswith("data: "):  # chunk-size lines never start so
+            into.lines.append(line[6:])
+        elif line == "0":  # the last chunk (no data line is a bare 0)
+            into.complete = True
+            return
 
 
 def is_json_prefix(text: str) -> bool:

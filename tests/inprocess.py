@@ -243,11 +243,17 @@ class InProcessGateway(Gateway):
             log_level="warning",
             access_log=False,
             timeout_keep_alive=75,
-            http=http_protocol(header_timeout=settings.header_timeout, max_connections=settings.max_connections),
+            http=http_protocol(
+                header_timeout=settings.header_timeout,
+                max_connections=settings.max_connections,
+                node=settings.node_name,
+            ),
             proxy_headers=False,
         )
         # Stopped as `mistral-gateway` stops on SIGTERM: draining, ending /events and /logs/stream followers.
-        self._server = GracefulServer(config, gateway=self.app, drain_timeout=settings.shutdown_timeout)
+        self._server = GracefulServer(
+            config, gateway=self.app, drain_timeout=settings.shutdown_timeout, notice=settings.shutdown_notice
+        )
         self._thread = threading.Thread(target=self._serve, args=(listener,), name=f"gateway-{port}", daemon=True)
         super().__init__(
             url=f"http://127.0.0.1:{port}",

@@ -23,6 +23,21 @@ INLINE_IMAGES_ONLY = (
     "file a client names, and lets no engine do it."
 )
 
+# Fields that sglang's and vLLM's routers write into every chat and completions body they forward, whatever the client
+# sent (vllm-router 0.1.17 adds them all, at these values). Each is accepted at the value that asks for what every
+# engine behind the gateway does anyway, and never reaches the engine (gateway/chat/plans.py); another value asks
+# for something no engine here does, and is refused with the reason, as any other field would be.
+ROUTER_FIELDS: dict[str, tuple[bool, str]] = {
+    "no_stop_trim": (False, "the engine always leaves the stop sequence out of the answer."),
+    "ignore_eos": (False, "the engine always ends the answer at the model's end-of-sequence token."),
+    "continue_final_message": (False, "the engine always answers with a new assistant message."),
+    "skip_special_tokens": (True, "the engine never writes special tokens into the text."),
+    "return_hidden_states": (False, "the engine does not return hidden states."),
+    "separate_reasoning": (True, "the model's reasoning comes as the engine separates it (reasoning_content)."),
+    "stream_reasoning": (True, "a stream carries the model's reasoning as the engine sends it."),
+    "include_reasoning": (True, "the model's reasoning comes as the engine separates it (reasoning_content)."),
+}
+
 
 def _object(value: Any, param: str) -> dict[str, Any]:
     if not isinstance(value, dict):
@@ -97,6 +112,14 @@ def _stream_options(body: dict[str, Any]) -> None:
         raise invalid("stream_options", "'stream_options' is only allowed when 'stream' is true.")
     if "include_usage" in options and not isinstance(options["include_usage"], bool):
         raise wrong_type("stream_options.include_usage", "a boolean")
+
+
+def router_fields(body: dict[str, Any]) -> None:
+    """The fields a router adds (:data:`ROUTER_FIELDS`): booleans, at the value every engine here follows."""
+    for name, (value, why) in ROUTER_FIELDS.items():
+        given = boolean(body, name)
+        if given is not None and given is not value:
+            raise unsupported(name, f"{why} Send {str(value).lower()}, or leave it out.")
 
 
 def _refuse(body: dict[str, Any], fields: dict[str, str]) -> None:
@@ -277,6 +300,7 @@ def logprobs(body: dict[str, Any]) -> None:
 def chat(body: dict[str, Any]) -> None:
     messages(body)
     sampling(body)
+    router_fields(body)
     logprobs(body)
     tool_choice(body, tools(body))
     boolean(body, "parallel_tool_calls")
@@ -310,6 +334,7 @@ def completion(body: dict[str, Any]) -> None:
     elif not isinstance(prompt, str):
         raise wrong_type("prompt", "a string or an array of strings")
     sampling(body)
+    router_fields(body)
     integer(body, "logprobs", 0, 5)
     boolean(body, "echo")
     string(body, "suffix")

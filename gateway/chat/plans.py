@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import InvalidRequest
 from .answers import Shape
+from .checks import ROUTER_FIELDS
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -32,6 +33,7 @@ _GATEWAY_ONLY = (
     "safety_identifier",
     "modalities",
     "verbosity",
+    *ROUTER_FIELDS,  # what a router in front of the gateway adds, at the value the engine follows anyway
 )
 # mistral.rs constrains JSON with llguidance, which by default lets the model put any whitespace between tokens: small
 # models then fill max_tokens with tabs. Compact JSON means the same to every JSON reader.

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import math
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,13 +72,15 @@ class Lease:
 
     A lease keeps the engine from its idle stop from the start; it *engages* the engine only once the request has
     the engine's endpoint (:meth:`engage`): only engaged requests keep it from being stopped to make room for another
-    (a request still waiting for its engine, e.g. behind a swap, must not hold that swap off).
+    (a request still waiting for its engine, e.g. behind a swap, must not hold that swap off). Leases are what a
+    model's requests are counted by (:meth:`EngineLifecycle.requests`): waiting while :meth:`queued`, else running.
     """
 
-    __slots__ = ("_answered", "_engaged", "_lifecycle", "_released")
+    __slots__ = ("_answered", "_counts", "_engaged", "_lifecycle", "_released")
 
-    def __init__(self, lifecycle: EngineLifecycle) -> None:
+    def __init__(self, lifecycle: EngineLifecycle, counts: _Counts) -> None:
         self._lifecycle = lifecycle
+        self._counts = counts
         self._released = False
         self._engaged = False
         self._answered = False
@@ -94,12 +96,33 @@ class Lease:
             self._engaged = True
             self._lifecycle._engaged += 1
 
+    @contextlib.contextmanager
+    def queued(self) -> Iterator[None]:
+        """The request waits for its engine inside this block: to start, for room, or behind a swap."""
+        self._counts.waiting += 1
+        try:
+            yield
+        finally:
+            self._counts.waiting -= 1
+
     def release(self, keep_alive: float | None = None) -> None:
         if not self._released:
             self._released = True
+            self._counts.leased -= 1
             if self._engaged:
                 self._lifecycle._engaged -= 1
             self._lifecycle._release(keep_alive)
+
+
+class _Counts:
+    """The requests of one model on its engine: leased (arrived, not yet answered to the last byte), and waiting
+    among them (for the engine to start, for room, behind a swap)."""
+
+    __slots__ = ("leased", "waiting")
+
+    def __init__(self) -> None:
+        self.leased = 0
+        self.waiting = 0
 
 
 class EngineLifecycle:
@@ -145,6 +168,7 @@ class EngineLifecycle:
 
         self._in_flight = 0
         self._engaged = 0  # leases whose request has the endpoint and may be talking to the engine
+        self._counts = {model: _Counts() for model in models}  # the same requests, by model
         self.prefill_rate: float | None = None  # prompt tokens per second, as the engine last showed it
         self._restart: asyncio.Future[None] | None = None  # a stop to free the engine from an abandoned prefill
         self.waiting = 0  # requests waiting for this engine to start (counted by the pool)
@@ -194,15 +218,33 @@ class EngineLifecycle:
         return self._in_flight
 
     @property
+    def backing_off(self) -> bool:
+        """Its last start failed and the next may not begin yet: a request for it is answered with the failure."""
+        return self._sm.state is EngineState.FAILED and self._retry_at > self._clock()
+
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error
+
+    @property
     def busy(self) -> bool:
         """Requests are talking to the engine (not only waiting for it): it must not be stopped to make room."""
         return self._engaged > 0
 
-    def lease(self) -> Lease:
+    def lease(self, model: str | None = None) -> Lease:
+        """A request for ``model`` (one of :attr:`models`; default the first) has arrived."""
         # No wake-up for the idle stopper: a request only moves the idle deadline later, which the stopper finds
         # when it wakes (waking it for every request cost a task per request).
         self._in_flight += 1
-        return Lease(self)
+        counts = self._counts[model or self.models[0]]
+        counts.leased += 1
+        return Lease(self, counts)
+
+    def requests(self, model: str) -> tuple[int, int]:
+        """``model``'s requests on this engine: (running, waiting). Waiting ones wait for the engine (to start, for
+        room, behind a swap); the others are being answered (by the engine, or from the embedding cache)."""
+        counts = self._counts[model]
+        return counts.leased - counts.waiting, counts.waiting
 
     def prefilled(self, tokens: int, seconds: float) -> None:
         """A request's prompt of ``tokens`` took ``seconds`` to its first token: the engine's prefill speed."""

@@ -25,6 +25,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,23 @@ from .state import EngineState
 Clock = Callable[[], float]
 _HOLDS_MEMORY = frozenset({EngineState.STARTING, EngineState.READY, EngineState.STOPPING})
 ADOPTED = "engine"  # the one lifecycle of an adopted engine (GATEWAY_ENGINE_URL)
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    """One model on this node as a router weighs it: its engine's state and its requests (running: holding the
+    engine; waiting: for the engine to start, to make room, or for a swap)."""
+
+    model: str
+    engine: str
+    state: EngineState
+    running: int
+    waiting: int
+
+    @property
+    def warm(self) -> bool:
+        """Its engine is up: a request is answered without a cold start."""
+        return self.state is EngineState.READY
 
 
 class EnginePool:
@@ -73,6 +91,7 @@ class EnginePool:
         self._draining: set[str] = set()  # engines of exclusive groups about to be swapped out
         self._shutdown: list[asyncio.Task[None]] = []
         self._growth: dict[str, asyncio.Future[None]] = {}  # a memory check of an engine that just went idle
+        self._capacity: tuple[float, int] | None = None  # when it was counted, and how many models
         if settings.engine_url:  # one engine, not ours, serving every model
             self._units: dict[str, Unit] = {ADOPTED: Unit(ADOPTED, catalog.models)}
         else:
@@ -106,8 +125,15 @@ class EnginePool:
     def lifecycle(self, model_id: str) -> EngineLifecycle:
         return self._lifecycles[self._by_model[model_id]]
 
+    def engine_of(self, model_id: str) -> str:
+        return self._by_model[model_id]
+
+    @property
+    def engine_count(self) -> int:
+        return len(self._lifecycles)
+
     def lease(self, model_id: str) -> Lease:
-        return self.lifecycle(model_id).lease()
+        return self.lifecycle(model_id).lease(model_id)
 
     async def ensure_ready(self, model_id: str, lease: Lease | None = None) -> Endpoint:
         """The engine of ``model_id`` once it answers; started first (making room) when it must be. ``lease``, the
@@ -126,20 +152,21 @@ class EnginePool:
             )
         lifecycle.waiting += 1
         try:
-            deadline = self._clock() + self._settings.startup_timeout
-            while True:
-                lifecycle.check_backoff()
-                if lifecycle.needs_start() or (lifecycle.ready and name in self._draining):
-                    # In line for a start (or behind a swap that takes this engine away): once through, the start
-                    # is under way or the engine ready, and this request joins it even if a later one, in line
-                    # behind it, marks the engine for a swap (its lease then holds the swap off).
-                    await self._admit(name, deadline)
-                if lease is not None:
-                    # Engaged before the engine is ready, not after: the moment it becomes ready, a request for a
-                    # rival in its exclusive group (or one that needs room) may look at it, and must see it in use.
-                    lease.engage()
-                with contextlib.suppress(NotStarted):
-                    return await lifecycle.join()
+            with lease.queued() if lease is not None else contextlib.nullcontext():
+                deadline = self._clock() + self._settings.startup_timeout
+                while True:
+                    lifecycle.check_backoff()
+                    if lifecycle.needs_start() or (lifecycle.ready and name in self._draining):
+                        # In line for a start (or behind a swap that takes this engine away): once through, the start
+                        # is under way or the engine ready, and this request joins it even if a later one, in line
+                        # behind it, marks the engine for a swap (its lease then holds the swap off).
+                        await self._admit(name, deadline)
+                    if lease is not None:
+                        # Engaged before the engine is ready, not after: the moment it becomes ready, a request for a
+                        # rival in its exclusive group (or one that needs room) may look at it, and must see it in use.
+                        lease.engage()
+                    with contextlib.suppress(NotStarted):
+                        return await lifecycle.join()
         finally:
             lifecycle.waiting -= 1
 
@@ -422,6 +449,57 @@ class EnginePool:
             engines.append(row)
         budget = self._settings.memory_budget_mb
         return {"engines": engines, "budget": {"budget_mb": budget or None, "used_mb": round(self._used(), 1)}}
+
+    def loads(self) -> list[ModelLoad]:
+        """Every model's engine state and requests, counted where the requests hold their engines (their leases):
+        cheap enough to be read many times a second."""
+        return [
+            ModelLoad(model, name, lifecycle.state, *lifecycle.requests(model))
+            for name, lifecycle in self._lifecycles.items()
+            for model in lifecycle.models
+        ]
+
+    def ready_engines(self) -> dict[str, str]:
+        """The base URL of every engine that is ready, by engine name."""
+        return {
+            name: endpoint.base_url
+            for name, lc in self._lifecycles.items()
+            if lc.ready and (endpoint := lc.endpoint) is not None
+        }
+
+    def failing(self) -> dict[str, str | None]:
+        """The engines whose last start failed, within their backoff (a request for them fails at once): their
+        errors, by engine."""
+        return {name: lc.last_error for name, lc in self._lifecycles.items() if lc.backing_off}
+
+    def capacity(self) -> int:
+        """How many models can be warm at once here: those of every engine, an exclusive group's largest member
+        only, and under a memory budget only as many engines as fit in it side by side (smallest first; one whose
+        size is not known yet counts as fitting). Under a budget, sizes may come from the model files on disk:
+        the answer is reused for a second (a scraper asks 20 times a second)."""
+        now = self._clock()
+        if self._capacity is not None and now - self._capacity[0] < 1.0:
+            return self._capacity[1]
+        self._capacity = now, self._count_capacity()
+        return self._capacity[1]
+
+    def _count_capacity(self) -> int:
+        largest: dict[str, Unit] = {}
+        for unit in self._units.values():
+            key = unit.exclusive or f"\0{unit.name}"  # a unit alone is a group of one
+            if key not in largest or len(unit.ids) > len(largest[key].ids):
+                largest[key] = unit
+        units = list(largest.values())
+        budget = self._settings.memory_budget_mb
+        if not budget:
+            return sum(len(unit.ids) for unit in units)
+        count, used = 0, 0.0
+        for unit in sorted(units, key=lambda u: self.footprint(u.name) or 0.0):
+            used += self.footprint(unit.name) or 0.0
+            if used > budget:
+                break
+            count += len(unit.ids)
+        return count
 
     def tick(self) -> None:
         """Have every idle stopper look at its deadline again (see EngineLifecycle.tick)."""

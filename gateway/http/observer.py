@@ -1,4 +1,7 @@
-"""Per-request observability in one ASGI wrapper: the request id, one log line, Prometheus metrics.
+"""Per-request observability in one ASGI wrapper: the request id, the node's name, one log line, Prometheus metrics.
+
+The node's name (GATEWAY_NODE_NAME) goes on every answer the app sends as ``x-gateway-node``, so that behind a router
+each answer says which of several gateways served it (gateway/http/server.py puts it on its refusals too).
 
 One middleware, not three, because every layer costs CPU on every request and every stream chunk; this
 one looks at each outgoing message once (status, headers, first data byte, size) and nothing else.
@@ -19,12 +22,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..console.tracker import Tracker
 from ..metrics import Metrics
 
+NODE_HEADER = "x-gateway-node"
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _access = logging.getLogger("gateway.access")
 
 
 class RequestObserver:
-    """Pure ASGI middleware: X-Request-ID in and out, an access log line, request metrics."""
+    """Pure ASGI middleware: X-Request-ID in and out, X-Gateway-Node out, an access log line, request metrics."""
 
     def __init__(
         self,
@@ -34,8 +38,10 @@ class RequestObserver:
         log_format: str = "text",
         clock: Callable[[], float] = time.perf_counter,
         tracker: Tracker | None = None,
+        node: str | None = None,
     ) -> None:
         self.app = app
+        self._node = [(NODE_HEADER.encode(), node.encode())] if node else []
         self._metrics = metrics
         self._tracker = tracker
         self._json = log_format == "json"
@@ -86,6 +92,7 @@ class RequestObserver:
                     elif name == b"content-type" and value.startswith(b"text/event-stream"):
                         streaming = True
                 headers.append(header)
+                headers += self._node
                 message["headers"] = headers
             elif message["type"] == "http.response.body":
                 body = message.get("body", b"")

@@ -23,6 +23,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..errors import TooManyConnections
+from .observer import NODE_HEADER
 
 REFUSAL_RETRY_AFTER = 1  # seconds: connections come and go quickly
 WARN_EVERY = 60.0  # seconds between two log lines about refused connections
@@ -165,8 +166,8 @@ class ConnectionGuard(asyncio.Protocol):
             limits.refused, limits.warned_at = 0, now
 
 
-def refusal(max_connections: int) -> bytes:
-    """The whole HTTP answer to a connection beyond the cap: a 503 in OpenAI's error shape."""
+def refusal(max_connections: int, node: str | None = None) -> bytes:
+    """The whole HTTP answer to a connection beyond the cap: a 503 in OpenAI's error shape, naming the node."""
     error = TooManyConnections(
         f"The gateway has {max_connections} open connections, as many as it accepts (GATEWAY_MAX_CONNECTIONS); "
         "retry shortly.",
@@ -178,16 +179,17 @@ def refusal(max_connections: int) -> bytes:
         "content-type: application/json",
         f"content-length: {len(body)}",
         *(f"{name.lower()}: {value}" for name, value in error.headers.items()),
+        *([f"{NODE_HEADER}: {node}"] if node else []),
         "connection: close",
     ]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-def http_protocol(*, header_timeout: float, max_connections: int) -> type[ConnectionGuard]:
-    """The protocol class for ``uvicorn.Config(http=...)``, bound to one server's limits."""
+def http_protocol(*, header_timeout: float, max_connections: int, node: str | None = None) -> type[ConnectionGuard]:
+    """The protocol class for ``uvicorn.Config(http=...)``, bound to one server's limits (and its node's name)."""
 
     class Guarded(ConnectionGuard):
-        limits = Limits(header_timeout, max_connections, refusal(max_connections))
+        limits = Limits(header_timeout, max_connections, refusal(max_connections, node))
 
     return Guarded
 

@@ -99,6 +99,11 @@ Chat deltas are mistral.rs's: {"role": "assistant", "content": piece or null, "t
 
 Streamed pieces keep their leading space, so the deltas joined together equal the non-streaming text.
 
+GET /metrics is Prometheus text, as mistral.rs's server writes it; with PagedAttention on (legacy
+``--paged-attn``, new ``--paged-attn on``) it carries the KV-cache gauges mistral.rs's paged scheduler
+publishes: ``mistralrs_kv_cache_blocks_total`` (KV_BLOCKS_TOTAL) and ``mistralrs_kv_cache_blocks_used``
+(KV_BLOCKS_PER_SEQUENCE for each generation in progress, streamed or not); without it, neither.
+
 Models answer only the requests of their category (text and multimodal: chat, completions, responses;
 embedding; diffusion: images; speech), as the real engine does. ``auto`` models (legacy ``run``, new
 ``auto`` / no type) are embedding models when the id contains "embed", otherwise text models, because
@@ -145,6 +150,10 @@ AUTO = None  # decided from the model id by _auto_category
 LEGACY_CLI = "mistralrs-server"
 NEW_CLI = "mistralrs"
 
+# The KV cache of an engine with PagedAttention, in blocks (see GET /metrics in the module docstring).
+KV_BLOCKS_TOTAL = 256
+KV_BLOCKS_PER_SEQUENCE = 8
+
 
 @dataclass(frozen=True)
 class FakeModel:
@@ -167,6 +176,7 @@ class EngineSpec:
     port: int
     models: tuple[FakeModel, ...]
     default_model_id: str | None = None
+    paged_attn: bool = False
 
 
 class EngineFailed(Exception):
@@ -600,14 +610,14 @@ def _spec_from_legacy(p: argparse.ArgumentParser, ns: argparse.Namespace, *, str
     host = ns.serve_ip if ns.serve_ip is not None else "0.0.0.0"
     if ns.subcommand == "multi-model":
         models = _models_from_json(ns.config, strict=strict_serde)
-        return EngineSpec(LEGACY_CLI, host, ns.port, models, ns.default_model_id)
+        return EngineSpec(LEGACY_CLI, host, ns.port, models, ns.default_model_id, paged_attn=bool(ns.paged_attn))
     if ns.subcommand == "gguf":
         # The pipeline is named after the tokenizer repo when given, else the GGUF location.
         model = FakeModel(ns.tok_model_id or ns.quantized_model_id, TEXT, gguf_dir=ns.quantized_model_id)
     else:
         category = _LEGACY_CATEGORIES[ns.subcommand] or _auto_category(ns.model_id)
         model = FakeModel(ns.model_id, category)
-    return EngineSpec(LEGACY_CLI, host, ns.port, (model,))
+    return EngineSpec(LEGACY_CLI, host, ns.port, (model,), paged_attn=bool(ns.paged_attn))
 
 
 def _spec_from_serve(ns: argparse.Namespace) -> EngineSpec:
@@ -624,7 +634,7 @@ def _spec_from_serve(ns: argparse.Namespace) -> EngineSpec:
         quantized_file=ns.quantized_file if has_format else None,
         tok_model_id=ns.tok_model_id if has_format else None,
     )
-    return EngineSpec(NEW_CLI, ns.host, ns.port, (model,))
+    return EngineSpec(NEW_CLI, ns.host, ns.port, (model,), paged_attn=getattr(ns, "paged_attn", None) == "on")
 
 
 def _new_cli_model(
@@ -1511,11 +1521,14 @@ class FakeEngine:
         self.default = self.by_id[default_id]
         self._ids = itertools.count()
         self._request_log = _open_log(knobs.request_log)
+        self.paged_attn = spec.paged_attn
+        self.sequences = 0  # generations in progress: what the KV cache holds
 
     def app(self) -> Starlette:
         routes = [
             Route("/", self.root, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -1599,11 +1612,13 @@ class FakeEngine:
         leaves before the end is noted in the request log (``{"event": "stream_abandoned", "sent": chunks}``): it
         shows that the engine stopped generating."""
         sent = 0
+        self.sequences += 1
         try:
             async for event in self._frames(plan, frame):
                 yield event
                 sent += 1
         finally:
+            self.sequences -= 1
             if sent < len(plan.pieces) + 2 and plan.scenario in ("normal", "slow") and self._request_log is not None:
                 _append_line(self._request_log, {"event": "stream_abandoned", "sent": sent})
 
@@ -1637,7 +1652,14 @@ class FakeEngine:
         return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
     async def _settle(self, plan: Plan, partial: Callable[[], dict[str, Any]]) -> None:
-        """Play a non-streaming scenario before the answer is sent."""
+        """Play a non-streaming scenario before the answer is sent (a generation in progress meanwhile)."""
+        self.sequences += 1
+        try:
+            await self._play(plan, partial)
+        finally:
+            self.sequences -= 1
+
+    async def _play(self, plan: Plan, partial: Callable[[], dict[str, Any]]) -> None:
         if plan.scenario == "crash":
             await self._die()
         if plan.scenario == "hang":
@@ -1656,6 +1678,18 @@ class FakeEngine:
 
     async def health(self, request: Request) -> Response:
         return PlainTextResponse("OK")
+
+    async def metrics(self, request: Request) -> Response:
+        lines = ["# HELP http_requests_in_flight Requests in flight.", "# TYPE http_requests_in_flight gauge"]
+        lines.append(f"http_requests_in_flight {self.sequences}")
+        if self.paged_attn:
+            lines += [
+                "# TYPE mistralrs_kv_cache_blocks_used gauge",
+                f"mistralrs_kv_cache_blocks_used {self.sequences * KV_BLOCKS_PER_SEQUENCE}",
+                "# TYPE mistralrs_kv_cache_blocks_total gauge",
+                f"mistralrs_kv_cache_blocks_total {KV_BLOCKS_TOTAL}",
+            ]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     async def list_models(self, request: Request) -> Response:
         self._log(request, None)

@@ -147,3 +147,49 @@ def test_completions_fan_out_per_prompt_and_choice() -> None:
     assert [b["prompt"] for b in plan.bodies] == ["a", "a", "bb", "bb"]
     assert plan.prompts == 2 and [s.text_offset for s in plan.shapes()] == [1, 1, 2, 2]
     assert plan.shape.logprobs == 1
+
+
+# What vllm-router 0.1.17 writes into every body it forwards (read off its wire): the values every engine follows.
+ROUTER_CHAT = {
+    "logprobs": False,
+    "no_stop_trim": False,
+    "ignore_eos": False,
+    "continue_final_message": False,
+    "skip_special_tokens": True,
+    "separate_reasoning": True,
+    "stream_reasoning": True,
+    "return_hidden_states": False,
+    "include_reasoning": True,
+}
+ROUTER_COMPLETION = {
+    "echo": False,
+    "no_stop_trim": False,
+    "ignore_eos": False,
+    "skip_special_tokens": True,
+    "return_hidden_states": False,
+}
+
+
+def test_what_a_router_adds_is_accepted_and_never_reaches_the_engine() -> None:
+    body = chat(max_tokens=3, **ROUTER_CHAT)
+    checks.chat(body)
+    (engine,) = plan_chat(body, "m", takes_images=False).bodies
+    assert not set(checks.ROUTER_FIELDS) & set(engine)
+    assert engine["logprobs"] is False  # an OpenAI field: the engine's own
+
+    completion = {"prompt": "x", **ROUTER_COMPLETION}
+    checks.completion(completion)
+    (engine,) = plan_completion(completion, "m").bodies
+    assert not set(checks.ROUTER_FIELDS) & set(engine)
+
+
+@pytest.mark.parametrize("name", sorted(checks.ROUTER_FIELDS))
+def test_a_router_field_asking_what_no_engine_does_is_refused_with_the_reason(name: str) -> None:
+    accepted, why = checks.ROUTER_FIELDS[name]
+    with pytest.raises(InvalidRequest) as info:
+        checks.chat(chat(**{name: not accepted}))
+    assert info.value.param == name and info.value.code == "unsupported_parameter"
+    assert why in info.value.message
+    with pytest.raises(InvalidRequest) as info:
+        checks.completion({"prompt": "x", name: "yes"})
+    assert info.value.param == name and info.value.code == "invalid_type"

@@ -61,3 +61,21 @@ def test_one_access_line_per_request(log_format: str, caplog: pytest.LogCaptureF
     else:
         assert line.startswith("GET%0A /v1/models%0A1999-01-01%2000:00:00,000%20INFO%20")
         assert " model=tiny-chat%0Aforged status=404 " in line and line.endswith(" request_id=id-1")
+
+
+def test_every_answer_names_the_node_that_sent_it_and_keeps_the_apps_headers() -> None:
+    sent: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 503, "headers": [(b"retry-after", b"1")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/health", "headers": [(b"x-request-id", b"id-7")]}
+    asyncio.run(RequestObserver(app, metrics=Metrics(), node="gw-2")(scope, receive, send))
+    assert sent[0]["headers"] == [(b"retry-after", b"1"), (b"x-request-id", b"id-7"), (b"x-gateway-node", b"gw-2")]

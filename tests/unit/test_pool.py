@@ -511,3 +511,46 @@ async def test_a_busy_engine_is_never_restarted_for_its_growth(tmp_path: Path) -
     second.release()
     await until(lambda: pool.lifecycle("chat").state is EngineState.STOPPED)
     await pool.aclose()
+
+
+# ------------------------------------------------------------------------------------- what routers read
+
+
+def loads_of(pool: EnginePool) -> dict[str, tuple[str, int, int]]:
+    return {load.model: (load.state.value, load.running, load.waiting) for load in pool.loads()}
+
+
+async def test_a_models_requests_count_as_waiting_while_its_engine_starts_then_as_running(tmp_path: Path) -> None:
+    toml = THREE + '[[groups]]\nname = "pair"\nmodels = ["b", "c"]\nshare_engine = true\n'
+    pool, spawner, _ = pool_of(tmp_path, toml)
+    original = spawner.spawn
+
+    async def loading(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, output: Any = None) -> FakeProcess:
+        proc = await original(argv, env=env, cwd=cwd)
+        proc.ready = "org/a" not in argv  # a's engine loads until the test says it is done
+        return proc
+
+    spawner.spawn = loading  # type: ignore[method-assign]
+    cold = [pool.lease("a") for _ in range(3)]
+    starts = [asyncio.ensure_future(pool.ensure_ready("a", lease)) for lease in cold]
+    await until(lambda: pool.lifecycle("a").waiting == 3 and spawner.procs)
+    assert loads_of(pool)["a"] == ("starting", 0, 3)  # a cold start's waiters count as waiting
+    spawner.procs[0].ready = True
+    await asyncio.gather(*starts)
+    assert loads_of(pool)["a"] == ("ready", 3, 0)
+    b = pool.lease("b")
+    await pool.ensure_ready("b", b)
+    assert loads_of(pool) == {"a": ("ready", 3, 0), "b": ("ready", 1, 0), "c": ("ready", 0, 0)}  # one engine, 2 models
+    for lease in (*cold, b):
+        lease.release()
+    assert {load.model: (load.running, load.waiting) for load in pool.loads()} == {m: (0, 0) for m in "abc"}
+    assert [load.warm for load in pool.loads()] == [True, True, True]
+    await pool.aclose()
+
+
+def test_capacity_counts_the_models_that_can_be_warm_together(tmp_path: Path) -> None:
+    assert pool_of(tmp_path, THREE)[0].capacity() == 3
+    pair = THREE + '[[groups]]\nname = "pair"\nmodels = ["b", "c"]\nexclusive = true\n'
+    assert pool_of(tmp_path, pair)[0].capacity() == 2  # b or c, never both
+    sized = repo_models("a", "b", "c", a={"memory_mb": 100}, b={"memory_mb": 100}, c={"memory_mb": 300})
+    assert pool_of(tmp_path, sized, memory_budget_mb=250)[0].capacity() == 2  # a and b fit together, c never

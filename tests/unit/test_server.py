@@ -23,6 +23,12 @@ def test_refusal_is_an_openai_shaped_503_that_closes_the_connection() -> None:
     assert "5 open connections" in error["message"] and "GATEWAY_MAX_CONNECTIONS" in error["message"]
 
 
+def test_refusal_names_the_node_when_it_has_a_name() -> None:
+    head = refusal(5, "gw-2").partition(b"\r\n\r\n")[0].decode()
+    assert "\r\nx-gateway-node: gw-2\r\n" in head and head.endswith("connection: close")
+    assert http_protocol(header_timeout=1, max_connections=5, node="gw-2").limits.refusal == refusal(5, "gw-2")
+
+
 def test_each_server_gets_its_own_limits() -> None:
     one, two = http_protocol(header_timeout=1, max_connections=5), http_protocol(header_timeout=2, max_connections=0)
     assert (one.limits.header_timeout, one.limits.max_connections) == (1, 5)

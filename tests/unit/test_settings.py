@@ -99,3 +99,14 @@ def test_connection_defences_default_on() -> None:
     assert (settings.header_timeout, settings.max_connections) == (10, 1000)
     with pytest.raises(ValueError, match="header_timeout"):
         Settings(_env_file=None, header_timeout=0)
+
+
+def test_the_node_name_is_the_host_name_unless_set_and_must_fit_in_a_header() -> None:
+    import socket
+
+    assert Settings(_env_file=None).node_name == socket.gethostname()
+    assert Settings(_env_file=None, node_name=" ").node_name == socket.gethostname()
+    assert Settings(_env_file=None, node_name=" gw-2.eu ").node_name == "gw-2.eu"
+    for bad in ("gw 2", "gw\r\nx-evil: 1", "caf\u00e9"):
+        with pytest.raises(ValueError, match="printable ASCII"):
+            Settings(_env_file=None, node_name=bad)

@@ -25,6 +25,7 @@ from ...chat.fields import Validator
 from ...chat.plans import plan_chat, plan_completion
 from ...engine.pool import EnginePool
 from ...errors import ModelNotFound, NotImplementedByGateway, RouteNotFound
+from ...http.node import scoped_name
 from ...http.proxies import PublicOrigin
 from ...serving.calls import ChatWork, EmbeddingWork, ModelCall, RelayWork
 from ...serving.intake import Intake, keep_alive
@@ -173,6 +174,9 @@ class OpenAIRoutes:
         anthropic = "anthropic-version" in request.headers  # the header every Anthropic client sends
         card = self._anthropic_card if anthropic else self._model_card
         data = [card(model, name) for model in self._catalog.models for name in (model.id, *model.entry.aliases)]
+        scoped = scoped_name(request.scope)
+        if scoped is not None:  # under /m/<model>/: the node as a server of that model alone (a router asks so)
+            data = [entry for entry in data if entry["id"] == scoped]
         if anthropic:
             first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
             return JSONResponse({"data": data, "has_more": False, "first_id": first, "last_id": last})

@@ -1,0 +1,42 @@
+"""The routers of the scale-out tests, each installed from PyPI into a venv of its own under the test cache
+(tests/realmodel.py ``cache_dir()``), once: vllm-router is a 24 MB wheel with a few small dependencies; LiteLLM's
+proxy pins a hundred packages, so it is installed only when a test run asks for it (see test_routers.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+from filelock import FileLock
+
+from tests.realmodel import cache_dir
+
+INSTALL_TIMEOUT = 900  # seconds: a slow mirror, a cold pip cache
+
+
+def installed(name: str, requirement: str, program: str) -> Path | str:
+    """The path of ``program`` in the venv ``name`` holding ``requirement`` (created and installed the first time),
+    or why it could not be installed."""
+    folder = cache_dir() / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    marker = folder / f".installed-{requirement}"
+    executable = folder / "bin" / program
+    with FileLock(str(folder) + ".lock"):  # two test runs at once install it once
+        if marker.exists() and executable.exists():
+            return executable
+        try:
+            venv.EnvBuilder(with_pip=True, clear=True).create(folder)
+            done = subprocess.run(
+                [str(folder / "bin" / "python"), "-m", "pip", "install", "--quiet", requirement],
+                capture_output=True,
+                text=True,
+                timeout=INSTALL_TIMEOUT,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"could not install {requirement} into {folder}: {exc}"
+        if done.returncode != 0 or not executable.exists():
+            return f"could not install {requirement} into {folder}: {done.stderr.strip()[-600:]}"
+        marker.write_text(sys.version)
+        return executable
