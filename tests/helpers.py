@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -274,7 +274,10 @@ class HeldStream:
 
 @contextlib.contextmanager
 def held_streams(
-    url: str, bodies: Sequence[dict[str, Any]], path: str = "/v1/chat/completions"
+    url: str,
+    bodies: Sequence[dict[str, Any]],
+    path: str = "/v1/chat/completions",
+    headers: Mapping[str, str] | None = None,
 ) -> Iterator[list[HeldStream]]:
     """One request per body to the server at ``url``, each on a socket of its own read by a thread, held open while
     the block runs. Leaving the block closes the sockets still open, as clients that go away (the gateway cancels
@@ -287,7 +290,8 @@ def held_streams(
         payload = json.dumps(body).encode()
         sock = socket.create_connection((host, int(port)))
         sockets.append(sock)
-        head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+        head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n{extra}"
         sock.sendall(f"{head}content-length: {len(payload)}\r\n\r\n".encode() + payload)
         with contextlib.suppress(OSError), sock.makefile("rb") as reader:
             _read_answer(reader, into)
