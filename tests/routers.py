@@ -1,11 +1,13 @@
 """The routers of the scale-out tests, each installed from PyPI into a venv of its own under the test cache
 (tests/realmodel.py ``cache_dir()``), once: vllm-router is a 24 MB wheel with a few small dependencies; LiteLLM's
-proxy pins a hundred packages, so it is installed only when a test run asks for it (see test_routers.py)."""
+proxy pins about a hundred packages (80 s on a fresh machine), so its install starts in the background as soon as
+the tests that need it are collected (tests/conftest.py) and overlaps the tests before them."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import venv
 from pathlib import Path
 
@@ -14,6 +16,15 @@ from filelock import FileLock
 from tests.realmodel import cache_dir
 
 INSTALL_TIMEOUT = 900  # seconds: a slow mirror, a cold pip cache
+VLLM_ROUTER = "vllm-router==0.1.17"
+LITELLM = "litellm[proxy]==1.108.0"  # 1.110's proxy extra needs litellm-proxy, which is not published on PyPI
+
+
+def install_in_background(name: str, requirement: str, program: str) -> threading.Thread:
+    """:func:`installed` in a daemon thread; a later call waits for it on the venv's file lock."""
+    thread = threading.Thread(target=installed, args=(name, requirement, program), daemon=True)
+    thread.start()
+    return thread
 
 
 def installed(name: str, requirement: str, program: str) -> Path | str:

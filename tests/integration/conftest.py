@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,8 +11,16 @@ if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
 
 from tests import browser as browsers
+from tests import routers
 from tests.helpers import Gateway, start_gateway
 from tests.inprocess import InProcessGateway, gateway_env
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start installing LiteLLM's proxy now if a test of this run needs it: the install overlaps the tests before."""
+    wanted = any("litellm" in item.nodeid for item in session.items)
+    if wanted and os.environ.get("MISTRAL_GATEWAY_TEST_LITELLM") != "0":
+        routers.install_in_background("venv-litellm", routers.LITELLM, "litellm")
 
 
 def models_toml(root: Path) -> str:
