@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from tests.fileserver import FileServer
-from tests.helpers import Gateway
+from tests.helpers import Gateway, wait_for
 
 Start = Callable[..., Gateway]
 UNREACHABLE = """
@@ -53,10 +53,12 @@ def test_a_failed_download_answers_at_once_says_what_to_do_and_stops_sdk_retries
     assert "Next try in" in again.json()["error"]["message"]
     assert gw.log().count('"type":"download.failed"') == 1
     # The OpenAI SDK, with its default two retries, makes one request and raises.
-    before = _chat_requests(gw)
+    # (The access log's line is written once the answer is sent: wait for the two requests' lines before counting.)
+    wait_for(lambda: _chat_requests(gw) == 2, 10, "the access log's lines of the first two requests")
     with pytest.raises(openai.APIStatusError) as info:
         openai.OpenAI(base_url=gw.v1, api_key="unused").chat.completions.create(model="qwen", **CHAT)
-    assert info.value.status_code == 503 and _chat_requests(gw) == before + 1
+    wait_for(lambda: _chat_requests(gw) >= 3, 10, "the SDK request's line")
+    assert info.value.status_code == 503 and _chat_requests(gw) == 3
     # A stream gets the same error with its status, not a 200 stream that fails later.
     streamed = httpx.post(gw.v1 + "/chat/completions", json={**CHAT, "stream": True}, timeout=60)
     assert streamed.status_code == 503 and streamed.json()["error"]["code"] == "model_download_failed"
