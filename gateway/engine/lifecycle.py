@@ -201,6 +201,20 @@ class EngineLifecycle:
         return self._sm.state is EngineState.READY and self._running is not None
 
     @property
+    def died(self) -> bool:
+        """Ready, but its process has ended and the watcher has not handled that yet. An engine's sockets close as it
+        dies, a moment before its end is reported: a request in between would be sent to nothing."""
+        running = self._running
+        return self.ready and running is not None and running.proc is not None and running.proc.exited
+
+    async def death_handled(self) -> None:
+        """Once the watcher has handled the engine's end (see :meth:`died`): failed, to be started again at once, or
+        backing off."""
+        watch = self._watch_task
+        if watch is not None and not watch.done():
+            await asyncio.wait({watch}, timeout=EXIT_GRACE)
+
+    @property
     def endpoint(self) -> Endpoint | None:
         return self._running.endpoint if self._running is not None else None
 

@@ -141,7 +141,9 @@ class EnginePool:
         name = self._by_model[model_id]
         lifecycle = self._lifecycles[name]
         endpoint = lifecycle.endpoint
-        if lifecycle.ready and endpoint is not None and name not in self._draining:
+        if lifecycle.died:
+            await lifecycle.death_handled()  # then started again below, or refused while it backs off
+        elif lifecycle.ready and endpoint is not None and name not in self._draining:
             if lease is not None:
                 lease.engage()
             return endpoint

@@ -44,6 +44,15 @@ class FakeProcess:
         self.ready = False
         self._exited.set()
 
+    def die(self, code: int) -> None:
+        """Ended, its end not yet reported to :meth:`wait` (a real engine's sockets close a moment before that)."""
+        self.returncode = code
+        self.ready = False
+
+    def report(self) -> None:
+        """Report an end :meth:`die` left unreported."""
+        self._exited.set()
+
     async def wait(self) -> int:
         await self._exited.wait()
         assert self.returncode is not None

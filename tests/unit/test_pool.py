@@ -161,6 +161,25 @@ async def test_a_crash_after_serving_restarts_at_the_next_request(tmp_path: Path
     await pool.aclose()
 
 
+async def test_a_request_in_the_instant_an_engine_dies_waits_until_its_end_is_handled(tmp_path: Path) -> None:
+    pool, spawner, clock = pool_of(tmp_path)
+    await _serve_one(pool)
+    clock.now += 1
+    dead = spawner.procs[0]
+    dead.die(137)  # its sockets closed (the request that crashed it got its error); its end not yet reported
+    lease = pool.lease("chat")
+    ready = asyncio.ensure_future(pool.ensure_ready("chat", lease))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not ready.done()  # not handed the dead engine's address
+    dead.report()
+    endpoint = await ready  # started again at once (it had served) and answered
+    assert len(spawner.procs) == 2 and endpoint.base_url.endswith(f":{spawner.procs[1].port}")
+    assert pool.lifecycle("chat").crashes == 1
+    lease.release()
+    await pool.aclose()
+
+
 async def test_an_engine_that_dies_before_answering_backs_off_like_a_failed_start(tmp_path: Path) -> None:
     pool, spawner, clock = pool_of(tmp_path)
     waits = []
