@@ -197,7 +197,10 @@ def test_a_crash_fails_only_the_request_that_hit_it(gateway_processes: Start) ->
     body = {"model": "tiny-chat", "stream": True, **say("crash")}
     with httpx.stream("POST", gw.v1 + "/chat/completions", json=body, timeout=30) as response:
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
-    assert len(events) == 4  # three chunks, then the error
+    # Up to three chunks, then the error. (Chunks that reach the gateway together with the crash may be lost: aiohttp
+    # fails its reader at once when the connection breaks, dropping what it had buffered; on a busy machine the
+    # three chunks and the crash can arrive before the relay reads any.)
+    assert len(events) <= 4 and all('"choices"' in event for event in events[:-1])
     error = json.loads(events[-1][6:])["error"]
     assert error["code"] == "engine_crashed" and set(error) == {"message", "type", "param", "code"}
     # The next requests, sent at once by a client that does not retry: the engine is started again and answers.
