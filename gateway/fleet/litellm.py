@@ -7,8 +7,10 @@ name (``model_info.id``), which is what LiteLLM counts failures and cooldowns by
 
 The routing strategy is ``simple-shuffle`` (LiteLLM's default, random): its ``least-busy`` counts requests it has
 sent and not seen finish, and sent a dozen concurrent streams to one node in a 3-node trial. A failure (a refused
-connection, a 5xx, a 429) is retried on another deployment (``num_retries``) and cools the failing one down for a
-few seconds, which is how a node that stopped is left out; a 404 is not retried. LiteLLM's background health
+connection, a 5xx, a 429) is retried (``num_retries``) and cools the failing deployment down for a few seconds at
+once (``allowed_fails: 0``), which is how a node that stopped is left out: LiteLLM's retry picks among the
+deployments not cooling down, and with a failure allowed before the cooldown a retry could pick the dead node again
+(one request of 300 failed so, in a 3-node run). A 404 is not retried. LiteLLM's background health
 checks make a real completion per deployment, so they are left off: a gateway's cold engine would be started by
 them.
 """
@@ -45,9 +47,9 @@ def config(nodes: Sequence[Node], *, api_key: bool = False) -> str:
     lines += [
         "router_settings:",
         "  routing_strategy: simple-shuffle",
-        "  num_retries: 2",
+        "  num_retries: 3",
         "  retry_after: 0",
-        "  allowed_fails: 1",
+        "  allowed_fails: 0",
         "  cooldown_time: 5",
         "general_settings:",
         "  background_health_checks: false",
