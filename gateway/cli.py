@@ -447,11 +447,9 @@ def models_table(status: dict[str, Any]) -> str:
 
 def serve(settings: Settings) -> int:
     """Run the gateway until SIGTERM or Ctrl+C; the engine never outlives it."""
-    import uvicorn
-
     from .app import create_app
     from .http.auth import exposure_warning, load_keys
-    from .http.server import http_protocol
+    from .http.server import uvicorn_config
     from .http.shutdown import GracefulServer
     from .masking import build_masker, gateway_secrets, mask_handlers
 
@@ -473,25 +471,7 @@ def serve(settings: Settings) -> int:
         mask_handlers(masker, [logging.getLogger()])
     app = create_app(settings, catalog=catalog, masker=masker)
     pool = app.pool
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        lifespan="on",
-        access_log=False,  # gateway.access logs one richer line per request
-        # Longer than any proxy's upstream keep-alive (nginx: 60 s), so the gateway never closes an idle
-        # connection at the moment a proxy or client reuses it (which fails that request).
-        timeout_keep_alive=75,
-        # A deadline for request heads and a cap on connections (gateway/server.py), on uvicorn's httptools protocol.
-        http=http_protocol(
-            header_timeout=settings.header_timeout,
-            max_connections=settings.max_connections,
-            node=settings.node_name,
-        ),
-        # The app reads forwarded headers itself, from GATEWAY_FORWARDED_ALLOW_IPS only (gateway/origin.py).
-        proxy_headers=False,
-    )
+    config = uvicorn_config(app, settings, host=settings.host, port=settings.port, log_level=settings.log_level)
     if masker is not None:  # uvicorn's own handlers, which uvicorn.Config has just installed
         mask_handlers(masker, [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.access")])
     server = GracefulServer(

@@ -33,7 +33,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.engine.discovery import EngineProgram
-from gateway.http.server import http_protocol
+from gateway.http.server import uvicorn_config
 from gateway.http.shutdown import GracefulServer
 from gateway.masking import MaskingFilter
 from gateway.settings import Settings
@@ -236,20 +236,9 @@ class InProcessGateway(Gateway):
             )
         if self.app.masker is not None:  # as `mistral-gateway` masks its log handlers (cli.serve)
             self._logs.addFilter(MaskingFilter(self.app.masker))
-        config = uvicorn.Config(
-            self.app,
-            log_config=None,  # uvicorn's would close every log handler of the test process
-            lifespan="on",
-            log_level="warning",
-            access_log=False,
-            timeout_keep_alive=75,
-            http=http_protocol(
-                header_timeout=settings.header_timeout,
-                max_connections=settings.max_connections,
-                node=settings.node_name,
-            ),
-            proxy_headers=False,
-        )
+        # Served as `mistral-gateway` serves it, but uvicorn's log configuration would close every log handler of the
+        # test process.
+        config = uvicorn_config(self.app, settings, log_config=None, log_level="warning")
         # Stopped as `mistral-gateway` stops on SIGTERM: draining, ending /events and /logs/stream followers.
         self._server = GracefulServer(
             config, gateway=self.app, drain_timeout=settings.shutdown_timeout, notice=settings.shutdown_notice

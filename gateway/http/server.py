@@ -17,13 +17,19 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import httptools
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..errors import TooManyConnections
 from .observer import NODE_HEADER
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
+    from ..settings import Settings
 
 REFUSAL_RETRY_AFTER = 1  # seconds: connections come and go quickly
 WARN_EVERY = 60.0  # seconds between two log lines about refused connections
@@ -194,4 +200,26 @@ def http_protocol(*, header_timeout: float, max_connections: int, node: str | No
     return Guarded
 
 
-__all__ = ["ConnectionGuard", "Limits", "http_protocol", "refusal"]
+def uvicorn_config(app: ASGIApp, settings: Settings, **options: Any) -> uvicorn.Config:
+    """How uvicorn serves the gateway, for `mistral-gateway` and for the tests' in-process gateways alike; ``options``
+    add where and how it logs (host and port, uvicorn's log configuration)."""
+    return uvicorn.Config(
+        app,
+        lifespan="on",
+        access_log=False,  # gateway.access logs one richer line per request
+        # Longer than any proxy's upstream keep-alive (nginx: 60 s), so the gateway never closes an idle
+        # connection at the moment a proxy or client reuses it (which fails that request).
+        timeout_keep_alive=75,
+        # A deadline for request heads and a cap on connections, on uvicorn's httptools protocol.
+        http=http_protocol(
+            header_timeout=settings.header_timeout,
+            max_connections=settings.max_connections,
+            node=settings.node_name,
+        ),
+        # The app reads forwarded headers itself, from GATEWAY_FORWARDED_ALLOW_IPS only (http/proxies.py).
+        proxy_headers=False,
+        **options,
+    )
+
+
+__all__ = ["ConnectionGuard", "Limits", "http_protocol", "refusal", "uvicorn_config"]
