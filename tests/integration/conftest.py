@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
 
 from tests import browser as browsers
-from tests import routers
+from tests import realmodel, routers
 from tests.helpers import Gateway, start_gateway
 from tests.inprocess import InProcessGateway, gateway_env
 
@@ -106,6 +106,17 @@ def gateway_processes(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     yield start
     for gateway in started:
         gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real model in the fast recipe (tests/realmodel.py), for the bundled engine; or the test is skipped saying
+    what is missing."""
+    pytest.importorskip("mistralrs", reason="the engine extra is not installed")
+    try:
+        return realmodel.smollm2()
+    except realmodel.Unavailable as exc:
+        pytest.skip(f"the real model could not be fetched: {exc}")
 
 
 @pytest.fixture

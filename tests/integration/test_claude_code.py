@@ -60,14 +60,6 @@ def claude() -> Path:
     return program
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    try:
-        return realmodel.smollm2()
-    except realmodel.Unavailable as exc:
-        pytest.skip(f"the real model could not be fetched: {exc}")
-
-
 def run(
     claude: Path, gw: Gateway, home: Path, *args: str, output_tokens: int | None = None
 ) -> subprocess.CompletedProcess[str]:

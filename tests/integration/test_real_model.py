@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import pytest
 
-from tests import realmodel
 from tests.helpers import Gateway, start_gateway
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three colours."]
@@ -40,15 +39,6 @@ reply = runner.send_completion_request(CompletionRequest(
 out["completion"] = reply.choices[0].text
 print(json.dumps(out))
 """
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    pytest.importorskip("mistralrs", reason="the engine extra is not installed")
-    try:
-        return realmodel.smollm2()
-    except realmodel.Unavailable as exc:
-        pytest.skip(f"the real model could not be fetched: {exc}")
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ import pytest
 
 from gateway.models.metadata import read_gguf
 from gateway.models.prompts import ModelFiles, load_counter
-from tests import realmodel
 from tests.helpers import Gateway, wait_for
 from tests.tinymodels import make_qwen3_gguf
 
@@ -62,14 +61,6 @@ def engine_lines(gw: Gateway) -> list[str]:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tokens-tiny")
     return make_qwen3_gguf(root / "tiny-Q8_0.gguf", quant="Q8_0")
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    try:
-        return realmodel.smollm2()
-    except realmodel.Unavailable as exc:
-        pytest.skip(f"the real model could not be fetched: {exc}")
 
 
 # ------------------------------------------------------------------------------------------- the fast recipe
