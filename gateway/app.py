@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -20,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from . import __version__
 from .cache.embeddings import Embeddings
 from .cache.store import MemoryStore, RedisStore
 from .catalog import Catalog, load_catalog
@@ -40,6 +42,7 @@ from .engine.recipes import Machine, engine_on_cpu
 from .engine.telemetry import KvCache
 from .errors import EngineUnavailable, GatewayError, MethodNotAllowed, RouteNotFound
 from .events import EventBus
+from .fleet.peers import Peers
 from .http.auth import KeyGuard, load_keys
 from .http.browsers import BrowserGuard, default_hosts
 from .http.health import Health, Readiness
@@ -48,7 +51,7 @@ from .http.observer import RequestObserver, loggable
 from .http.openapi import openapi_route
 from .http.proxies import PublicOrigin, TrustedProxies
 from .masking import Masker, build_masker, gateway_secrets
-from .metrics import Metrics, cache_metrics, download_metrics, engine_metrics, model_server_metrics
+from .metrics import Metrics, cache_metrics, download_metrics, engine_metrics, model_server_metrics, peer_metrics
 from .serving.intake import Intake
 from .serving.limits import PromptLimits
 from .serving.relay import Relay
@@ -141,8 +144,26 @@ def create_app(
     shared = RedisStore(settings.cache_url, ttl=settings.embedding_cache_ttl) if settings.cache_url else None
     embeddings = Embeddings(relay, memory, shared)
     limits = PromptLimits(settings.model_dir)
+    peer_urls = [url for url in settings.peers.split(",") if url.strip()]
+    peers = None
+    if peer_urls:
+        peers = Peers(
+            peer_urls,
+            own_name=settings.node_name,
+            busy=settings.peer_busy,
+            interval=settings.peer_interval,
+            clock=time.monotonic,
+            logger=logging.getLogger("gateway.fleet"),
+        )
     serving = Serving(
-        pool, relay, embeddings, events, limits=limits, loading_interval=settings.loading_interval, tracker=tracker
+        pool,
+        relay,
+        embeddings,
+        events,
+        limits=limits,
+        loading_interval=settings.loading_interval,
+        tracker=tracker,
+        peers=peers,
     )
     intake = Intake(catalog, max_body_mb=settings.max_body_mb)
     images = ImageStore(run_dir / "images", ttl=settings.image_ttl)
@@ -156,12 +177,17 @@ def create_app(
             asyncio.create_task(pool.run(), name="engine-pool"),  # idle stoppers, preload
             asyncio.create_task(kv_cache.run(), name="engine-kv-cache"),  # the engines' KV use, while scraped
         ]
+        # The peers' readings: plain HTTP to addresses the operator gave, never through an environment's proxy.
+        peer_client = httpx.AsyncClient(trust_env=False, headers={"user-agent": f"mistral-gateway/{__version__}"})
+        if peers is not None:
+            background.append(asyncio.create_task(peers.run(peer_client), name="fleet-peers"))
         try:
             yield
         finally:
             serving.start_draining()
             for task in background:
                 task.cancel()
+            await peer_client.aclose()
             await pool.aclose()
             await upstream.aclose()
             if shared is not None:
@@ -174,6 +200,7 @@ def create_app(
             *engine_metrics(pool.status()),
             *cache_metrics(embeddings.status()),
             *download_metrics(events.summary()["downloads"]),
+            *peer_metrics(peers.sent_elsewhere if peers is not None else None),
         ]
     )
     metrics.watch(
@@ -190,7 +217,7 @@ def create_app(
         *OllamaRoutes(catalog, intake, serving).routes(),
         *Health(readiness, pool).routes(),
         *Node(settings.node_name, catalog, pool, readiness).routes(),
-        *Operations(catalog, pool, embeddings, events).routes(),
+        *Operations(catalog, pool, embeddings, events, peers=peers).routes(),
         *Console(tracker, logs).routes(),
         openapi_route(catalog),
         Route("/metrics", serve_metrics, methods=["GET"]),

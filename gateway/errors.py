@@ -21,6 +21,7 @@
           ModelDownloadFailed         503 - a model could not be downloaded before the start
         ModelTooLarge                 503 - the model takes more memory than the whole budget; never retried
         BudgetExhausted               503 - no room for the model: the engines holding the memory stayed busy
+        WarmElsewhere                 503 - the model is stopped here, warm on a peer: a router retries there
       RequestCancelled                503 - an operator cancelled it (the console, /admin/requests); never retried
       QueueFull                       429 - too many requests already wait for the engine, with Retry-After
       EngineCrashed                   502 - it died or broke the connection mid-request
@@ -211,6 +212,17 @@ class ModelTooLarge(EngineUnavailable):
 
 class BudgetExhausted(EngineUnavailable):
     code = "memory_budget_exhausted"
+
+
+class WarmElsewhere(EngineUnavailable):
+    """The model's engine is stopped on this node and warm on another one (gateway/fleet/peers.py): a router retries
+    the request on another node; sent here again, it is served here. ``x-gateway-warm-on`` names the peer."""
+
+    code = "model_warm_elsewhere"
+
+    def __init__(self, message: str, *, node: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers["x-gateway-warm-on"] = node
 
 
 class RequestCancelled(GatewayError):

@@ -180,6 +180,21 @@ def download_metrics(downloads: dict[str, dict[str, Any]]) -> list[Metric]:
     return [fetched]
 
 
+def peer_metrics(sent_elsewhere: Mapping[str, int] | None) -> list[Metric]:
+    """Requests answered "warm elsewhere" (gateway/fleet/peers.py), per model; nothing when no peer is configured."""
+    if sent_elsewhere is None:
+        return []
+    sent = CounterMetricFamily(
+        "gateway_requests_sent_elsewhere",
+        "Requests for a model stopped here answered 503 model_warm_elsewhere, for a router to send to the peer that "
+        "has it warm.",
+        labels=["model"],
+    )
+    for model, count in sent_elsewhere.items():
+        sent.add_metric([model], count)
+    return [sent]
+
+
 def model_server_metrics(
     loads: Sequence[ModelLoad], kv_usage: Mapping[str, float], capacity: int, now: float
 ) -> list[Metric]:

@@ -59,6 +59,20 @@ class Settings(BaseSettings):
         description="This gateway's name among the nodes behind a router: the x-gateway-node header of every "
         "response, and what /server_info and /get_load say. Default: the host name.",
     )
+    peers: str = Field(
+        "",
+        description="The other nodes behind the same router (base URLs, comma-separated; this node's own may be in "
+        "the list). A request for a model whose engine is stopped here is answered 503 model_warm_elsewhere, once, "
+        "when one of them has it warm and is not busy with it, so that the router retries it there rather than wait "
+        "for a cold start. Empty: every request is served here.",
+    )
+    peer_interval: float = Field(1, gt=0, description="Seconds between two readings of each peer's /get_load.")
+    peer_busy: int = Field(
+        4,
+        ge=1,
+        description="Requests for a model (running and waiting) that make a peer busy with it: a node then starts "
+        "its own engine rather than send the peer more.",
+    )
     shutdown_notice: float = Field(
         0,
         ge=0,

@@ -210,7 +210,7 @@ class InProcessGateway(Gateway):
         logging.getLogger().addHandler(self._logs)
         self.spawner = FakeEngineSpawner()
         listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
+        listener.bind(("127.0.0.1", int(env.get("GATEWAY_PORT", 0))))  # a test that must know it first names it
         port = listener.getsockname()[1]
         fields: dict[str, Any] = {
             "host": "127.0.0.1",

@@ -17,12 +17,22 @@ from ..catalog import Catalog, Model
 from ..engine.pool import EnginePool
 from ..errors import ModelNotFound
 from ..events import EventBus
+from ..fleet.peers import Peers
 from ..serving.service import SSE_HEADERS
 
 
 class Operations:
-    def __init__(self, catalog: Catalog, pool: EnginePool, embeddings: Embeddings, events: EventBus) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        pool: EnginePool,
+        embeddings: Embeddings,
+        events: EventBus,
+        *,
+        peers: Peers | None = None,
+    ) -> None:
         self._catalog = catalog
+        self._peers = peers
         self._pool = pool
         self._embeddings = embeddings
         self._events = events
@@ -104,5 +114,6 @@ class Operations:
                 "default_model": self._catalog.default_model,
                 "default_embedding_model": self._catalog.default_embedding_model,
                 "models_file": self._catalog.origin,
+                "fleet": self._peers.status() if self._peers is not None else None,
             }
         )

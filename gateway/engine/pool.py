@@ -461,6 +461,11 @@ class EnginePool:
             for model in lifecycle.models
         ]
 
+    def cold(self, model_id: str) -> bool:
+        """Whether a request for ``model_id`` would wait for its engine to start: it is neither up nor starting."""
+        lifecycle = self._lifecycles[self._by_model[model_id]]
+        return lifecycle.state not in (EngineState.READY, EngineState.STARTING) or lifecycle.died
+
     def ready_engines(self) -> dict[str, str]:
         """The base URL of every engine that is ready, by engine name."""
         return {

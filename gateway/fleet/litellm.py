@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from .nodes import Node
+from .nodes import Node, peers_line
 
 
 def config(nodes: Sequence[Node], *, api_key: bool = False) -> str:
@@ -31,6 +31,7 @@ def config(nodes: Sequence[Node], *, api_key: bool = False) -> str:
         "# LiteLLM proxy in front of mistral-gateway nodes (docs/scale-out.md); written by `mistral-gateway routers "
         "litellm`.",
         "# Run: litellm --config config.yaml --port 4000",
+        peers_line(nodes),
         "model_list:",
     ]
     for node in nodes:

@@ -7,6 +7,7 @@ ids and their aliases, since a client may send either and a router routes by the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -62,3 +63,11 @@ def _ask(url: str, default_name: str, client: httpx.Client) -> Node:
             "runs? Or name its models file: --node URL=models.toml"
         ) from exc
     return Node(url, str(info.get("node") or default_name), {**{model: model for model in ids}, **aliases})
+
+
+def peers_line(nodes: Sequence[Node]) -> str:
+    """The setting every node gets so that a cold one sends a request to a warm one (gateway/fleet/peers.py), as a
+    comment of a router's configuration."""
+    return "# On every node, so that a node whose engine is stopped sends a request to one that has it warm:\n" + (
+        "#   GATEWAY_PEERS=" + ",".join(node.url for node in nodes)
+    )

@@ -26,7 +26,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from .nodes import Node
+from .nodes import Node, peers_line
 
 HEALTH_INTERVAL = 2  # seconds between two health checks of every registered server
 POLICY = "round_robin"
@@ -59,6 +59,7 @@ def script(nodes: Sequence[Node], *, router: str = "http://127.0.0.1:30000", api
         "vllm-router`.",
         "# Start the router (multi-model mode: servers are registered while it runs):",
         f"#   {argv}",
+        peers_line(nodes),
         "# then register each node once per model name, under the node's /m/<model>/ prefix:",
         "set -e",
         f"ROUTER=${{ROUTER:-{router}}}",

@@ -12,7 +12,8 @@ several, so each question has a node-wide answer, and one per model under ``/m/<
   to their own counts for anything else. One document cannot be both, and the list's unit (KV-cache tokens of one
   engine) has no meaning for a node of several engines, so this is the object: ``{"load", "running", "waiting",
   "node", "models": {id: {...}}}``. Its ``load`` counts requests (running + waiting), which is what the router
-  compares between nodes.
+  compares between nodes. ``serving`` is false from SIGTERM on: the node's peers (gateway/fleet/peers.py) send
+  it nothing more.
 - ``GET /server_info``, ``/model_info`` (and the older ``/get_server_info``, ``/get_model_info``): what sglang's
   router reads when a server registers (``served_model_name``, ``model_path``, ``dp_size``, ``model_type``...). A
   server of one model gets that model's fields; a node of several says what it serves (``models``) and leaves the
@@ -80,7 +81,11 @@ class ModelScope:
         # A new scope for what follows; the state dict stays shared, so what the app notes (the model, the
         # request's record) still reaches the request log, which shows the path as it was sent.
         inner = {**scope, "path": tail, "raw_path": quote(tail).encode()}
-        await self.app(inner, receive, send)
+        try:
+            await self.app(inner, receive, send)
+        finally:
+            if "route" in inner:  # the route matched, for the metrics' route label (gateway/http/observer.py)
+                scope["route"] = inner["route"]
 
 
 class Node:
@@ -126,6 +131,7 @@ class Node:
                 "running": running,
                 "waiting": waiting,
                 "node": self._name,
+                "serving": not self._readiness.leaving,
                 "models": {load.model: _load(load) for load in loads},
             }
         )

@@ -25,6 +25,9 @@ from ..metrics import Metrics
 NODE_HEADER = "x-gateway-node"
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _access = logging.getLogger("gateway.access")
+# Asked every second or few by routers, peers, kubelets and Prometheus: their successful answers are logged at DEBUG,
+# or they would drown the requests (a failing probe is still logged at INFO).
+_POLLED = frozenset({"/health", "/healthz", "/readyz", "/get_load", "/metrics"})
 
 
 class RequestObserver:
@@ -124,15 +127,17 @@ class RequestObserver:
             timed[0].observe(elapsed)
             if first_data is not None:
                 timed[1].observe(first_data - began)
-            self._log(scope, status, elapsed, sent, model, cache, request_id)
+            level = logging.DEBUG if status == 200 and route in _POLLED else logging.INFO
+            self._log(level, scope, status, elapsed, sent, model, cache, request_id)
 
     def _log(
-        self, scope: Scope, status: int, elapsed: float, sent: int, model: str, cache: str, request_id: str
+        self, level: int, scope: Scope, status: int, elapsed: float, sent: int, model: str, cache: str, request_id: str
     ) -> None:
-        if not _access.isEnabledFor(logging.INFO):
+        if not _access.isEnabledFor(level):
             return
         if self._json:
-            _access.info(
+            _access.log(
+                level,
                 json.dumps(
                     {
                         "method": scope["method"],
@@ -144,10 +149,11 @@ class RequestObserver:
                         "cache": cache or None,
                         "request_id": request_id,
                     }
-                )
+                ),
             )
         else:
-            _access.info(
+            _access.log(
+                level,
                 "%s %s model=%s status=%d duration_ms=%.1f bytes=%d cache=%s request_id=%s",
                 loggable(scope["method"]),
                 loggable(scope["path"]),

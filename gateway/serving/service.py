@@ -36,9 +36,10 @@ from ..console.tracker import Record, Tracker, current
 from ..engine.launcher import Endpoint
 from ..engine.lifecycle import Lease
 from ..engine.pool import EnginePool
-from ..errors import EngineUnavailable, GatewayError, RequestCancelled
+from ..errors import EngineUnavailable, GatewayError, RequestCancelled, WarmElsewhere
 from ..events import Event as BusEvent
 from ..events import EventBus
+from ..fleet.peers import Peers, request_key
 from . import chat
 from .calls import ChatWork, EmbeddingWork, LoadWork, ModelCall, RelayWork
 from .limits import PromptLimits
@@ -62,6 +63,7 @@ class Serving:
         limits: PromptLimits,
         loading_interval: float,
         tracker: Tracker | None = None,
+        peers: Peers | None = None,
     ) -> None:
         self.pool = pool
         self.relay = relay
@@ -70,6 +72,7 @@ class Serving:
         self._embeddings = embeddings
         self._events = events
         self._loading_interval = loading_interval
+        self._peers = peers
         self._draining = False
 
     def start_draining(self) -> None:
@@ -139,13 +142,14 @@ class Serving:
         if isinstance(work, EmbeddingWork):
             # The engine is started only when some item is not cached: a warm cache answers with it stopped.
             content, cache = await self._embeddings.handle(
-                work.body, model, lambda: self.pool.ensure_ready(model.id, lease), cache_control=work.cache_control
+                work.body, model, lambda: self._engine(call, lease), cache_control=work.cache_control
             )
             lease.answered()  # a no-op when the cache answered alone (no engine engaged)
             return work.write(content, cache)
-        endpoint = await self.pool.ensure_ready(model.id, lease)
-        if isinstance(work, LoadWork):
+        if isinstance(work, LoadWork):  # a preload is meant for this node: never sent elsewhere
+            await self.pool.ensure_ready(model.id, lease)
             return work.answer()
+        endpoint = await self._engine(call, lease)
         if isinstance(work, RelayWork):
             answer = await self._relayed(work, model, endpoint)
             lease.answered()
@@ -157,6 +161,21 @@ class Serving:
         if record is not None:
             self.tracker.usage(record, result.get("usage"))
         return Response(work.writer.answer(result), media_type=work.answer_media_type, headers=dict(call.headers))
+
+    async def _engine(self, call: ModelCall, lease: Lease) -> Endpoint:
+        """The engine for ``call``, once it answers; started first when it must be, unless a peer has the model warm
+        and is not busy with it (gateway/fleet/peers.py): then :class:`WarmElsewhere`, for a router to retry
+        elsewhere. Asked only when the work needs the engine (an embedding batch the cache answers does not)."""
+        model = call.model
+        if self._peers is not None and self.pool.cold(model.id):
+            peer = self._peers.elsewhere(model.id, _identity(call))
+            if peer is not None:
+                raise WarmElsewhere(
+                    f"The model '{model.id}' is not loaded on this node and is loaded on {peer.node}: try another "
+                    "node. Sent here again, this request is served here, after its engine starts.",
+                    node=peer.node,
+                )
+        return await self.pool.ensure_ready(model.id, lease)
 
     async def _relayed(self, work: RelayWork, model: Model, endpoint: Endpoint) -> Response:
         engine_id = endpoint.engine_id(model.id)
@@ -173,7 +192,7 @@ class Serving:
         """The engine, for a stream. A start that takes a while commits the answer to a 200 stream with
         `: loading` comments (Server-Sent Events); a dialect whose streams cannot carry comments (Ollama's NDJSON)
         keeps the client waiting for the status instead."""
-        ready = asyncio.ensure_future(self.pool.ensure_ready(call.model.id, lease))
+        ready = asyncio.ensure_future(self._engine(call, lease))
         try:
             done, _ = await asyncio.wait({ready}, timeout=min(1.0, self._loading_interval))
             if not done and writer_comments:
@@ -237,6 +256,22 @@ class Serving:
             yield event
         if record is not None:
             self.tracker.usage(record, stream.usage())
+
+
+def _identity(call: ModelCall) -> bytes:
+    """What makes a request the same one when a router sends it back: its model and what the engine would get."""
+    work = call.work
+    if isinstance(work, ChatWork):
+        return request_key(call.model.id, work.plan.path.encode(), *map(_canonical, work.plan.bodies))
+    if isinstance(work, RelayWork):
+        return request_key(call.model.id, work.path.encode(), work.raw)
+    if isinstance(work, EmbeddingWork):
+        return request_key(call.model.id, _canonical(work.body))
+    return request_key(call.model.id)
+
+
+def _canonical(body: Mapping[str, object]) -> bytes:
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
 
 
 @dataclass

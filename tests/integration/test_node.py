@@ -88,6 +88,22 @@ def test_the_model_prefix_serves_as_the_root_does_and_refuses_a_model_the_node_l
     assert ollama.status_code == 404 and isinstance(ollama.json()["error"], str)  # in the dialect asked for
     listed = httpx.get(gw.url + "/m/gpt-4o-mini/v1/models", headers=key).json()["data"]
     assert [card["id"] for card in listed] == ["gpt-4o-mini"]  # what a router asks a server of one model
+    # Counted under the route it stands for, not as an unmatched path.
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert 'gateway_requests_total{model="tiny-chat",route="/v1/chat/completions",status="200"} 1.0' in metrics
+    assert 'route="unmatched",status="200"' not in metrics
+
+
+def test_polled_answers_are_logged_at_debug_and_failing_ones_at_info(gateways: Start) -> None:
+    gw = gateways()
+    for path in ("/health", "/healthz", "/readyz", "/get_load", "/metrics", "/m/tiny-chat/health"):
+        assert httpx.get(gw.url + path).status_code == 200
+    assert httpx.post(gw.v1 + "/chat/completions", json=chat("hi"), timeout=30).status_code == 200
+    gw.app.announce_shutdown()  # type: ignore[attr-defined]  # leaving: /health says 503
+    assert httpx.get(gw.url + "/health").status_code == 503
+    logged = [line for line in gw.log().splitlines() if "status=" in line]
+    assert any("POST /v1/chat/completions" in line for line in logged)
+    assert [line.split()[4:6] for line in logged if " GET " in line] == [["GET", "/health"]], logged
 
 
 def test_a_node_given_notice_says_so_serves_on_then_drains_and_exits(gateway_processes: Start) -> None:
@@ -98,6 +114,7 @@ def test_a_node_given_notice_says_so_serves_on_then_drains_and_exits(gateway_pro
         gw.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: httpx.get(gw.url + "/health").status_code == 503, 10, "/health to say 503")
         assert httpx.get(gw.url + "/readyz").json() == {"status": "draining"}
+        assert httpx.get(gw.url + "/get_load").json()["serving"] is False  # its peers send it nothing more
         late = httpx.post(gw.v1 + "/chat/completions", json=chat("still here"), timeout=30)
         assert late.status_code == 200  # a router that has not looked yet still gets its answer
         wait_for(lambda: stream.complete, 30, "the stream in flight to finish")

@@ -64,6 +64,7 @@ def test_vllm_router_registers_each_node_once_per_model_under_its_prefix() -> No
     posts = [line for line in script.splitlines() if line.startswith("curl ")]
     assert [json.loads(shlex.split(line)[-1]) for line in posts] == vllm_router.workers([ONE, TWO])
     assert "ROUTER=${ROUTER:-http://router:31000}" in script
+    assert "#   GATEWAY_PEERS=http://gw1:8080,http://gw2:8080\n" in script  # what every node gets
     assert "--api-key $NODE_API_KEY" in vllm_router.script([ONE], api_key=True)
 
 
@@ -97,6 +98,7 @@ def test_litellm_gets_one_deployment_per_node_and_model_name() -> None:
         "openai/org/gamma",
     }
     assert config["router_settings"]["routing_strategy"] == "simple-shuffle"
+    assert "#   GATEWAY_PEERS=http://gw1:8080,http://gw2:8080\n" in litellm.config([ONE, TWO])
     assert config["general_settings"] == {"background_health_checks": False}
     keys = {d["litellm_params"]["api_key"] for d in yaml.safe_load(litellm.config([ONE], api_key=True))["model_list"]}
     assert keys == {"os.environ/NODE_API_KEY"}
