@@ -52,6 +52,20 @@ async def test_many_cold_requests_share_one_spawn(tmp_path: Path) -> None:
     assert spawner.procs[0].signals[0] == signal.SIGTERM
 
 
+async def test_a_model_is_cold_while_its_engine_is_neither_up_nor_starting(tmp_path: Path) -> None:
+    pool, spawner, _ = pool_of(tmp_path)
+    assert pool.cold("chat")
+    starting = asyncio.ensure_future(pool.ensure_ready("chat"))
+    await until(lambda: pool.lifecycle("chat").state is EngineState.STARTING)
+    assert not pool.cold("chat")  # a request now joins the start under way
+    await starting
+    assert not pool.cold("chat")
+    spawner.procs[0].die(9)
+    assert pool.cold("chat")  # dead, though nothing has handled its exit yet
+    await pool.aclose()
+    assert pool.cold("chat")
+
+
 async def test_start_failure_backs_off_then_retries(tmp_path: Path) -> None:
     pool, spawner, clock = pool_of(tmp_path)
     spawner.exit_codes = [1, 1, None]
