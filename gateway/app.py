@@ -54,10 +54,10 @@ from .masking import Masker, build_masker, gateway_secrets
 from .metrics import Metrics, cache_metrics, download_metrics, engine_metrics, model_server_metrics, peer_metrics
 from .serving.intake import Intake
 from .serving.limits import PromptLimits
-from .serving.relay import Relay
 from .serving.service import Serving
-from .serving.upstream import AiohttpUpstream, Upstream
 from .settings import Settings
+from .upstream.client import AiohttpUpstream, Upstream
+from .upstream.relay import Relay
 
 if TYPE_CHECKING:
     from .models.download import Downloader
@@ -212,7 +212,7 @@ def create_app(
 
     readiness = Readiness(pool, draining=lambda: serving.draining)
     routes = [
-        *OpenAIRoutes(catalog, intake, serving, images, origin).routes(),
+        *OpenAIRoutes(catalog, intake, serving, images, origin.of).routes(),
         *AnthropicRoutes(intake, serving).routes(),
         *OllamaRoutes(catalog, intake, serving).routes(),
         *Health(readiness, pool).routes(),

@@ -67,6 +67,11 @@ class NullSink:
         return None
 
 
+# The headers of every text/event-stream answer (chat streams, the console's /events): not cached, and passed on by
+# nginx as each event comes rather than buffered.
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
 @dataclass(frozen=True)
 class Event:
     """One thing that happened. ``seq`` orders events of one bus (followers resume or spot gaps by it)."""

@@ -5,12 +5,14 @@ the tests that need it are collected (tests/conftest.py) and overlaps the tests 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 import venv
 from pathlib import Path
 
+import httpx
 from filelock import FileLock
 
 from tests.realmodel import cache_dir
@@ -51,3 +53,34 @@ def installed(name: str, requirement: str, program: str) -> Path | str:
             return f"could not install {requirement} into {folder}: {done.stderr.strip()[-600:]}"
         marker.write_text(sys.version)
         return executable
+
+
+def litellm_env() -> dict[str, str]:
+    """The proxy's environment: none of the gateway's settings or fake-engine knobs, nothing fetched from the
+    internet at start, errors only in its log, and no proxy of this machine between it and the nodes."""
+    offline = ("MODEL_COST_MAP", "ANTHROPIC_BETA_HEADERS", "BLOG_POSTS", "POLICY_TEMPLATES", "AUTOROUTER_PRESETS")
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "FAKE_ENGINE_"))},
+        **{f"LITELLM_LOCAL_{name}": "True" for name in offline},
+        "LITELLM_LOG": "ERROR",
+        "NO_PROXY": "*",
+    }
+
+
+def answers(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> bool:
+    """Whether the router at ``url`` answers 200 yet; its log in the failure if it exited."""
+    if proc.poll() is not None:
+        raise AssertionError(f"{proc.args!r} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def counter_sum(text: str, name: str) -> float:
+    """The sum of a counter's series in Prometheus text (0 when it has none yet)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name)] in "{ ":
+            total += float(line.rsplit(" ", 1)[1])
+    return total

@@ -27,7 +27,7 @@ import orjson
 from ..catalog import Model
 from ..engine.launcher import Endpoint
 from ..errors import EngineError, InvalidRequest, UnsupportedForModel
-from ..serving.relay import Relay
+from ..upstream.relay import Relay
 from .keys import Item, item_key, model_identity
 from .store import Entry, MemoryStore, RedisStore
 

@@ -16,9 +16,8 @@ from ..cache.embeddings import Embeddings
 from ..catalog import Catalog, Model
 from ..engine.pool import EnginePool
 from ..errors import ModelNotFound
-from ..events import EventBus
+from ..events import SSE_HEADERS, EventBus
 from ..fleet.peers import Peers
-from ..serving.service import SSE_HEADERS
 
 
 class Operations:

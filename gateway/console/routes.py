@@ -19,7 +19,7 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import BaseRoute, Route
 
 from ..errors import GatewayError, RouteNotFound
-from ..serving.service import SSE_HEADERS
+from ..events import SSE_HEADERS
 from .engine_logs import LogHub, LogLine
 from .tracker import Tracker
 

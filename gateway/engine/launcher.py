@@ -24,8 +24,8 @@ from pathlib import Path
 
 from ..catalog import Catalog
 from ..errors import EngineStartFailed, EngineUnavailable
-from ..serving.upstream import Upstream, UpstreamError
 from ..settings import Settings
+from ..upstream.client import Upstream, UpstreamError
 from .command import CommandError, build_command
 from .discovery import EngineProgram, find_engine
 from .environment import engine_environment

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
-from ..serving.upstream import Upstream, UpstreamError
+from ..upstream.client import Upstream, UpstreamError
 
 INTERVAL = 1.0  # seconds between two readings, while the gateway's /metrics is being scraped
 STALE = 3  # a reading older than this many intervals is not reported

@@ -41,16 +41,10 @@ from ..catalog import Catalog, Model
 from ..dialects.errors import error_response
 from ..engine.pool import EnginePool, ModelLoad
 from ..errors import ModelNotFound
+from ..serving.intake import scope_to, scoped_name
 from .health import Readiness
 
 PREFIX = "/m/"
-_SCOPED = "node_model"  # the scope state key: the name the /m/<name>/ prefix gave, when there was one
-
-
-def scoped_name(scope: Scope) -> str | None:
-    """The model a request was sent for by its ``/m/<model>/`` prefix, as the prefix named it (id or alias)."""
-    state = scope.get("state")
-    return state.get(_SCOPED) if state else None
 
 
 class ModelScope:
@@ -77,7 +71,7 @@ class ModelScope:
             await error_response(error, "/" + after)(scope, receive, send)  # in the dialect of the route asked for
             return
         name, tail = rest[:cut], rest[cut:] or "/"
-        scope.setdefault("state", {})[_SCOPED] = name
+        scope_to(scope, name)
         # A new scope for what follows; the state dict stays shared, so what the app notes (the model, the
         # request's record) still reaches the request log, which shows the path as it was sent.
         inner = {**scope, "path": tail, "raw_path": quote(tail).encode()}

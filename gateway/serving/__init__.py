@@ -1,3 +1,3 @@
 """Serving a model request, whatever its dialect: taking it in (``intake.py``), holding the model's engine for it,
-running its engine work and writing the answer (``service.py``, ``chat.py``), and the one path to the engine
-(``relay.py`` over ``upstream.py``)."""
+running its engine work and writing the answer (``service.py``, ``chat.py``), through the relay to the engine
+(gateway/upstream/)."""

@@ -25,8 +25,8 @@ from .limits import Policy
 
 if TYPE_CHECKING:
     from ..errors import GatewayError
+    from ..upstream.relay import Reply
     from .chat import Stream
-    from .relay import Reply
 
 
 class ChatWriter(Protocol):

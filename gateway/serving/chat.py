@@ -18,8 +18,8 @@ from ..chat import answers, streams
 from ..chat.plans import Plan
 from ..chat.streams import Event, Leg
 from ..errors import EngineError
-from .relay import ModelRename, Relay
-from .upstream import UpstreamResponse
+from ..upstream.client import UpstreamResponse
+from ..upstream.relay import ModelRename, Relay
 
 T = TypeVar("T")
 

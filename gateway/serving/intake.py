@@ -10,9 +10,24 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.requests import Request
+from starlette.types import Scope
 
 from ..catalog import Catalog, Model
 from ..errors import BodyTooLarge, InvalidRequest, ModelNotFound, UnsupportedForModel, UnsupportedMediaType
+
+_SCOPED = "node_model"  # the scope state key: the name the /m/<name>/ prefix gave, when there was one
+
+
+def scope_to(scope: Scope, name: str) -> None:
+    """Note that a request was sent for the model ``name`` by its path (the node protocol's ``/m/<model>/`` prefix:
+    gateway/http/node.py)."""
+    scope.setdefault("state", {})[_SCOPED] = name
+
+
+def scoped_name(scope: Scope) -> str | None:
+    """The model a request was sent for by its ``/m/<model>/`` prefix, as the prefix named it (id or alias)."""
+    state = scope.get("state")
+    return state.get(_SCOPED) if state else None
 
 
 class Intake:

@@ -37,16 +37,15 @@ from ..engine.launcher import Endpoint
 from ..engine.lifecycle import Lease
 from ..engine.pool import EnginePool
 from ..errors import EngineUnavailable, GatewayError, RequestCancelled, WarmElsewhere
+from ..events import SSE_HEADERS, EventBus
 from ..events import Event as BusEvent
-from ..events import EventBus
 from ..fleet.peers import Peers, request_key
+from ..upstream.relay import ModelRename, Relay
 from . import chat
 from .calls import ChatWork, EmbeddingWork, LoadWork, ModelCall, RelayWork
 from .limits import PromptLimits
-from .relay import ModelRename, Relay
 
 T = TypeVar("T")
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 LOADING = b": loading\n\n"
 
 
@@ -408,4 +407,4 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-__all__ = ["LOADING", "SSE_HEADERS", "Serving"]
+__all__ = ["LOADING", "Serving"]

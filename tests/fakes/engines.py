@@ -15,8 +15,8 @@ from gateway.engine.discovery import EngineProgram
 from gateway.engine.launcher import Launcher
 from gateway.engine.pool import EnginePool
 from gateway.engine.preparation import Preparer
-from gateway.serving.upstream import UpstreamConnectError
 from gateway.settings import Settings
+from gateway.upstream.client import UpstreamConnectError
 from tests.fakes.upstream import Answer, Call, FakeUpstream
 
 if TYPE_CHECKING:

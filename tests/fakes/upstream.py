@@ -1,4 +1,4 @@
-"""A small fake of the gateway's :class:`~gateway.serving.upstream.Upstream` interface, for unit tests of the modules
+"""A small fake of the gateway's :class:`~gateway.upstream.client.Upstream` interface, for unit tests of the modules
 that use it (the relay, the launcher's health probe). Each request is answered by a handler the test writes; the real
 client is tested against real sockets in tests/unit/test_upstream.py."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from gateway.serving.upstream import Deadline, UpstreamError
+from gateway.upstream.client import Deadline, UpstreamError
 
 
 @dataclass

@@ -77,7 +77,7 @@ def test_mixed_load_without_errors_or_leaks(gateway_processes: Start) -> None:
     wait_for(lambda: gw.engine()["in_flight"] == 0, 10, "every request to be released")
     # Descriptors: the clients' connections close; what remains is the pool of idle connections to the engine, no
     # larger than after the warm-up's burst. On a busy machine requests overlap longer and the pool grows past that;
-    # its idle connections close after 30 s (serving/upstream.py's keep-alive), so within 45 s every descriptor a
+    # its idle connections close after 30 s (upstream/client.py's keep-alive), so within 45 s every descriptor a
     # request opened is gone, unless one leaked.
     wait_for(lambda: fds(pid) <= fds_before + 10, 45, f"descriptors to return (before {fds_before}, now {fds(pid)})")
     growth = rss_mb(pid) - rss_before

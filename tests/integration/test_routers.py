@@ -38,7 +38,7 @@ import pytest
 from gateway.chat.checks import ROUTER_FIELDS
 from gateway.fleet import litellm, nodes, vllm_router
 from tests.helpers import Gateway, HeldStream, free_port, held_streams, start_gateway, wait_for
-from tests.routers import LITELLM, VLLM_ROUTER, installed
+from tests.routers import LITELLM, VLLM_ROUTER, answers, counter_sum, installed, litellm_env
 
 Start = Callable[..., Gateway]
 Node = Callable[[Mapping[str, str]], str]  # which node answered, from the headers the router passes on
@@ -227,7 +227,7 @@ def test_vllm_router_in_front_of_three_nodes_one_killed_halfway(fleet: Fleet, vl
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _answers(url + "/health", router, log_path), 60, "vllm-router to listen")
+        wait_for(lambda: answers(url + "/health", router, log_path), 60, "vllm-router to listen")
         with httpx.Client(timeout=10) as client:
             found = [nodes.parse(gw.url, model_dir=gw.log_path.parent, client=client) for gw in fleet.gateways.values()]
             assert [node.name for node in found] == ["node1", "node2", "node3"]
@@ -235,7 +235,7 @@ def test_vllm_router_in_front_of_three_nodes_one_killed_halfway(fleet: Fleet, vl
             assert len(client.get(url + "/workers").json()["workers"]) == 7
         result = run(fleet, url, headers={}, node_of=lambda headers: headers.get("x-gateway-node", ""))
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
-        check_and_report(fleet, result, "vllm-router 0.1.17", _sum(metrics, "vllm_router_retries_total"))
+        check_and_report(fleet, result, "vllm-router 0.1.17", counter_sum(metrics, "vllm_router_retries_total"))
     finally:
         router.terminate()
         router.wait(10)
@@ -260,13 +260,7 @@ def test_litellm_in_front_of_three_nodes_one_killed_halfway(fleet: Fleet, litell
     found = [nodes.parse(gw.url, model_dir=folder) for gw in fleet.gateways.values()]
     config = folder / "litellm.yaml"
     config.write_text(litellm.config(found) + "  master_key: sk-test\n")
-    offline = ("MODEL_COST_MAP", "ANTHROPIC_BETA_HEADERS", "BLOG_POSTS", "POLICY_TEMPLATES", "AUTOROUTER_PRESETS")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "FAKE_ENGINE_"))},
-        **{f"LITELLM_LOCAL_{name}": "True" for name in offline},  # nothing fetched from the internet at start
-        "LITELLM_LOG": "ERROR",
-        "NO_PROXY": "*",
-    }
+    env = litellm_env()
     log_path = folder / "litellm.log"
     with log_path.open("wb") as log:
         proxy = subprocess.Popen(
@@ -277,7 +271,7 @@ def test_litellm_in_front_of_three_nodes_one_killed_halfway(fleet: Fleet, litell
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: _answers(url + "/health/liveliness", proxy, log_path), 180, "the LiteLLM proxy")
+        wait_for(lambda: answers(url + "/health/liveliness", proxy, log_path), 180, "the LiteLLM proxy")
         # LiteLLM names the deployment that answered (model_info.id: node/model) in x-litellm-model-id.
         result = run(
             fleet,
@@ -294,15 +288,6 @@ def test_litellm_in_front_of_three_nodes_one_killed_halfway(fleet: Fleet, litell
 # ------------------------------------------------------------------------------------------------- helpers
 
 
-def _answers(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> bool:
-    if proc.poll() is not None:
-        raise AssertionError(f"{proc.args!r} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def _started(streams: list[HeldStream]) -> bool:
     return all(s.lines for s in streams)
 
@@ -310,12 +295,3 @@ def _started(streams: list[HeldStream]) -> bool:
 def _text(stream: HeldStream) -> str:
     chunks = [json.loads(line) for line in stream.lines if line != "[DONE]"]
     return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-
-
-def _sum(text: str, name: str) -> float:
-    """The sum of a counter's series in Prometheus text (0 when it has none yet)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and line[len(name)] in "{ ":
-            total += float(line.rsplit(" ", 1)[1])
-    return total

@@ -16,7 +16,6 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -27,7 +26,7 @@ import pytest
 
 from gateway.fleet import litellm, nodes, vllm_router
 from tests.helpers import Gateway, free_port, held_streams, wait_for
-from tests.routers import LITELLM, VLLM_ROUTER, installed
+from tests.routers import LITELLM, VLLM_ROUTER, answers, counter_sum, installed, litellm_env
 
 Start = Callable[..., Gateway]
 MODELS = ("alpha", "beta", "gamma", "delta", "eps")
@@ -178,7 +177,7 @@ def three(gateways: Start) -> Iterator[dict[str, Gateway]]:
     yield node
 
 
-def test_behind_vllm_router_the_warm_node_answers(three: dict[str, Gateway]) -> None:
+def test_behind_vllm_router_the_warm_nodeanswers(three: dict[str, Gateway]) -> None:
     program = installed("venv-vllm-router", VLLM_ROUTER, "vllm-router")
     if isinstance(program, str):
         pytest.skip(program)
@@ -190,19 +189,19 @@ def test_behind_vllm_router_the_warm_node_answers(three: dict[str, Gateway]) -> 
         _running([str(program), *argv[1:], "--prometheus-port", str(metrics_port)], log, None) as router,
     ):
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _answers(url + "/health", router, log_path), 60, "vllm-router to listen")
+        wait_for(lambda: answers(url + "/health", router, log_path), 60, "vllm-router to listen")
         with httpx.Client(timeout=10) as client:
             found = [nodes.parse(gw.url, model_dir=gw.log_path.parent, client=client) for gw in three.values()]
             assert vllm_router.register(found, url, client=client) == []
         result = run_behind(url, three, lambda response: response.headers.get("x-gateway-node", ""))
-        retried = _sum(httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text, "vllm_router_retries_total")
+        retried = counter_sum(httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text, "vllm_router_retries_total")
     print(f"\n{VLLM_ROUTER}, round_robin: {result}; retried by the router: {retried:.0f}")
     # Round-robin moves on at each retry: every request reaches n1, and no other node starts alpha.
     assert result.answered == ["n1"] * 30 and all(result.cold.values()), result
     assert retried == sum(result.sent.values()) > 0
 
 
-def test_behind_litellm_the_warm_node_answers(three: dict[str, Gateway]) -> None:
+def test_behind_litellm_the_warm_nodeanswers(three: dict[str, Gateway]) -> None:
     if os.environ.get("MISTRAL_GATEWAY_TEST_LITELLM") == "0":
         pytest.skip(f"MISTRAL_GATEWAY_TEST_LITELLM=0: LiteLLM's proxy ({LITELLM}) is not installed nor run")
     program = installed("venv-litellm", LITELLM, "litellm")
@@ -212,19 +211,13 @@ def test_behind_litellm_the_warm_node_answers(three: dict[str, Gateway]) -> None
     config = folder / "litellm.yaml"
     config.write_text(litellm.config([nodes.parse(gw.url, model_dir=folder) for gw in three.values()]))
     config.write_text(config.read_text() + "  master_key: sk-test\n")
-    offline = ("MODEL_COST_MAP", "ANTHROPIC_BETA_HEADERS", "BLOG_POSTS", "POLICY_TEMPLATES", "AUTOROUTER_PRESETS")
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "FAKE_ENGINE_"))},
-        **{f"LITELLM_LOCAL_{name}": "True" for name in offline},
-        "LITELLM_LOG": "ERROR",
-        "NO_PROXY": "*",
-    }
+    env = litellm_env()
     port = free_port()
     log_path = folder / "litellm.log"
     argv = [str(program), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("wb") as log, _running(argv, log, env) as proxy:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _answers(url + "/health/liveliness", proxy, log_path), 180, "the LiteLLM proxy")
+        wait_for(lambda: answers(url + "/health/liveliness", proxy, log_path), 180, "the LiteLLM proxy")
         result = run_behind(
             url,
             three,
@@ -254,20 +247,3 @@ def _running(argv: list[str], log: Any, env: dict[str, str] | None) -> Iterator[
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-
-
-def _answers(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> bool:
-    if proc.poll() is not None:
-        raise AssertionError(f"{proc.args!r} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _sum(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and line[len(name)] in "{ ":
-            total += float(line.rsplit(" ", 1)[1])
-    return total

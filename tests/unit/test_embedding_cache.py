@@ -21,7 +21,7 @@ from gateway.cache.keys import item_key, model_identity
 from gateway.cache.store import BadValue, Entry, MemoryStore, RedisStore, check_dimensions
 from gateway.catalog import Model, parse_catalog
 from gateway.engine.launcher import Endpoint
-from gateway.serving.relay import Relay
+from gateway.upstream.relay import Relay
 
 MiB = 1024 * 1024
 

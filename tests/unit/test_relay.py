@@ -6,8 +6,8 @@ from typing import Any
 import pytest
 
 from gateway.errors import EngineCrashed, EngineError, EngineStalled, GatewayError
-from gateway.serving.relay import ModelRename, Relay, engine_error
-from gateway.serving.upstream import Deadline, UpstreamBroken, UpstreamConnectError, UpstreamTimeout
+from gateway.upstream.client import Deadline, UpstreamBroken, UpstreamConnectError, UpstreamTimeout
+from gateway.upstream.relay import ModelRename, Relay, engine_error
 from tests.fakes.upstream import Answer, Call, FakeUpstream, Handler
 
 
@@ -136,7 +136,7 @@ async def test_transport_failures_are_translated_then_reported() -> None:
 
 
 async def test_an_event_without_end_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.serving import relay as relay_module
+    from gateway.upstream import relay as relay_module
 
     monkeypatch.setattr(relay_module, "MAX_EVENT", 100)
     relay = relay_for(lambda call: Answer(200, [b"data: " + b"x" * 60, b"y" * 60], "text/event-stream"))

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from gateway.engine.telemetry import STALE, KvCache, kv_usage
-from gateway.serving.upstream import UpstreamConnectError
+from gateway.upstream.client import UpstreamConnectError
 from tests.fakes.engines import Clock, until
 from tests.fakes.upstream import Answer, Call, FakeUpstream
 

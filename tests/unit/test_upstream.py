@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gateway.serving import upstream as upstream_module
-from gateway.serving.upstream import AiohttpUpstream, Deadline, UpstreamBroken, UpstreamConnectError, UpstreamTimeout
+from gateway.upstream import client as upstream_module
+from gateway.upstream.client import AiohttpUpstream, Deadline, UpstreamBroken, UpstreamConnectError, UpstreamTimeout
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
 

@@ -18,6 +18,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Scope
 
 from ...catalog import CHAT_KINDS, Catalog, Model
 from ...chat import checks
@@ -25,12 +26,10 @@ from ...chat.fields import Validator
 from ...chat.plans import plan_chat, plan_completion
 from ...engine.pool import EnginePool
 from ...errors import ModelNotFound, NotImplementedByGateway, RouteNotFound
-from ...http.node import scoped_name
-from ...http.proxies import PublicOrigin
 from ...serving.calls import ChatWork, EmbeddingWork, ModelCall, RelayWork
-from ...serving.intake import Intake, keep_alive
-from ...serving.relay import Reply
+from ...serving.intake import Intake, keep_alive, scoped_name
 from ...serving.service import Serving
+from ...upstream.relay import Reply
 from . import images, responses
 from .chat import OPENAI
 from .checks import embedding, image, speech
@@ -67,8 +66,10 @@ class OpenAIRoutes:
         intake: Intake,
         serving: Serving,
         image_store: images.ImageStore,
-        origin: PublicOrigin,
+        origin: Callable[[Scope], str],
     ) -> None:
+        """``origin``: the ``scheme://host[:port]`` of the URLs handed to a client, for its request (the HTTP edge
+        knows it: gateway/http/proxies.py ``PublicOrigin``)."""
         self._catalog = catalog
         self._intake = intake
         self._serving = serving
@@ -135,7 +136,7 @@ class OpenAIRoutes:
 
     def image(self, incoming: Incoming) -> ModelCall:
         wanted = images.to_engine_request(incoming.body)
-        origin = self._origin.of(incoming.request.scope)
+        origin = self._origin(incoming.request.scope)
 
         def write(reply: Reply) -> Response:
             answer = images.from_engine_reply(json.loads(reply.content), wanted, self._images, origin)

@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from ..errors import EngineCrashed, EngineError, EngineStalled, GatewayError, error_body
-from .upstream import (
+from .client import (
     Deadline,
     Upstream,
     UpstreamBroken,
