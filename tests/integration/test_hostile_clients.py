@@ -187,7 +187,7 @@ def test_control_characters_cannot_forge_access_log_lines(gateways: Start) -> No
     raw.sendall(b"GET /x\n" + FORGED.encode() + b" HTTP/1.1\r\nHost: gateway.test\r\n\r\n")
     assert raw.recv(65536).startswith(b"HTTP/1.1 400 ")
     # Lines are written in order: once this request's is there, those of the requests above are too.
-    assert httpx.get(gw.url + "/healthz", headers={"X-Request-ID": ids["sync"]}).status_code == 200
+    assert httpx.get(gw.v1 + "/models", headers={"X-Request-ID": ids["sync"]}).status_code == 200
     wait_for(lambda: f"request_id={ids['sync']}" in gw.log(), 10, "the access log line of the last request")
 
     lines = gw.log().splitlines()
