@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -177,9 +176,12 @@ def create_app(
             asyncio.create_task(pool.run(), name="engine-pool"),  # idle stoppers, preload
             asyncio.create_task(kv_cache.run(), name="engine-kv-cache"),  # the engines' KV use, while scraped
         ]
-        # The peers' readings: plain HTTP to addresses the operator gave, never through an environment's proxy.
-        peer_client = httpx.AsyncClient(trust_env=False, headers={"user-agent": f"mistral-gateway/{__version__}"})
+        peer_client = None
         if peers is not None:
+            import httpx  # only for a node with peers: with rich and pygments, it would double the modules loaded
+
+            # The peers' readings: plain HTTP to addresses the operator gave, never through an environment's proxy.
+            peer_client = httpx.AsyncClient(trust_env=False, headers={"user-agent": f"mistral-gateway/{__version__}"})
             background.append(asyncio.create_task(peers.run(peer_client), name="fleet-peers"))
         try:
             yield
@@ -187,7 +189,8 @@ def create_app(
             serving.start_draining()
             for task in background:
                 task.cancel()
-            await peer_client.aclose()
+            if peer_client is not None:
+                await peer_client.aclose()
             await pool.aclose()
             await upstream.aclose()
             if shared is not None:

@@ -85,11 +85,18 @@ class Metrics:
             ["model", "kind"],
             registry=self.registry,
         )
+        self._token_children: dict[str, tuple[Any, Any]] = {}
 
     def count_tokens(self, model: str, prompt: int, completion: int) -> None:
         """The tracker's token sink (gateway/tracking.py)."""
-        self.tokens.labels(model, "prompt").inc(prompt)
-        self.tokens.labels(model, "completion").inc(completion)
+        children = self._token_children.get(model)
+        if children is None:  # resolved once per model: labels() takes a lock and builds a key every time
+            children = self._token_children[model] = (
+                self.tokens.labels(model, "prompt"),
+                self.tokens.labels(model, "completion"),
+            )
+        children[0].inc(prompt)
+        children[1].inc(completion)
 
     def watch(self, collect: Callable[[], Iterable[Metric]], *, protocol: bool = False) -> None:
         """Add metrics read from the gateway's parts at scrape time (engine, cache, downloads); ``protocol``: the

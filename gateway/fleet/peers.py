@@ -29,10 +29,12 @@ import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from cachetools import TTLCache
+
+if TYPE_CHECKING:  # httpx (and the rich it pulls in) is loaded only by a node that has peers
+    import httpx
 
 Clock = Callable[[], float]
 STALE_READINGS = 3  # intervals after which a peer's reading counts for nothing
@@ -181,6 +183,8 @@ class Peers:
             await asyncio.sleep(self._interval)
 
     async def _read(self, client: httpx.AsyncClient, url: str) -> None:
+        import httpx
+
         try:
             response = await client.get(url + "/get_load", timeout=self._interval)
             if response.status_code != 200:

@@ -66,6 +66,9 @@ def default_hosts(public_url: str | None, listen_host: str) -> list[str]:
     return hosts
 
 
+_VERDICTS = 256  # Host headers remembered at most
+
+
 class BrowserGuard:
     """Pure ASGI middleware: the Host allowlist for every request, the origin check for those that change things."""
 
@@ -81,6 +84,9 @@ class BrowserGuard:
         self._origins = frozenset(o.lower() for o in origins if "*" not in o)
         self._origin_patterns = tuple(o.lower() for o in origins if "*" in o and o != "*")
         self._public_origin = public_origin.rstrip("/").lower() if public_origin else None
+        # The Host headers seen, and whether each is allowed: a gateway is reached under a handful of names, and
+        # parsing one as an IP address costs more than the rest of this check.
+        self._verdicts: dict[str, bool] = {}
         if origins:
             # The CORS protocol itself (preflights, Access-Control-* headers) is Starlette's. Credentials (cookies,
             # HTTP auth) only for origins named one by one: with "*" a browser would refuse them anyway.
@@ -136,10 +142,15 @@ class BrowserGuard:
     def _host_allowed(self, host: str | None) -> bool:
         if self._any_host or host is None:  # HTTP/1.0 without Host: no browser sends that
             return True
-        name = _strip_port(host.strip().lower())
-        if _is_ip(name) or name in self._hosts:
-            return True
-        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self._host_patterns)
+        known = self._verdicts.get(host)
+        if known is None:
+            name = _strip_port(host.strip().lower())
+            known = _is_ip(name) or name in self._hosts
+            known = known or any(fnmatch.fnmatchcase(name, pattern) for pattern in self._host_patterns)
+            if len(self._verdicts) >= _VERDICTS:  # a client sending a new name each time fills it: start over
+                self._verdicts.clear()
+            self._verdicts[host] = known
+        return known
 
     def _origin_allowed(self, scope: Scope, host: str | None, origin: str | None, site: str | None) -> bool:
         if origin is None:

@@ -5,12 +5,6 @@ concern, so that either downloader reads as the order of its steps: ``errors.py`
 ``retry.py`` (what is retried, for how long), ``locking.py`` (one download per file across processes),
 ``checksums.py`` (sha256 and its cache), ``progress.py`` (when to report, in which words), ``files.py`` (writes that
 survive a crash). ``bars.py`` draws the progress of ``mistral-gateway pull`` (the only one that imports rich).
+Nothing is imported here: the gateway reads GGUF headers and tokenizers from this package at every start, and the
+downloaders' libraries (httpx, tenacity, filelock) are loaded only when a download runs.
 """
-
-from __future__ import annotations
-
-from .download import Downloader
-from .errors import DownloadError
-from .retry import is_retryable
-
-__all__ = ["DownloadError", "Downloader", "is_retryable"]

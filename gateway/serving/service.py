@@ -330,7 +330,8 @@ class _Served(Response):
         progress = _Progress()
         if isinstance(call.work, ChatWork):  # a prompt that cannot fit is refused before any engine starts
             checked = await serving.limits.check(call.model, call.work.plan, call.work.limit)
-            call = replace(call, work=replace(call.work, plan=checked.plan))
+            if checked.plan is not call.work.plan:  # max_tokens lowered to the room the prompt leaves
+                call = replace(call, work=replace(call.work, plan=checked.plan))
             progress.prompt_tokens = checked.prompt_tokens
         lease = serving.pool.lease(call.model.id)
         outcome: object = None
