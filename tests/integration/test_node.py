@@ -101,6 +101,8 @@ def test_polled_answers_are_logged_at_debug_and_failing_ones_at_info(gateways: S
     assert httpx.post(gw.v1 + "/chat/completions", json=chat("hi"), timeout=30).status_code == 200
     gw.app.announce_shutdown()  # type: ignore[attr-defined]  # leaving: /health says 503
     assert httpx.get(gw.url + "/health").status_code == 503
+    # A line is written once its answer is sent: the last one's is there when the 503's is.
+    wait_for(lambda: "status=503" in gw.log(), 10, "the access log line of the 503")
     logged = [line for line in gw.log().splitlines() if "status=" in line]
     assert any("POST /v1/chat/completions" in line for line in logged)
     assert [line.split()[4:6] for line in logged if " GET " in line] == [["GET", "/health"]], logged
