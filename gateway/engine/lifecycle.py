@@ -40,6 +40,9 @@ DOWNLOAD_RETRY_MIN = 30.0
 HEALTH_TIMEOUT = 10.0
 # How long a failed health check waits for the engine's exit to be reported before it restarts the engine itself.
 EXIT_GRACE = 5.0
+# How long it waits for an engine that is still alive to exit: a crashing engine closes its sockets (so its health
+# check fails) a moment before it exits, a moment that grows on a busy machine; a hung engine is restarted after it.
+DYING_GRACE = 2.0
 # Prefill speed assumed for an engine that has not shown its own yet (tokens/s; a small model on a CPU), and the least
 # a restart is assumed to cost (seconds) before one has been measured.
 DEFAULT_PREFILL_RATE = 500.0
@@ -461,16 +464,11 @@ class EngineLifecycle:
                 )
                 return
             watch, running = self._watch_task, self._running
-            if (
-                watch is not None
-                and not watch.done()
-                and running is not None
-                and running.proc is not None
-                and running.proc.exited
-            ):
-                # The engine died (its sockets close before its exit is reported): let the watcher handle it, so
-                # that a crash is counted and reported as one rather than as "not answering".
-                await asyncio.wait({watch}, timeout=EXIT_GRACE)
+            if watch is not None and not watch.done() and running is not None and running.proc is not None:
+                # The engine may have died, or be dying (its sockets close before it exits, and before its exit is
+                # reported): let the watcher handle an exit, so that a crash is counted and reported as one (and
+                # backs off when it repeats) rather than as "not answering".
+                await asyncio.wait({watch}, timeout=EXIT_GRACE if running.proc.exited else DYING_GRACE)
             if self.endpoint is not endpoint or not self.ready:
                 return  # stopped or restarted meanwhile
             if self.adopted:

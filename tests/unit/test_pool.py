@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from gateway.catalog import load_catalog
+from gateway.engine import lifecycle as lifecycle_module
 from gateway.engine.launcher import Launcher
 from gateway.engine.lifecycle import STABLE_AFTER
 from gateway.engine.pool import EnginePool
@@ -23,6 +24,7 @@ from gateway.engine.state import EngineState
 from gateway.errors import (
     BudgetExhausted,
     ConfigError,
+    EngineCrashed,
     EngineNotInstalled,
     EngineStalled,
     EngineStartFailed,
@@ -272,7 +274,10 @@ def _logger() -> Any:
     return logging.getLogger("tests.pool")
 
 
-async def test_a_failed_request_restarts_only_an_engine_that_fails_its_health_check(tmp_path: Path) -> None:
+async def test_a_failed_request_restarts_only_an_engine_that_fails_its_health_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lifecycle_module, "DYING_GRACE", 0.05)  # how long a live engine may take to exit
     pool, spawner, _ = pool_of(tmp_path)
     endpoint = await pool.ensure_ready("chat")
     lifecycle = pool.lifecycle("chat")
@@ -285,6 +290,23 @@ async def test_a_failed_request_restarts_only_an_engine_that_fails_its_health_ch
     await until(lambda: lifecycle.state is EngineState.STOPPED)
     assert spawner.procs[0].signals[0] == signal.SIGTERM
     assert "stopped answering" in (lifecycle.status()["last_error"] or "")
+    await pool.aclose()
+
+
+async def test_an_engine_dying_while_its_health_is_checked_counts_as_a_crash(tmp_path: Path) -> None:
+    """Its sockets close (the request fails, so does the health check) a moment before the process exits: that is a
+    crash, counted and backed off as one, not an engine "not answering" that the gateway stops itself."""
+    pool, spawner, _ = pool_of(tmp_path)
+    endpoint = await pool.ensure_ready("chat")
+    lifecycle = pool.lifecycle("chat")
+    proc = spawner.procs[0]
+    proc.ready = False  # its port closed; the process still running
+    pool.engine_failed(endpoint.base_url, EngineCrashed("the engine closed the connection"))
+    await asyncio.sleep(0.2)  # a busy machine: the exit comes well after the health check failed
+    proc.exit(1)
+    await until(lambda: lifecycle.state is EngineState.FAILED)
+    assert proc.signals == [] and lifecycle.crashes == 1  # never stopped by the gateway: it crashed
+    assert "not answering" not in (lifecycle.status()["last_error"] or "")
     await pool.aclose()
 
 
