@@ -115,7 +115,13 @@ def test_the_playground_streams_a_reply_from_a_tiny_model(gateways: Start, brows
         lambda: httpx.get(gw.url + "/admin/requests", timeout=10).json()["recent"], 10, "the request to be listed"
     )[0]
     assert record["stream"] and record["model"] == "tiny" and record["status"] == 200 and record["tokens_out"]
-    assert f"{record['tokens_out']} tokens" in text_of(browser, "#pg-stats")  # the engine's own count
+    # The page counts chunks while it streams and shows the engine's own count once the usage arrives: wait for it.
+    until(
+        browser,
+        lambda: f"{record['tokens_out']} tokens" in text_of(browser, "#pg-stats"),
+        30,
+        "the page's statistics to show the engine's own token count",
+    )
     assert page_errors(browser) == []
 
 
