@@ -12,7 +12,6 @@ import threading
 import venv
 from pathlib import Path
 
-import httpx
 from filelock import FileLock
 
 from tests.realmodel import cache_dir
@@ -65,16 +64,6 @@ def litellm_env() -> dict[str, str]:
         "LITELLM_LOG": "ERROR",
         "NO_PROXY": "*",
     }
-
-
-def answers(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> bool:
-    """Whether the router at ``url`` answers 200 yet; its log in the failure if it exited."""
-    if proc.poll() is not None:
-        raise AssertionError(f"{proc.args!r} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def counter_sum(text: str, name: str) -> float:

@@ -37,8 +37,8 @@ import pytest
 
 from gateway.chat.checks import ROUTER_FIELDS
 from gateway.fleet import litellm, nodes, vllm_router
-from tests.helpers import Gateway, HeldStream, free_port, held_streams, start_gateway, wait_for
-from tests.routers import LITELLM, VLLM_ROUTER, answers, counter_sum, installed, litellm_env
+from tests.helpers import Gateway, HeldStream, free_port, held_streams, start_gateway, wait_for, wait_serving
+from tests.routers import LITELLM, VLLM_ROUTER, counter_sum, installed, litellm_env
 
 Start = Callable[..., Gateway]
 Node = Callable[[Mapping[str, str]], str]  # which node answered, from the headers the router passes on
@@ -227,7 +227,7 @@ def test_vllm_router_in_front_of_three_nodes_one_killed_halfway(fleet: Fleet, vl
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: answers(url + "/health", router, log_path), 60, "vllm-router to listen")
+        wait_serving(router, url + "/health", lambda: log_path.read_text()[-3000:], 60, "vllm-router")
         with httpx.Client(timeout=10) as client:
             found = [nodes.parse(gw.url, model_dir=gw.log_path.parent, client=client) for gw in fleet.gateways.values()]
             assert [node.name for node in found] == ["node1", "node2", "node3"]
@@ -271,7 +271,7 @@ def test_litellm_in_front_of_three_nodes_one_killed_halfway(fleet: Fleet, litell
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: answers(url + "/health/liveliness", proxy, log_path), 180, "the LiteLLM proxy")
+        wait_serving(proxy, url + "/health/liveliness", lambda: log_path.read_text()[-3000:], 180, "the LiteLLM proxy")
         # LiteLLM names the deployment that answered (model_info.id: node/model) in x-litellm-model-id.
         result = run(
             fleet,

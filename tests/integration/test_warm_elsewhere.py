@@ -25,8 +25,8 @@ import openai
 import pytest
 
 from gateway.fleet import litellm, nodes, vllm_router
-from tests.helpers import Gateway, free_port, held_streams, wait_for
-from tests.routers import LITELLM, VLLM_ROUTER, answers, counter_sum, installed, litellm_env
+from tests.helpers import Gateway, free_port, held_streams, wait_for, wait_serving
+from tests.routers import LITELLM, VLLM_ROUTER, counter_sum, installed, litellm_env
 
 Start = Callable[..., Gateway]
 MODELS = ("alpha", "beta", "gamma", "delta", "eps")
@@ -181,7 +181,7 @@ def three(gateways: Start) -> Iterator[dict[str, Gateway]]:
     yield node
 
 
-def test_behind_vllm_router_the_warm_nodeanswers(three: dict[str, Gateway]) -> None:
+def test_behind_vllm_router_the_warm_node_answers(three: dict[str, Gateway]) -> None:
     program = installed("venv-vllm-router", VLLM_ROUTER, "vllm-router")
     if isinstance(program, str):
         pytest.skip(program)
@@ -193,7 +193,7 @@ def test_behind_vllm_router_the_warm_nodeanswers(three: dict[str, Gateway]) -> N
         _running([str(program), *argv[1:], "--prometheus-port", str(metrics_port)], log, None) as router,
     ):
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: answers(url + "/health", router, log_path), 60, "vllm-router to listen")
+        wait_serving(router, url + "/health", lambda: log_path.read_text()[-3000:], 60, "vllm-router")
         with httpx.Client(timeout=10) as client:
             found = [nodes.parse(gw.url, model_dir=gw.log_path.parent, client=client) for gw in three.values()]
             assert vllm_router.register(found, url, client=client) == []
@@ -205,7 +205,7 @@ def test_behind_vllm_router_the_warm_nodeanswers(three: dict[str, Gateway]) -> N
     assert retried == sum(result.sent.values()) > 0
 
 
-def test_behind_litellm_the_warm_nodeanswers(three: dict[str, Gateway]) -> None:
+def test_behind_litellm_the_warm_node_answers(three: dict[str, Gateway]) -> None:
     if os.environ.get("MISTRAL_GATEWAY_TEST_LITELLM") == "0":
         pytest.skip(f"MISTRAL_GATEWAY_TEST_LITELLM=0: LiteLLM's proxy ({LITELLM}) is not installed nor run")
     program = installed("venv-litellm", LITELLM, "litellm")
@@ -213,15 +213,15 @@ def test_behind_litellm_the_warm_nodeanswers(three: dict[str, Gateway]) -> None:
         pytest.skip(program)
     folder = three["n1"].log_path.parent
     config = folder / "litellm.yaml"
-    config.write_text(litellm.config([nodes.parse(gw.url, model_dir=folder) for gw in three.values()]))
-    config.write_text(config.read_text() + "  master_key: sk-test\n")
+    found = [nodes.parse(gw.url, model_dir=folder) for gw in three.values()]
+    config.write_text(litellm.config(found) + "  master_key: sk-test\n")
     env = litellm_env()
     port = free_port()
     log_path = folder / "litellm.log"
     argv = [str(program), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("wb") as log, _running(argv, log, env) as proxy:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: answers(url + "/health/liveliness", proxy, log_path), 180, "the LiteLLM proxy")
+        wait_serving(proxy, url + "/health/liveliness", lambda: log_path.read_text()[-3000:], 180, "the LiteLLM proxy")
         result = run_behind(
             url,
             three,
