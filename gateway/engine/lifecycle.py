@@ -36,8 +36,6 @@ Clock = Callable[[], float]
 # A download that failed (after the downloader's own retries) waits at least this long before the next try: the
 # network or the mirror it needs rarely comes back within seconds, and every try costs the requests waiting on it.
 DOWNLOAD_RETRY_MIN = 30.0
-# How long a health check after a failed request may take before the engine counts as not answering.
-HEALTH_TIMEOUT = 10.0
 # How long a failed health check waits for the engine's exit to be reported before it restarts the engine itself.
 EXIT_GRACE = 5.0
 # How long it waits for an engine that is still alive to exit: a crashing engine closes its sockets (so its health
@@ -68,6 +66,7 @@ class NotStarted(Exception):
 class Limits:
     ttl: float  # seconds idle before the idle stop; 0 = never
     backoff_max: float  # longest wait between two failed starts
+    health_timeout: float  # after a failed request, how long the health check may take: then "not answering"
 
 
 class Lease:
@@ -456,7 +455,7 @@ class EngineLifecycle:
 
     async def _check_health(self, endpoint: Endpoint, error: GatewayError) -> None:
         try:
-            if await self._healthy(endpoint.base_url, HEALTH_TIMEOUT):
+            if await self._healthy(endpoint.base_url, self._limits.health_timeout):
                 self._log.warning(
                     "a request to %s failed (%s), but the engine answers its health check: kept running",
                     self.name,

@@ -109,7 +109,11 @@ class EnginePool:
         return EngineLifecycle(
             unit.name,
             unit.ids,
-            limits=Limits(ttl=unit.ttl(self._settings.idle_timeout), backoff_max=self._settings.backoff_max),
+            limits=Limits(
+                ttl=unit.ttl(self._settings.idle_timeout),
+                backoff_max=self._settings.backoff_max,
+                health_timeout=self._settings.health_timeout,
+            ),
             start=lambda: self._start(unit),
             terminate=self._launcher.terminate,
             healthy=self._launcher.healthy,

@@ -45,7 +45,9 @@ def test_a_stalled_request_is_cut_off_but_an_engine_that_answers_its_health_chec
 
 def test_a_stuck_engine_that_fails_its_health_check_is_restarted(gateway_processes: Start) -> None:
     # A frozen engine ignores SIGTERM: a short stop timeout has it killed soon after.
-    gw = gateway_processes(env={"GATEWAY_REQUEST_TIMEOUT": "1", "GATEWAY_STOP_TIMEOUT": "1"})
+    gw = gateway_processes(
+        env={"GATEWAY_REQUEST_TIMEOUT": "1", "GATEWAY_STOP_TIMEOUT": "1", "GATEWAY_HEALTH_TIMEOUT": "1"}
+    )
     response = httpx.post(gw.v1 + "/chat/completions", json=chat("freeze"), timeout=60)
     assert response.status_code == 504 and response.json()["error"]["code"] == "engine_stalled"
     first_pid = gw.spawns()[0]["pid"]
