@@ -293,6 +293,20 @@ async def test_a_failed_request_restarts_only_an_engine_that_fails_its_health_ch
     await pool.aclose()
 
 
+async def test_the_health_check_after_a_failed_request_waits_as_long_as_gateway_health_timeout(tmp_path: Path) -> None:
+    spawner = FakeSpawner()
+    probe = spawner.probe()
+    spawner.probe = lambda: probe  # type: ignore[method-assign]  # the launcher's, kept to read its calls
+    pool = make_pool(tmp_path, CHAT, spawner=spawner, health_timeout=2.5)
+    endpoint = await pool.ensure_ready("chat")
+    checked = len(probe.calls)
+    pool.engine_failed(endpoint.base_url, EngineStalled("a request got no answer in time"))
+    await until(lambda: not pool.lifecycle("chat").checking_health)
+    deadlines = [call.deadline.total for call in probe.calls[checked:] if call.deadline is not None]
+    assert deadlines == [2.5]
+    await pool.aclose()
+
+
 async def test_an_engine_dying_while_its_health_is_checked_counts_as_a_crash(tmp_path: Path) -> None:
     """Its sockets close (the request fails, so does the health check) a moment before the process exits: that is a
     crash, counted and backed off as one, not an engine "not answering" that the gateway stops itself."""
