@@ -2,15 +2,14 @@
 
 The request observer opens a :class:`Record` for every model request (a POST under ``/v1/`` or ``/api/``) and
 closes it with the status; the model service fills in what only it knows: the model, the time to the first token
-(the engine's first chunk), the tokens in and out (the engine's usage), and the task that is waiting on the engine,
-which a cancel interrupts. A cancelled request ends with :class:`~gateway.errors.RequestCancelled` in its own
+(the engine's first chunk), the tokens in and out (the engine's usage), and how to interrupt the work waiting on the
+engine, which a cancel calls. A cancelled request ends with :class:`~gateway.errors.RequestCancelled` in its own
 dialect: an error answer, or for a stream an error event, which also closes the engine connection so that the
 engine stops generating.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
@@ -38,7 +37,7 @@ class Record:
     cache: str | None = None
     state: str = "in_flight"  # in_flight | done | cancelled
     cancelled: bool = False
-    task: asyncio.Task[Any] | None = field(default=None, repr=False)  # what a cancel interrupts
+    interrupt: Callable[[], object] | None = field(default=None, repr=False)  # what a cancel calls, while it may
 
     def to_dict(self) -> dict[str, Any]:
         stamp = datetime.fromtimestamp(self.time, tz=timezone.utc).isoformat(timespec="milliseconds")
@@ -97,7 +96,7 @@ class Tracker:
         record.cache = cache
         record.duration_ms = round((self._clock() - record.began) * 1000, 1)
         record.state = "cancelled" if record.cancelled else "done"
-        record.task = None
+        record.interrupt = None
         if status != 401:  # refused for want of a key: not a request anybody made, and not to crowd out the others
             self._recent.append(record)
 
@@ -121,11 +120,10 @@ class Tracker:
         record = self._in_flight.get(request_id)
         if record is None:
             return "not_found"
-        if record.task is None:
+        if record.interrupt is None:
             return "not_cancellable"
         record.cancelled = True
-        if not record.task.done():
-            record.task.cancel()
+        record.interrupt()
         return "cancelled"
 
     def snapshot(self) -> dict[str, Any]:

@@ -65,11 +65,13 @@ class Intake:
     ) -> Model:
         """The model a request names (``find``: a dialect's own way to look names up), or the default for
         ``kinds`` when it names none; noted in the request's state for its log line and metrics."""
-        model = self._find(name, frozenset(kinds), request.url.path, find)
+        model = self._find(name, frozenset(kinds), request, find)
         request.state.model = model.id
         return model
 
-    def _find(self, name: Any, kinds: frozenset[str], route: str, find: Callable[[str], Model | None] | None) -> Model:
+    def _find(
+        self, name: Any, kinds: frozenset[str], request: Request, find: Callable[[str], Model | None] | None
+    ) -> Model:
         if name is None or name == "":
             name = self._catalog.default_for(kinds)
             if name is None:
@@ -88,7 +90,9 @@ class Intake:
             )
         if model.kind not in kinds:
             raise UnsupportedForModel(
-                f"The model '{model.id}' is a {model.kind} model and cannot serve {route}.", param="model"
+                # request.url only here: building it parses the whole URL, 10 of the app's 170 us for a small chat
+                f"The model '{model.id}' is a {model.kind} model and cannot serve {request.url.path}.",
+                param="model",
             )
         return model
 

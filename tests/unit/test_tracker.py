@@ -48,17 +48,18 @@ def test_a_record_from_start_to_finish() -> None:
     assert [r["id"] for r in tracker.snapshot()["recent"]] == ["r3", "r2"]  # refused for want of a key: not listed
 
 
-def test_cancel_reaches_the_task_working_for_the_request() -> None:
+def test_cancel_interrupts_the_work_of_the_request() -> None:
     async def scenario() -> None:
         tracker = Tracker()
         record = tracker.begin("r1", "POST", "/v1/chat/completions")
-        record.task = asyncio.ensure_future(asyncio.sleep(60))
-        idle = tracker.begin("r0", "POST", "/api/pull")  # no task waits on an engine for it
+        work = asyncio.ensure_future(asyncio.sleep(60))
+        record.interrupt = work.cancel
+        idle = tracker.begin("r0", "POST", "/api/pull")  # no work waits on an engine for it
         assert tracker.cancel("r0") == "not_cancellable" and not idle.cancelled
         assert tracker.cancel("r1") == "cancelled" and tracker.cancel("nope") == "not_found"
         with contextlib.suppress(asyncio.CancelledError):
-            await record.task
-        assert record.task.cancelled() and record.cancelled
+            await work
+        assert work.cancelled() and record.cancelled
         tracker.finish(record, status=200, model="m", cache=None)
         assert tracker.snapshot()["recent"][0]["state"] == "cancelled" and tracker.cancel("r1") == "not_found"
         twin = tracker.begin("r0", "POST", "/v1/chat/completions")  # a client reusing an id in flight
