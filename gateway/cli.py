@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import shlex
@@ -471,6 +472,11 @@ def serve(settings: Settings) -> int:
         mask_handlers(masker, [logging.getLogger()])
     app = create_app(settings, catalog=catalog, masker=masker)
     pool = app.pool
+    # What is loaded by now (modules, settings, the catalog, the app) lives as long as the process: frozen, the garbage
+    # collector's full passes, which requests trigger, no longer rescan it. Measured (tests/bench/overhead.py, small
+    # chats at c=32, three runs): p99 38-47 ms without, 22 ms with (the baseline's 20-24 ms), throughput unchanged.
+    gc.collect()
+    gc.freeze()
     config = uvicorn_config(app, settings, host=settings.host, port=settings.port, log_level=settings.log_level)
     if masker is not None:  # uvicorn's own handlers, which uvicorn.Config has just installed
         mask_handlers(masker, [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.access")])

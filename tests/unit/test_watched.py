@@ -56,17 +56,24 @@ async def test_a_client_that_leaves_cancels_the_work_and_the_request_goes_on() -
     await asyncio.sleep(0.01)  # the request can still await (to send its 499, release its lease)
 
 
-async def test_a_client_leaving_just_as_the_work_ends_does_not_cancel_what_comes_after() -> None:
+async def test_a_client_that_leaves_as_the_work_ends_gets_gone_and_one_that_leaves_after_cancels_nothing() -> None:
     connection = Connection()
 
     async def work() -> str:
         connection.leave()
-        # The watcher runs first in the loop's next turn and ends (its callback waits for the turn after), then the
-        # work returns: the client left when there was nothing left to cancel.
+        await asyncio.sleep(0)  # the watcher sees the client gone in this turn, before the work can return
+        return "answer"
+
+    assert await _watched(connection.receive, work(), None) is _GONE
+
+    later = Connection()
+
+    async def quick() -> str:
         await asyncio.sleep(0)
         return "answer"
 
-    assert await _watched(connection.receive, work(), None) == "answer"
+    assert await _watched(later.receive, quick(), None) == "answer"
+    later.leave()  # while the answer is sent: the watch is over
     for _ in range(5):
         await asyncio.sleep(0)  # a late cancel would land on one of these
 
