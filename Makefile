@@ -20,7 +20,8 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 # The suite on one worker more than the cores (up to 4), each taking a whole test module at a time, so that a module's
 # engines and gateways start once, in one worker. One more than the cores because a quarter of the suite's time is
 # spent waiting (engines starting, backoffs, timeouts running out): on 2 cores, 1 process 8 min 16 s, 2 workers
-# 4 min 57 s, 3 workers 4 min 33 s. tests/conftest.py gives each real engine its share of the cores.
+# 4 min 57 s, 3 workers 4 min 33 s (4 min 3 s once pytest's plugins were named, not discovered: pyproject.toml).
+# tests/conftest.py gives each real engine its share of the cores.
 # `make test PYTEST_WORKERS=` runs the suite in one process.
 PYTEST_WORKERS ?= -n $(shell $(PYTHON) -c 'import os; print(min(4, len(os.sched_getaffinity(0)) + 1))') --dist loadfile
 

@@ -8,7 +8,7 @@ engine that fails minutes later on the first request.
 from __future__ import annotations
 
 import re
-import sys
+import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,11 +17,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10 (Ubuntu 22.04's, e.g. in CUDA images): the same parser, from PyPI
-    import tomli as tomllib
 
 ModelKind = Literal["plain", "gguf", "vision-plain", "diffusion", "embedding", "speech"]
 KINDS: tuple[str, ...] = ("plain", "gguf", "vision-plain", "diffusion", "embedding", "speech")

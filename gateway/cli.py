@@ -474,8 +474,8 @@ def serve(settings: Settings) -> int:
     pool = app.pool
     # What is loaded by now (modules, settings, the catalog, the app) lives as long as the process: frozen, the garbage
     # collector's full passes, which requests trigger, no longer rescan it. Measured (tests/bench/overhead.py, small
-    # chats at c=32, three interleaved runs each): p99 38-47 ms without, 19-22 ms with (d963289 in the same runs:
-    # 20-24 and 15-20 ms). Kept for that, as issue #22's rule allows (docs/performance.md).
+    # chats at c=32, interleaved with d963289): p99 38-47 ms without (d963289: 20-24) in three runs, 19-27 ms with
+    # (d963289: 15-25) in six. Kept for that, as issue #22's rule allows (docs/performance.md).
     gc.collect()
     gc.freeze()
     config = uvicorn_config(app, settings, host=settings.host, port=settings.port, log_level=settings.log_level)

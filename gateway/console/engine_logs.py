@@ -90,7 +90,7 @@ class LogHub:
             while not self._closed:
                 try:
                     entry = await asyncio.wait_for(follower.queue.get(), tick)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     yield None
                     continue
                 yield entry

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 TokenSink = Callable[[str, int, int], None]  # model, prompt tokens, completion tokens
@@ -40,7 +40,7 @@ class Record:
     interrupt: Callable[[], object] | None = field(default=None, repr=False)  # what a cancel calls, while it may
 
     def to_dict(self) -> dict[str, Any]:
-        stamp = datetime.fromtimestamp(self.time, tz=timezone.utc).isoformat(timespec="milliseconds")
+        stamp = datetime.fromtimestamp(self.time, tz=UTC).isoformat(timespec="milliseconds")
         return {
             "id": self.id,
             "time": stamp.replace("+00:00", "Z"),

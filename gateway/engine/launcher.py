@@ -203,7 +203,7 @@ class Launcher:
         stop_timeout = self._settings.stop_timeout
         try:
             await asyncio.wait_for(proc.wait(), stop_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._log.warning("engine ignored SIGTERM for %.0f s: killing it", stop_timeout)
             proc.signal_group(signal.SIGKILL)
             await proc.wait()

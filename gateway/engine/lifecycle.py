@@ -375,6 +375,13 @@ class EngineLifecycle:
     def checking_health(self) -> bool:
         return self._health_check is not None
 
+    async def health_checked(self) -> None:
+        """Returns once the health check under way, if any, has given its verdict (the engine kept, restarted, or
+        found dead)."""
+        check = self._health_check
+        if check is not None:
+            await asyncio.wait({check})  # a request that gives up waiting does not cancel the check
+
     def seconds_until_idle_stop(self) -> float | None:
         """None while nothing would stop the engine: not ready, adopted, busy, kept alive until further notice, or
         idle stop disabled (ttl 0)."""

@@ -144,6 +144,10 @@ class EnginePool:
         request's, then engages the engine: it may not be stopped to make room while the request runs."""
         name = self._by_model[model_id]
         lifecycle = self._lifecycles[name]
+        if lifecycle.checking_health:
+            # A request failed a moment ago and the engine's health is being checked: this one waits for the verdict
+            # rather than going to an engine that may have just crashed, its exit not yet reported.
+            await lifecycle.health_checked()
         endpoint = lifecycle.endpoint
         if lifecycle.died:
             await lifecycle.death_handled()  # then started again below, or refused while it backs off

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, replace
@@ -380,14 +379,12 @@ async def _watched(receive: Receive, work: Awaitable[T], record: Record | None) 
     record's ``interrupt``, set while the work runs).
 
     The work runs in the request's own task, which the watcher (or the operator) cancels the way ``asyncio.timeout``
-    does, taking back its own cancels after. Running the work in a task of its own and waiting on both with
-    ``asyncio.wait`` cost 25 of the app's 160 us of CPU for a small chat, the done callback 5 more."""
+    does, taking back exactly its own cancels however the work ends. Running the work in a task of its own, with
+    ``asyncio.wait`` over it and the watcher, cost about 25 us of CPU a small chat (tests/bench/app_cpu.py;
+    docs/performance.md)."""
     here = asyncio.current_task()
     assert here is not None
-    if record is not None and record.cancelled:  # cancelled while its body was read
-        if inspect.iscoroutine(work):
-            work.close()
-        return _CANCELLED
+    before = here.cancelling()  # cancels pending when the watch began are not ours to judge
     interrupts = 0
     left = ended = False
 
@@ -399,8 +396,9 @@ async def _watched(receive: Receive, work: Awaitable[T], record: Record | None) 
 
     async def watch() -> None:
         nonlocal left
-        while (await receive())["type"] != "http.disconnect":
-            pass  # the body was read by now: nothing else can come
+        with contextlib.suppress(Exception):  # a connection whose receive fails is gone as well
+            while (await receive())["type"] != "http.disconnect":
+                pass  # the body was read by now: nothing else can come
         left = True
         interrupt()
 
@@ -408,26 +406,27 @@ async def _watched(receive: Receive, work: Awaitable[T], record: Record | None) 
     if record is not None:
         record.interrupt = interrupt
     try:
-        result = await work
+        return await work
     except asyncio.CancelledError:
-        if not interrupts or _take_back(here, interrupts):
+        ours, interrupts = interrupts, 0
+        if not ours or _take_back(here, ours, before):
             raise  # the server's cancel (a shutdown), not ours: it goes on
-        return _GONE if left else _CANCELLED
+        return _CANCELLED if record is not None and record.cancelled else _GONE
     finally:
         ended = True
         watcher.cancel()
         if record is not None:
             record.interrupt = None  # what is left is sending: too late for a cancel to reach it
-    if interrupts:
-        _take_back(here, interrupts)  # the work finished in spite of them: its result stands
-    return result
+        if interrupts:  # the work ended in spite of them (its result, or another error, stands)
+            _take_back(here, interrupts, before)
 
 
-def _take_back(task: asyncio.Task[Any], cancels: int) -> bool:
-    """Undo ``cancels`` cancels of ours on ``task``; whether a cancel of someone else's remains."""
+def _take_back(task: asyncio.Task[Any], cancels: int, before: int) -> bool:
+    """Undo ``cancels`` cancels of ours on ``task``; whether one of someone else's came since (``before``: the count
+    of pending cancels when ours could begin)."""
     for _ in range(cancels):
         task.uncancel()
-    return task.cancelling() > 0
+    return task.cancelling() > before
 
 
 __all__ = ["LOADING", "Serving"]

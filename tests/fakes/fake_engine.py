@@ -756,10 +756,8 @@ def _spec_from_toml(path: str) -> EngineSpec:
             bad(f"{where}{key}: invalid type, expected a string")
         return value
 
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # Python 3.10: the same parser, from PyPI (a dependency of the gateway there)
-        import tomli as tomllib
+    import tomllib
+
     try:
         with open(path, "rb") as handle:
             config = tomllib.load(handle)

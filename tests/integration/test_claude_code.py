@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests import realmodel
 from tests.helpers import Gateway
@@ -39,8 +40,10 @@ def claude() -> Path:
         pytest.skip("npm is not installed: Claude Code cannot be")
     folder = realmodel.cache_dir() / f"claude-code-{VERSION}"
     program = folder / "node_modules" / ".bin" / "claude"
-    if not program.exists():
-        folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):  # two test runs at once install it once
+        if program.exists():
+            return program
         done = subprocess.run(
             [
                 npm,

@@ -14,7 +14,7 @@ import base64
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -258,11 +258,11 @@ def test_ollama_list_show_ps_and_keep_alive(target: Target) -> None:
     client.generate(model=target.chat_model, keep_alive=-1)  # no prompt: load it, and keep it
     running = {m.model: m for m in client.ps().models}
     kept = running[f"{target.chat_model}:latest"]
-    assert kept.expires_at is not None and kept.expires_at > datetime(2200, 1, 1, tzinfo=timezone.utc)
+    assert kept.expires_at is not None and kept.expires_at > datetime(2200, 1, 1, tzinfo=UTC)
     assert kept.size is not None and kept.size > 1 << 20  # what the engine process was measured to use
     client.generate(model=target.chat_model, prompt="hi", options={"num_predict": 1}, keep_alive="10m")
     expires = {m.model: m for m in client.ps().models}[f"{target.chat_model}:latest"].expires_at
-    assert expires is not None and 590 < (expires - datetime.now(timezone.utc)).total_seconds() <= 600
+    assert expires is not None and 590 < (expires - datetime.now(UTC)).total_seconds() <= 600
     unloaded = client.generate(model=target.chat_model, keep_alive=0)
     assert unloaded.done_reason == "unload"
     assert f"{target.chat_model}:latest" not in {m.model for m in client.ps().models}

@@ -16,7 +16,7 @@ Every flag and config field below was checked against mistral.rs's own argument 
 from __future__ import annotations
 
 import json
-import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -24,11 +24,6 @@ import pytest
 from gateway.catalog import Catalog, parse_catalog
 from gateway.engine.command import CommandError, build_command
 from gateway.engine.discovery import EngineProgram
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10
-    import tomli as tomllib
 
 LEGACY = EngineProgram(("mistralrs-server",), "legacy", "mistralrs-server", (0, 8, 4))
 LEGACY_07 = EngineProgram(("mistralrs-server",), "legacy", "mistralrs-server", (0, 7, 0))

@@ -8,7 +8,7 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,6 @@ import yaml
 from gateway.catalog import parse_catalog
 from gateway.errors import BodyTooLarge
 from gateway.settings import Settings
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -5,17 +5,12 @@ accepts, each pinned by hash. That the lock resolves as pip installs it is `make
 from __future__ import annotations
 
 import re
-import sys
+import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 # The image's interpreter and machine (deploy/docker/Dockerfile: python:3.11-slim on x86_64).

@@ -324,6 +324,38 @@ async def test_an_engine_dying_while_its_health_is_checked_counts_as_a_crash(tmp
     await pool.aclose()
 
 
+async def test_a_request_during_the_health_check_waits_for_its_verdict(tmp_path: Path) -> None:
+    """The engine crashed: its port is closed, its exit not yet reported. A request that comes meanwhile is not sent
+    to it (it would fail as well): it gets the engine started again once the crash is known."""
+    pool, spawner, clock = pool_of(tmp_path)
+    lease = pool.lease("chat")
+    endpoint = await pool.ensure_ready("chat", lease)
+    lease.answered()  # it served requests and ran long: a first crash, restarted at once
+    lease.release(None)
+    clock.now += STABLE_AFTER + 1
+    lifecycle = pool.lifecycle("chat")
+    dying = spawner.procs[0]
+    dying.ready = False
+    pool.engine_failed(endpoint.base_url, EngineCrashed("the engine closed the connection"))
+    assert lifecycle.checking_health
+    waiting = asyncio.ensure_future(pool.ensure_ready("chat"))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()  # not handed the dying engine
+    dying.exit(1)
+    fresh = await asyncio.wait_for(waiting, 10)
+    assert fresh.base_url != endpoint.base_url and len(spawner.procs) == 2 and lifecycle.crashes == 1
+    await pool.aclose()
+
+
+async def test_a_request_during_the_health_check_of_a_live_engine_gets_it_once_it_answers(tmp_path: Path) -> None:
+    pool, spawner, _ = pool_of(tmp_path)
+    endpoint = await pool.ensure_ready("chat")
+    pool.engine_failed(endpoint.base_url, EngineStalled("a request got no answer in time"))
+    assert (await asyncio.wait_for(pool.ensure_ready("chat"), 10)) == endpoint
+    assert len(spawner.procs) == 1
+    await pool.aclose()
+
+
 async def test_shutdown_answers_requests_waiting_for_a_start_and_stops_the_loading_engine(tmp_path: Path) -> None:
     pool, spawner, _ = pool_of(tmp_path)
     original = spawner.spawn

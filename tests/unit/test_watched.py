@@ -93,19 +93,50 @@ async def test_an_operators_cancel_ends_the_work_as_cancelled() -> None:
     assert here is not None and here.cancelling() == 0
 
 
-async def test_a_request_cancelled_while_its_body_was_read_never_starts_its_work() -> None:
-    tracker = Tracker()
+async def test_an_operators_cancel_as_the_client_leaves_ends_as_cancelled() -> None:
+    tracker, connection = Tracker(), Connection()
     record = tracker.begin("r1", "POST", "/v1/chat/completions")
-    record.cancelled = True
-    started = False
 
     async def work() -> str:
-        nonlocal started
-        started = True
+        await asyncio.sleep(0)
+        connection.leave()
+        tracker.cancel("r1")
+        await asyncio.sleep(60)
         return "never"
 
-    assert await _watched(Connection().receive, work(), record) is _CANCELLED
-    assert not started
+    assert await _watched(connection.receive, work(), record) is _CANCELLED  # what the console shows
+    here = asyncio.current_task()
+    assert here is not None and here.cancelling() == 0
+
+
+async def test_work_that_turns_the_cancel_into_an_error_raises_it_and_the_cancel_is_taken_back() -> None:
+    connection = Connection()
+
+    async def work() -> str:
+        connection.leave()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise RuntimeError("cleanup failed") from None
+        return "never"
+
+    with pytest.raises(RuntimeError, match="cleanup failed"):
+        await _watched(connection.receive, work(), None)
+    here = asyncio.current_task()
+    assert here is not None and here.cancelling() == 0
+    await asyncio.sleep(0.01)
+
+
+async def test_a_connection_whose_receive_fails_counts_as_gone() -> None:
+    async def broken() -> Message:
+        await asyncio.sleep(0)
+        raise OSError("connection reset")
+
+    async def work() -> str:
+        await asyncio.sleep(60)
+        return "never"
+
+    assert await _watched(broken, work(), None) is _GONE
 
 
 @pytest.mark.parametrize("client_leaves_too", [False, True])

@@ -22,7 +22,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ...chat.fields import invalid, is_int, is_number, unsupported, wrong_type
@@ -73,7 +73,7 @@ def error_line(error: GatewayError) -> bytes:
 
 def timestamp(seconds: float) -> str:
     """Ollama's ``created_at``: RFC 3339 in UTC with microseconds."""
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(seconds, tz=UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 # ----------------------------------------------------------------------------------------------- requests

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -98,7 +98,7 @@ class OllamaRoutes:
     async def ps(self, request: Request) -> Response:
         pool = self._pool
         await pool.refresh()
-        now = datetime.fromtimestamp(self._wall(), tz=timezone.utc)
+        now = datetime.fromtimestamp(self._wall(), tz=UTC)
         running = []
         for model in self._catalog.models:
             status = pool.model_status(model.id)

@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -168,7 +168,7 @@ class OpenAIRoutes:
 
     def _anthropic_card(self, model: Model, name: str) -> dict[str, Any]:
         """A model as Anthropic's Models API lists it (its SDKs, Claude Code's model picker)."""
-        created = datetime.fromtimestamp(self._created, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+        created = datetime.fromtimestamp(self._created, tz=UTC).isoformat().replace("+00:00", "Z")
         return {"type": "model", "id": name, "display_name": name, "created_at": created}
 
     async def list_models(self, request: Request) -> Response:
