@@ -28,8 +28,9 @@ import pytest
 from tests.helpers import HOSTILE_MODELS, hostile_engine
 from tests.inprocess import InProcessGateway, in_process
 
-STALL = 0.4  # GATEWAY_STALL_TIMEOUT
-TOTAL = 1.2  # GATEWAY_REQUEST_TIMEOUT
+STALL = 1.0  # GATEWAY_STALL_TIMEOUT (0.4 s made a cell stall spuriously on a busy machine: a starved loop runs a due
+# timer before the read that arrived meanwhile)
+TOTAL = 2.5  # GATEWAY_REQUEST_TIMEOUT
 DRIP = 0.1  # the engine's pace when it drips: several drips fit in a stall, so only a deadline can end a cell
 # Far above the deadlines (and any delay a busy machine adds to a thread's wake-up), far below the client's patience:
 # a gateway that ignores a deadline fails here, a slow machine does not.
